@@ -1,0 +1,29 @@
+# make demo: create .venv, install, compress DeiT-Small and print the speed table.
+# make test: create .venv if missing, install, run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Exact versions known to work here (setup.py keeps loose ranges for real users).
+PINS := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 timm==1.0.31 pytest==9.2.0 pytest-benchmark tqdm
+CHECKPOINT ?=
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PINS)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) bench/models.py --models deit_small_patch16_224 --merge-flops 0.6 --batch 8 $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/models.py --out bench/results/models-cpu.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,96 @@
+"""Latency measurement for dense vs compressed models: interleaved repeats, medians, a readable table."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .cost import flops
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import timm
+
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def time_interleaved(models: dict[str, nn.Module], images: torch.Tensor, repeats: int, warmup: int = 2, progress: bool = True) -> dict[str, list[float]]:
+    """Seconds per forward of each model. Every repeat runs each model once in turn, so drifts in
+    clock speed or load hit all of them alike; warm-up runs come first and are not kept."""
+    from tqdm.auto import tqdm
+
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for rep in tqdm(range(warmup + repeats), desc="timing", disable=not progress, leave=False):
+            for name, model in models.items():
+                sync()
+                start = time.perf_counter()
+                model(images)
+                sync()
+                if rep >= warmup:
+                    seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+@dataclass
+class Row:
+    """One line of the benchmark table; ratios are against the row named ``baseline``."""
+
+    model: str
+    variant: str
+    batch: int
+    gflops: float  # per image, multiply-add = 2
+    params_m: float
+    img_per_s: float  # median over repeats
+    speedup: float
+    flops_ratio: float
+    efficiency: float  # speedup x flops_ratio: 1.0 means the whole FLOPs saving shows up as speed
+    baseline: str = "dense"
+
+
+def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, progress: bool = True) -> list[Row]:
+    """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each."""
+    first = next(iter(models.values()))
+    weight = next(first.parameters())
+    size = getattr(first, "input_size", None) or (first.patch_embed.proj.in_channels, *first.patch_embed.img_size)
+    images = torch.randn(batch, *size, device=weight.device, dtype=weight.dtype)
+    seconds = time_interleaved(models, images, repeats, progress=progress)
+    counts = {variant: flops(m, size) for variant, m in models.items()}
+    base_variant = next(iter(models))
+    base_speed = batch / statistics.median(seconds[base_variant])
+    rows = []
+    for variant, model in models.items():
+        speed = batch / statistics.median(seconds[variant])
+        ratio = counts[variant] / counts[base_variant]
+        rows.append(Row(name, variant, batch, counts[variant] / 1e9, sum(p.numel() for p in model.parameters()) / 1e6,
+                        speed, speed / base_speed, ratio, speed / base_speed * ratio, base_variant))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table of benchmark rows."""
+    head = "| model | variant | batch | GFLOPs | params (M) | img/s | speedup | FLOPs ratio | speedup x FLOPs ratio |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.variant} | {r.batch} | {r.gflops:.2f} | {r.params_m:.1f} | {r.img_per_s:.1f} | "
+                     f"{r.speedup:.2f}x | {r.flops_ratio:.3f} | {r.efficiency:.2f} |")
+    return "\n".join(lines)
+
+
+def as_json(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,104 @@
+"""FLOPs: measured with torch's flop counter, and an analytic model that the schedule solver uses.
+
+Convention: a multiply-add counts 2 FLOPs (``torch.utils.flop_counter``); only matrix products,
+convolutions and attention count (norms, activations, merging are free), as in the papers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's registry lacks the fused CPU attention kernel, so a CPU count would miss all attention FLOPs.
+_MISSING_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model was built for, read off its patch embedding."""
+    embed = getattr(model, "patch_embed", None) or getattr(getattr(model, "vit", None), "patch_embed", None)
+    if embed is None:
+        raise ValueError(f"cannot tell the input size of {type(model).__name__}: pass input_size=(C, H, W)")
+    return (embed.proj.in_channels, *embed.img_size)
+
+
+def flops(model: nn.Module, input_size: Sequence[int] | None = None) -> int:
+    """FLOPs of one forward pass on one image, counted by ``torch.utils.flop_counter``.
+
+    Args:
+        model: a timm ViT or a compressed model (any ``nn.Module`` taking ``(1, C, H, W)``).
+        input_size: ``(C, H, W)``; defaults to the size the model was built for.
+    """
+    size = tuple(input_size) if input_size is not None else default_input_size(model)
+    if len(size) != 3:
+        raise ValueError(f"input_size must be (C, H, W), got {size}")
+    weight = next(model.parameters())
+    image = torch.randn(1, *size, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS) as counter:
+        model(image)
+    return counter.get_total_flops()
+
+
+def linear_flops(module: nn.Module) -> int:
+    """FLOPs per token of all ``nn.Linear`` layers inside ``module``."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """FLOPs of one transformer block as a function of its token counts."""
+
+    attn_linear: int  # per token: qkv, proj (and gate) projections
+    attn_pairwise: int  # per (query, key) pair: 2 * heads * (d_qk + d_v)
+    mlp_linear: int  # per token
+
+    def flops(self, attn_tokens: int, mlp_tokens: int) -> int:
+        return self.attn_linear * attn_tokens + self.attn_pairwise * attn_tokens**2 + self.mlp_linear * mlp_tokens
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Analytic FLOPs of a ViT on one image under a merge schedule (matches :func:`flops`)."""
+
+    blocks: tuple[BlockCost, ...]
+    grid: tuple[int, int]
+    prefix: int
+    embed: int  # patch embedding, whole image
+    head: int  # classifier, per pooled vector (or per token when head_per_token)
+    head_per_token: bool
+
+    @property
+    def cells(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def flops(self, schedule: Sequence[int]) -> int:
+        """FLOPs when block ``i`` merges away ``schedule[i]`` tokens between its attention and MLP."""
+        total, tokens = self.embed, self.prefix + self.cells
+        for cost, r in zip(self.blocks, schedule, strict=True):
+            total += cost.flops(tokens, tokens - r)
+            tokens -= r
+        return total + self.head * (tokens if self.head_per_token else 1)
+
+
+def vit_cost_model(model: nn.Module) -> CostModel:
+    """Cost model of a (supported) timm ``VisionTransformer``."""
+    blocks = tuple(
+        BlockCost(
+            attn_linear=linear_flops(block.attn),
+            attn_pairwise=2 * block.attn.num_heads * 2 * block.attn.head_dim,
+            mlp_linear=linear_flops(block.mlp),
+        )
+        for block in model.blocks
+    )
+    conv = model.patch_embed.proj
+    grid = tuple(model.patch_embed.grid_size)
+    embed = 2 * grid[0] * grid[1] * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    head = linear_flops(model.head) + linear_flops(getattr(model, "head_dist", nn.Identity()))
+    return CostModel(blocks, grid, model.num_prefix_tokens, embed, head, head_per_token=not model.global_pool)

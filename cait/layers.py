@@ -1,0 +1,78 @@
+"""Compressed counterparts of timm's ``Attention`` and ``Block`` that pass the token state along."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cait_kernels import atme_step, pruned_attention
+
+from .tokens import TokenState
+
+
+class CompressedAttention(nn.Module):
+    """timm ``Attention`` computed by :func:`cait_kernels.pruned_attention` on the packed qkv.
+
+    Takes over the projections of ``attn`` (no copy). The qkv output is in the materialized layout
+    ``[q heads | k heads | v heads]`` with ``d_qk`` / ``d_v`` channels per head; the softmax scale
+    stays the original ``head_dim ** -0.5``.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.qkv, self.q_norm, self.k_norm, self.norm = attn.qkv, attn.q_norm, attn.k_norm, attn.norm
+        self.gate = getattr(attn, "gate", None)  # timm >= 1.0.26 only
+        self.proj, self.proj_drop = attn.proj, attn.proj_drop
+        self.heads, self.d_qk, self.d_v = attn.num_heads, attn.head_dim, attn.head_dim
+        self.scale = float(attn.scale)
+        self.qk_normed = not isinstance(attn.q_norm, nn.Identity)
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, with_metric: bool = False):
+        """x ``(B, T, C)``, size ``(B, T)`` or None -> output ``(B, T, C)`` and, if asked, the ATME
+        metric ``(B, T, d_qk)`` (keys averaged over heads), else None."""
+        qkv = self.qkv(x)
+        if self.qk_normed:
+            qkv = self._normalize_qk(qkv)
+        out = pruned_attention(qkv, heads=self.heads, d_qk=self.d_qk, d_v=self.d_v, scale=self.scale, size=size)
+        out = self.norm(out)
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        out = self.proj_drop(self.proj(out))
+        metric = None
+        if with_metric:
+            width = self.heads * self.d_qk
+            metric = qkv[..., width : 2 * width].unflatten(-1, (self.heads, self.d_qk)).mean(dim=2)
+        return out, metric
+
+    def _normalize_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.split([self.heads * self.d_qk, self.heads * self.d_qk, self.heads * self.d_v], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (self.heads, self.d_qk))).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, (self.heads, self.d_qk))).flatten(-2)
+        return torch.cat([q, k, v], dim=-1)
+
+
+class CompressedBlock(nn.Module):
+    """timm pre-norm ``Block`` that merges ``r`` tokens between its attention and its MLP.
+
+    ``proportional``: add ``log(size)`` to the attention logits (on once any earlier block merged).
+    ``grid``, ``prefix``, ``block``: the patch grid, prefix token count and ATME tile side.
+    LayerScale (``ls1``/``ls2``) and stochastic depth are kept.
+    """
+
+    def __init__(self, block: nn.Module, *, r: int, proportional: bool, grid: tuple[int, int], prefix: int, tile: int):
+        super().__init__()
+        self.norm1, self.attn = block.norm1, CompressedAttention(block.attn)
+        self.ls1, self.drop_path1 = block.ls1, block.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        self.r, self.proportional, self.grid, self.prefix, self.tile = r, proportional, tuple(grid), prefix, tile
+
+    def forward(self, state: TokenState) -> TokenState:
+        x, size, owner = state
+        out, metric = self.attn(self.norm1(x), size=size if self.proportional else None, with_metric=self.r > 0)
+        x = x + self.drop_path1(self.ls1(out))
+        if self.r:
+            x, size, owner = atme_step(x, metric, size, owner, r=self.r, grid=self.grid, prefix=self.prefix, block=self.tile)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return TokenState(x, size, owner)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, proportional={self.proportional}"

@@ -1,0 +1,122 @@
+"""The compressed model: a timm ViT whose blocks merge tokens and pass the token state along."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from cait_kernels import unmerge
+
+from .cost import vit_cost_model
+from .layers import CompressedBlock
+from .schedule import ATME
+from .support import check_supported
+from .tokens import TokenState
+
+
+class CompressedViT(nn.Module):
+    """A timm ``VisionTransformer`` with ATME merging (and, later, CDCP pruning).
+
+    ``vit`` is the timm model without its blocks: it keeps the patch and position embeddings, the
+    final norm and the head, so their behaviour stays timm's. ``blocks`` are
+    :class:`CompressedBlock` s; ``schedule[i]`` tokens are merged away in block ``i``.
+
+    Same interface as the timm model (``forward``, ``forward_features``, ``forward_head``) plus
+    ``forward_tokens`` (the full :class:`TokenState`) and ``forward_dense`` (features on the grid).
+    """
+
+    def __init__(self, vit: nn.Module, schedule: tuple[int, ...], tile: int = 2):
+        super().__init__()
+        blocks, vit.blocks = vit.blocks, nn.Identity()
+        self.vit = vit
+        self.schedule, self.tile = tuple(schedule), tile
+        self.grid = tuple(vit.patch_embed.grid_size)
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.num_classes, self.num_features, self.embed_dim = vit.num_classes, vit.num_features, vit.embed_dim
+        self.global_pool = vit.global_pool
+        self.pretrained_cfg = self.default_cfg = getattr(vit, "pretrained_cfg", {})
+        merged_before = [sum(schedule[:i]) > 0 for i in range(len(schedule))]
+        self.blocks = nn.ModuleList(
+            CompressedBlock(b, r=r, proportional=p, grid=self.grid, prefix=self.num_prefix_tokens, tile=tile)
+            for b, r, p in zip(blocks, schedule, merged_before)
+        )
+        cells = torch.arange(self.grid[0] * self.grid[1], dtype=torch.int32)
+        self.register_buffer("cell_index", cells, persistent=False)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the model takes."""
+        return (self.vit.patch_embed.proj.in_channels, *self.vit.patch_embed.img_size)
+
+    def forward_tokens(self, images: torch.Tensor) -> TokenState:
+        """images ``(B, C, H, W)`` -> the final :class:`TokenState` (after the final norm)."""
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.input_size:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, self.input_size))}), got {tuple(images.shape)}")
+        x = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(images)))
+        batch = x.shape[0]
+        size = x.new_ones(batch, x.shape[1], dtype=torch.float32)
+        state = TokenState(x, size, self.cell_index.expand(batch, -1))
+        for block in self.blocks:
+            state = block(state)
+        return state._replace(x=self.vit.norm(state.x))
+
+    def forward_features(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        """images ``(B, C, H, W)`` -> tokens ``(B, P+N', C)`` after the final norm (timm's meaning)."""
+        _refuse_masks(attn_mask, is_causal)
+        return self.forward_tokens(images).x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None):
+        """timm's ``forward_head``. ``size (B, P+N')`` weights average pooling by the cells each token
+        holds, so it equals the unmerged mean; it is required for avg pooling of merged tokens."""
+        if self.global_pool not in ("avg", "avgmax"):
+            return self.vit.forward_head(x, pre_logits)  # token, max and no pooling are exact on merged tokens
+        if size is None:
+            if x.shape[1] != self.num_prefix_tokens + len(self.cell_index):
+                raise ValueError("average pooling of merged tokens needs their cell counts: pass size=state.size")
+            return self.vit.forward_head(x, pre_logits)
+        if not self.vit.pool_include_prefix:
+            x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
+        weight = size.to(x.dtype)[..., None]
+        pooled = (x * weight).sum(1) / weight.sum(1)
+        if self.global_pool == "avgmax":
+            pooled = 0.5 * (pooled + x.amax(dim=1))
+        pooled = self.vit.head_drop(self.vit.fc_norm(pooled))
+        return pooled if pre_logits else self.vit.head(pooled)
+
+    def forward(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        """images ``(B, C, H, W)`` -> logits ``(B, classes)``, as the timm model."""
+        _refuse_masks(attn_mask, is_causal)
+        state = self.forward_tokens(images)
+        return self.forward_head(state.x, size=state.size)
+
+    def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """images ``(B, C, H, W)`` -> final features ``(B, C, Hp, Wp)`` on the patch grid: each cell
+        gets the feature of the token holding it (stride = patch size)."""
+        state = self.forward_tokens(images)
+        cells = unmerge(state.x, state.owner, prefix=self.num_prefix_tokens)
+        return cells.transpose(1, 2).reshape(cells.shape[0], cells.shape[2], *self.grid)
+
+
+def _refuse_masks(attn_mask, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("attention masks and causal attention are not supported by compressed models")
+
+
+def compress(model: nn.Module, merge: ATME | None = None, prune=None) -> CompressedViT:
+    """A compressed copy of a timm ViT; the original model is left untouched.
+
+    Args:
+        model: a timm ``VisionTransformer`` (see :func:`cait.support.check_supported`).
+        merge: an :class:`ATME` schedule, or None for no token merging.
+        prune: channel pruning (CDCP); not available yet, must be None.
+    """
+    check_supported(model)
+    if prune is not None:
+        raise NotImplementedError("channel pruning (CDCP) is not available yet: call compress(model, merge=...) with prune=None")
+    if merge is not None and not isinstance(merge, ATME):
+        raise TypeError(f"merge must be a cait.ATME schedule or None, got {type(merge).__name__}")
+    depth = len(model.blocks)
+    schedule = (0,) * depth if merge is None else merge.schedule(vit_cost_model(model))
+    fast = CompressedViT(copy.deepcopy(model), schedule, tile=merge.block if merge else 2)
+    return fast.train(model.training)

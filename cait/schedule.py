@@ -1,0 +1,88 @@
+"""ATME merge schedules: an explicit count per block, or a FLOPs target that a solver turns into one."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from cait_kernels import block_count
+
+from .cost import CostModel
+
+
+@dataclass(frozen=True)
+class ATME:
+    """Asymmetric token merging of neighbours inside ``block x block`` tiles of the patch grid.
+
+    Give exactly one of:
+        r: tokens merged away in each transformer block: an int (the same in every block, as in
+            ToMe) or one int per block.
+        flops: target FLOPs of the merged model as a fraction of the unmerged one at its input size,
+            in ``(0, 1]``. The solver merges at a constant rate from the first block on (the
+            cumulative count after block ``l`` is ``round((l + 1) * rate)``, capped at the most
+            the grid allows) and picks the rate whose FLOPs ratio is nearest the target.
+    block: tile side, 2 (up to 4x fewer spatial tokens) or 4 (up to 16x).
+
+    A schedule is valid while ``sum(r) <= cells - tiles``: every tile keeps at least one token.
+    """
+
+    r: int | Sequence[int] | None = None
+    flops: float | None = None
+    block: int = 2
+
+    def __post_init__(self):
+        if (self.r is None) == (self.flops is None):
+            raise ValueError("ATME takes exactly one of r= (tokens merged per block) and flops= (target FLOPs ratio)")
+        if self.block not in (2, 4):
+            raise ValueError(f"ATME block must be 2 or 4, got {self.block!r}")
+        if self.flops is not None and not (isinstance(self.flops, (int, float)) and 0 < self.flops <= 1):
+            raise ValueError(f"ATME flops must be a ratio in (0, 1], got {self.flops!r}")
+        counts = [self.r] if isinstance(self.r, int) else list(self.r or [])
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts):
+            raise ValueError(f"ATME r must be a non-negative int or a list of them, got {self.r!r}")
+        if isinstance(self.r, Sequence):
+            object.__setattr__(self, "r", tuple(self.r))
+
+    def schedule(self, cost: CostModel) -> tuple[int, ...]:
+        """Tokens merged away in each block of the model that ``cost`` describes."""
+        depth, limit = len(cost.blocks), self.limit(cost.grid)
+        if self.flops is not None:
+            return _solve(cost, self.flops, limit)
+        counts = (self.r,) * depth if isinstance(self.r, int) else self.r
+        if len(counts) != depth:
+            raise ValueError(f"ATME r lists {len(counts)} counts but the model has {depth} blocks")
+        if sum(counts) > limit:
+            raise ValueError(
+                f"ATME r merges {sum(counts)} tokens in all, but a {cost.grid[0]}x{cost.grid[1]} grid in "
+                f"{self.block}x{self.block} tiles allows at most {limit} (cells - tiles): lower r or use block=4"
+            )
+        return tuple(counts)
+
+    def limit(self, grid: tuple[int, int]) -> int:
+        """Most tokens a schedule may merge away in all on ``grid``."""
+        return grid[0] * grid[1] - block_count(grid, self.block)
+
+
+def _ramp(rate: float, depth: int, limit: int) -> tuple[int, ...]:
+    merged = [min(limit, math.floor((layer + 1) * rate + 0.5)) for layer in range(depth)]
+    return tuple(b - a for a, b in zip([0] + merged, merged))
+
+
+def _solve(cost: CostModel, target: float, limit: int) -> tuple[int, ...]:
+    depth = len(cost.blocks)
+    dense = cost.flops((0,) * depth)
+
+    def ratio(rate: float) -> float:
+        return cost.flops(_ramp(rate, depth, limit)) / dense
+
+    lowest = ratio(limit)
+    if target < lowest:
+        raise ValueError(f"ATME flops={target} is out of reach: merging alone gets this model down to {lowest:.3f} at most; add channel pruning or use block=4")
+    slow, fast = 0.0, float(limit)  # ratio(slow) > target >= ratio(fast) once the loop starts
+    if ratio(slow) <= target:
+        return (0,) * depth
+    for _ in range(50):
+        mid = (slow + fast) / 2
+        slow, fast = (slow, mid) if ratio(mid) <= target else (mid, fast)
+    best = min((slow, fast), key=lambda rate: abs(ratio(rate) - target))
+    return _ramp(best, depth, limit)

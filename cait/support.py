@@ -1,0 +1,44 @@
+"""Which timm models cait can compress; everything else gets a clear error naming the reason."""
+from __future__ import annotations
+
+from torch import nn
+
+POOLS = ("", "token", "avg", "max", "avgmax")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``NotImplementedError`` unless ``model`` is a timm ViT that cait knows how to compress.
+
+    Supported: timm ``VisionTransformer`` and its subclasses that keep its forward (DeiT, distilled
+    DeiT, DeiT-3, ViTs with register tokens, LayerScale, qk-norm, ``global_pool`` of token/avg/max/
+    avgmax/none) with a fixed patch grid and timm's pre-norm ``Block`` / ``Attention``.
+    """
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    name = type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise NotImplementedError(
+            f"{name} is not supported: cait compresses timm VisionTransformer models (ViT, DeiT, DeiT-3, "
+            f"ViTs with registers), which keep a fixed patch grid of plain transformer blocks"
+        )
+    if type(model.patch_embed) is not PatchEmbed:
+        raise NotImplementedError(
+            f"{name} embeds patches with {type(model.patch_embed).__name__}: hybrid CNN stems are not supported, "
+            f"cait needs timm's PatchEmbed for its patch grid"
+        )
+    if model.dynamic_img_size or getattr(model.patch_embed, "dynamic_img_pad", False):
+        raise NotImplementedError("dynamic_img_size models are not supported: the merge schedule is built for one fixed patch grid")
+    if getattr(model, "attn_pool", None) is not None:
+        raise NotImplementedError(f"attention pooling (global_pool={model.global_pool!r}) is not supported; use token or avg pooling")
+    if model.global_pool not in POOLS:
+        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported; use one of {POOLS}")
+    if not isinstance(model.patch_drop, nn.Identity):
+        raise NotImplementedError("patch dropout is not supported: it breaks the patch grid that merging relies on")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise NotImplementedError(f"block {i} is a {type(block).__name__}: only timm's pre-norm Block is supported")
+        if type(block.attn) is not Attention:
+            raise NotImplementedError(f"block {i} uses {type(block.attn).__name__}: only timm's Attention is supported")
+        if block.attn.attn_drop.p > 0:
+            raise NotImplementedError(f"block {i} has attention dropout {block.attn.attn_drop.p}: build the model with attn_drop_rate=0")

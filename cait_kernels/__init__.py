@@ -1,0 +1,20 @@
+"""cait_kernels: the ops of cait (pruned-head attention, the ATME merge step, unmerge).
+
+Each public op dispatches by device (see :mod:`cait_kernels.dispatch`); ``NAME_reference`` is the
+PyTorch definition of its math. This package knows tensors, not models.
+"""
+from .atme import atme_step_reference, block_count
+from .attention import pruned_attention_reference
+from .dispatch import atme_step, backend, pruned_attention, unmerge
+from .unmerge import unmerge_reference
+
+__all__ = [
+    "atme_step",
+    "atme_step_reference",
+    "backend",
+    "block_count",
+    "pruned_attention",
+    "pruned_attention_reference",
+    "unmerge",
+    "unmerge_reference",
+]

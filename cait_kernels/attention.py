@@ -1,0 +1,93 @@
+"""Pruned-head attention over the packed output of a qkv projection.
+
+Two layouts of the packed input ``qkv`` of shape ``(B, N, W)``:
+
+- **materialized**: ``W = heads * (2 * d_qk + d_v)``, ordered ``[q heads | k heads | v heads]``,
+  each head's channels contiguous (the output of a pruned ``nn.Linear``; ``d_qk = d_v = head_dim``
+  is exactly timm's unpruned layout);
+- **gather**: ``W = 3 * heads * head_dim`` (the unpruned projection) plus ``idx_qk (heads, d_qk)``
+  and/or ``idx_v (heads, d_v)``, the kept channels of each head. A missing index keeps every
+  channel of that group (its ``d`` must then equal ``head_dim``).
+
+With ``size (B, N)`` (cell counts of merged tokens) the logits get ``+ log(size_j)`` for every key
+``j`` (proportional attention). The softmax scale is given explicitly: pruning keeps the original
+``head_dim ** -0.5``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_int, check_same_device, check_shape, check_tensor
+
+
+def check_attention_inputs(qkv, *, heads, d_qk, d_v, scale, size, idx_qk, idx_v) -> int | None:
+    """Validate the arguments of :func:`pruned_attention`.
+
+    Returns ``head_dim`` of the gather layout, or ``None`` for the materialized layout.
+    """
+    check_tensor("qkv", qkv, 3, FLOAT_DTYPES)
+    check_int("heads", heads, 1)
+    check_int("d_qk", d_qk, 1)
+    check_int("d_v", d_v, 1)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    check_same_device(qkv=qkv, size=size, idx_qk=idx_qk, idx_v=idx_v)
+    B, N, W = qkv.shape
+    if size is not None:
+        check_tensor("size", size, 2, FLOAT_DTYPES)
+        check_shape("size", size, (B, N), "(B, N)")
+        if not bool((size > 0).all()):
+            raise ValueError("size must be positive: it counts the cells each token holds")
+    if idx_qk is None and idx_v is None:
+        if W != heads * (2 * d_qk + d_v):
+            raise ValueError(
+                f"materialized layout needs qkv width heads*(2*d_qk + d_v) = {heads}*(2*{d_qk} + {d_v}) "
+                f"= {heads * (2 * d_qk + d_v)}, got {W}"
+            )
+        return None
+    if W % (3 * heads):
+        raise ValueError(f"gather layout needs qkv width 3*heads*head_dim, got {W} for heads={heads}")
+    head_dim = W // (3 * heads)
+    for name, idx, d in (("idx_qk", idx_qk, d_qk), ("idx_v", idx_v, d_v)):
+        if idx is None:
+            if d != head_dim:
+                raise ValueError(f"{name} is None, so every channel is kept: {name[4:]} width must be head_dim = {head_dim}, got {d}")
+            continue
+        check_tensor(name, idx, 2, INDEX_DTYPES)
+        check_shape(name, idx, (heads, d), f"(heads, d_{name[4:]})")
+        check_index_range(name, idx, head_dim, "head_dim")
+    return head_dim
+
+
+def gather_columns(heads: int, head_dim: int, idx_qk, idx_v, device) -> torch.Tensor:
+    """Columns of the unpruned packed qkv that form the materialized layout, shape ``(heads*(2*d_qk+d_v),)``."""
+    every = torch.arange(head_dim, device=device).expand(heads, head_dim)
+    idx_qk = every if idx_qk is None else idx_qk.long()
+    idx_v = every if idx_v is None else idx_v.long()
+    base = torch.arange(heads, device=device)[:, None] * head_dim
+    width = heads * head_dim
+    return torch.cat([(base + idx_qk).flatten(), (base + idx_qk).flatten() + width, (base + idx_v).flatten() + 2 * width])
+
+
+def pruned_attention_reference(qkv, *, heads, d_qk, d_v, scale, size=None, idx_qk=None, idx_v=None):
+    """Multi-head attention on packed qkv; see the module docstring for the layouts.
+
+    Args:
+        qkv: ``(B, N, W)`` packed projection output.
+        heads, d_qk, d_v: head count and kept channels per head (q/k share ``d_qk``).
+        scale: softmax scale (the original ``head_dim ** -0.5``).
+        size: optional ``(B, N)`` cell counts; adds ``log(size_j)`` to the logits.
+        idx_qk, idx_v: optional ``(heads, d)`` int32/int64 kept channels (gather layout).
+
+    Returns:
+        ``(B, N, heads * d_v)`` in the dtype of ``qkv``, heads in order, ready for ``proj``.
+    """
+    head_dim = check_attention_inputs(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
+    B, N, _ = qkv.shape
+    if head_dim is not None:
+        qkv = qkv.index_select(-1, gather_columns(heads, head_dim, idx_qk, idx_v, qkv.device))
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1))
+    bias = None if size is None else size.log().to(qkv.dtype)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(scale))
+    return out.transpose(1, 2).reshape(B, N, heads * d_v)

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cait",
+    version="0.1.0",
+    description="Compress timm Vision Transformers: merge neighbouring tokens (ATME) and prune channels consistently (CDCP)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cait", "cait.*", "cait_kernels", "cait_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "timm>=1.0",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "bench": ["tqdm"],
+    },
+)

@@ -28,7 +28,9 @@ def machine() -> dict:
     return info
 
 
-def time_interleaved(models: dict[str, nn.Module], images: torch.Tensor, repeats: int, warmup: int = 2, progress: bool = True) -> dict[str, list[float]]:
+def time_interleaved(
+    models: dict[str, nn.Module], images: torch.Tensor, repeats: int, warmup: int = 2, progress: bool = True
+) -> dict[str, list[float]]:
     """Seconds per forward of each model. Every repeat runs each model once in turn, so drifts in
     clock speed or load hit all of them alike; warm-up runs come first and are not kept."""
     from tqdm.auto import tqdm

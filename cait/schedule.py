@@ -77,7 +77,10 @@ def _solve(cost: CostModel, target: float, limit: int) -> tuple[int, ...]:
 
     lowest = ratio(limit)
     if target < lowest:
-        raise ValueError(f"ATME flops={target} is out of reach: merging alone gets this model down to {lowest:.3f} at most; add channel pruning or use block=4")
+        raise ValueError(
+            f"ATME flops={target} is out of reach: merging alone gets this model down to {lowest:.3f} at most; "
+            f"add channel pruning or use block=4"
+        )
     slow, fast = 0.0, float(limit)  # ratio(slow) > target >= ratio(fast) once the loop starts
     if ratio(slow) <= target:
         return (0,) * depth

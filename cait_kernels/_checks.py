@@ -43,8 +43,8 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
 
 def check_index_range(name: str, t: torch.Tensor, upper: int, meaning: str) -> None:
     """Raise unless every value of the integer tensor ``t`` lies in ``[0, upper)``."""
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
-        raise ValueError(
-            f"{name} values must lie in [0, {meaning}) = [0, {upper}), "
-            f"got min {int(t.min())} and max {int(t.max())}"
-        )
+    if not t.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(t))
+    if low < 0 or high >= upper:
+        raise ValueError(f"{name} values must lie in [0, {meaning}) = [0, {upper}), got min {low} and max {high}")

@@ -24,8 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._rows import take_rows
 from ._checks import FLOAT_DTYPES, check_index_range, check_int, check_same_device, check_shape, check_tensor
+from ._rows import take_rows
 
 BLOCK_SIZES = (2, 4)
 
@@ -55,7 +55,9 @@ def check_atme_inputs(x, metric, size, owner, *, r, grid, prefix, block) -> None
     check_shape("owner", owner, (B, grid[0] * grid[1]), "(B, H*W)")
     n_tokens, n_blocks = T - prefix, block_count(grid, block)
     if not n_blocks <= n_tokens <= grid[0] * grid[1]:
-        raise ValueError(f"x holds {n_tokens} spatial tokens; a {grid[0]}x{grid[1]} grid in {n_blocks} blocks allows {n_blocks}..{grid[0] * grid[1]}")
+        raise ValueError(
+            f"x holds {n_tokens} spatial tokens; a {grid[0]}x{grid[1]} grid in {n_blocks} blocks allows {n_blocks}..{grid[0] * grid[1]}"
+        )
     check_int("r", r, 0)
     if r > n_tokens - n_blocks:
         raise ValueError(
@@ -148,7 +150,8 @@ def atme_step_reference(x, metric, size, owner, *, r, grid, prefix, block=2):
 
     acc = torch.promote_types(x.dtype, torch.float32)
     unit = F.normalize(metric[:, prefix:].to(acc), dim=-1)
-    sim = (take_rows(unit, lo) * take_rows(unit, hi)).sum(-1)
+    ends = take_rows(unit, torch.stack([lo, hi], dim=1))
+    sim = (ends[:, 0] * ends[:, 1]).sum(-1)
 
     # Canonical order inside each block is (smaller, larger token); blocks are already in raster order.
     canonical = torch.where(edge, lo * n + hi, n * n).argsort(dim=-1, stable=True)
@@ -158,10 +161,10 @@ def atme_step_reference(x, metric, size, owner, *, r, grid, prefix, block=2):
 
     strongest = sim.masked_fill(~forest, -math.inf).flatten(1).argsort(dim=1, descending=True, stable=True)[:, :r]
     labels = _group_labels(lo.flatten(1).gather(1, strongest), hi.flatten(1).gather(1, strongest), n, block * block - 1)
-    return _merge_groups(x, size, cells, labels, prefix, acc)
+    return _merge_groups(x, size, cells, labels, prefix, r, acc)
 
 
-def _merge_groups(x, size, cells, labels, prefix, acc):
+def _merge_groups(x, size, cells, labels, prefix, r, acc):
     """Collapse every group of ``labels`` (smallest token index of the group) into one token.
 
     A merged token is ``sum(s_i x_i) / sum(s_i)``, written as ``x_root + sum_a (s_a / S) (x_a - x_root)``
@@ -172,15 +175,15 @@ def _merge_groups(x, size, cells, labels, prefix, acc):
     n = total - prefix
     survivor = labels == torch.arange(n, device=x.device)
     target = (survivor.cumsum(1) - 1).gather(1, labels)
-    kept = survivor.nonzero()[:, 1].view(batch, -1)
-    absorbed = (~survivor).nonzero()[:, 1].view(batch, -1)
+    kept, absorbed = (~survivor).to(torch.uint8).argsort(dim=1, stable=True).split([n - r, r], dim=1)
     rows = torch.cat([torch.arange(prefix, device=x.device).expand(batch, -1), kept + prefix], dim=1)
     new_x = take_rows(x, rows)
     new_size = size.gather(1, rows)
     into = target.gather(1, absorbed) + prefix
-    new_size.scatter_add_(1, into, size[:, prefix:].gather(1, absorbed))
+    absorbed_size = size[:, prefix:].gather(1, absorbed)
+    new_size.scatter_add_(1, into, absorbed_size)
 
-    share = (size[:, prefix:].gather(1, absorbed) / new_size.gather(1, into)).to(acc)[..., None]
+    share = (absorbed_size / new_size.gather(1, into)).to(acc)[..., None]
     roots = labels.gather(1, absorbed)
     update = share * (take_rows(x, absorbed + prefix).to(acc) - take_rows(x, roots + prefix).to(acc))
     new_x.scatter_add_(1, into[..., None].expand(-1, -1, channels), update.to(x.dtype))

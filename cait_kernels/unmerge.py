@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ._rows import take_rows
 from ._checks import FLOAT_DTYPES, check_index_range, check_int, check_same_device, check_tensor
+from ._rows import take_rows
 
 
 def check_unmerge_inputs(x, owner, *, prefix) -> None:

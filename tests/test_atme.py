@@ -1,10 +1,10 @@
 """The ATME reference step against the brute-force definition, its invariants, and its errors."""
 import pytest
 import torch
-
 from atme_bruteforce import atme_bruteforce, blocks_of
-from cait_kernels import atme_step, atme_step_reference, block_count
 from conftest import rel_err
+
+from cait_kernels import atme_step, atme_step_reference, block_count
 
 
 def identity_state(batch, grid, channels, prefix, dtype=torch.float64):
@@ -116,7 +116,8 @@ def test_invariants_over_several_steps(grid, block, schedule):
 def test_merged_features_are_size_weighted_means():
     grid = (6, 6)
     x, size, owner = merged_state(2, grid, 4, 1, 2, (7,))
-    out, new_size, new_owner = atme_step_reference(x, torch.randn(2, x.shape[1], 3, dtype=torch.float64), size, owner, r=9, grid=grid, prefix=1)
+    metric = torch.randn(2, x.shape[1], 3, dtype=torch.float64)
+    out, new_size, new_owner = atme_step_reference(x, metric, size, owner, r=9, grid=grid, prefix=1)
     cells_x = x[:, 1:].gather(1, owner.long()[..., None].expand(-1, -1, 4))  # every cell's old feature
     for img in range(2):
         for t in range(out.shape[1] - 1):

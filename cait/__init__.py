@@ -1,11 +1,13 @@
 """cait: compress timm Vision Transformers by merging neighbouring tokens (ATME) and pruning channels (CDCP).
 
->>> fast = cait.compress(model, merge=cait.ATME(flops=0.6))
+>>> fast = cait.compress(model, merge=cait.ATME(flops=0.7), prune=cait.CDCP(qk=0.5, v=0.75, mlp=0.75))
 """
+from .cdcp import CDCP
 from .cost import flops
 from .model import CompressedViT, compress
 from .schedule import ATME
+from .serialize import load, save
 from .tokens import TokenState
 
-__all__ = ["ATME", "CompressedViT", "TokenState", "compress", "flops"]
+__all__ = ["ATME", "CDCP", "CompressedViT", "TokenState", "compress", "flops", "load", "save"]
 __version__ = "0.1.0"

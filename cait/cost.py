@@ -87,18 +87,19 @@ class CostModel:
         return total + self.head * (tokens if self.head_per_token else 1)
 
 
-def vit_cost_model(model: nn.Module) -> CostModel:
-    """Cost model of a (supported) timm ``VisionTransformer``."""
+def cost_model(model: nn.Module) -> CostModel:
+    """Cost model of a :class:`cait.CompressedViT` (pruned channel counts included, schedule ignored)."""
     blocks = tuple(
         BlockCost(
             attn_linear=linear_flops(block.attn),
-            attn_pairwise=2 * block.attn.num_heads * 2 * block.attn.head_dim,
+            attn_pairwise=2 * block.attn.heads * (block.attn.d_qk + block.attn.d_v),
             mlp_linear=linear_flops(block.mlp),
         )
         for block in model.blocks
     )
-    conv = model.patch_embed.proj
-    grid = tuple(model.patch_embed.grid_size)
+    vit = model.vit
+    conv = vit.patch_embed.proj
+    grid = tuple(vit.patch_embed.grid_size)
     embed = 2 * grid[0] * grid[1] * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    head = linear_flops(model.head) + linear_flops(getattr(model, "head_dist", nn.Identity()))
-    return CostModel(blocks, grid, model.num_prefix_tokens, embed, head, head_per_token=not model.global_pool)
+    head = linear_flops(vit.head) + linear_flops(getattr(vit, "head_dist", nn.Identity()))
+    return CostModel(blocks, grid, vit.num_prefix_tokens, embed, head, head_per_token=not vit.global_pool)

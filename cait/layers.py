@@ -54,16 +54,18 @@ class CompressedBlock(nn.Module):
     """timm pre-norm ``Block`` that merges ``r`` tokens between its attention and its MLP.
 
     ``proportional``: add ``log(size)`` to the attention logits (on once any earlier block merged).
-    ``grid``, ``prefix``, ``block``: the patch grid, prefix token count and ATME tile side.
-    LayerScale (``ls1``/``ls2``) and stochastic depth are kept.
+    ``grid``, ``prefix``, ``tile``: the patch grid, prefix token count and ATME tile side.
+    ``kept``: the channels CDCP kept (lists of indices, None for all). LayerScale (``ls1``/``ls2``)
+    and stochastic depth are kept.
     """
 
-    def __init__(self, block: nn.Module, *, r: int, proportional: bool, grid: tuple[int, int], prefix: int, tile: int):
+    def __init__(self, block: nn.Module, *, grid: tuple[int, int], prefix: int, tile: int, r: int = 0, proportional: bool = False):
         super().__init__()
         self.norm1, self.attn = block.norm1, CompressedAttention(block.attn)
         self.ls1, self.drop_path1 = block.ls1, block.drop_path1
         self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
         self.r, self.proportional, self.grid, self.prefix, self.tile = r, proportional, tuple(grid), prefix, tile
+        self.kept = {"qk": None, "v": None, "mlp": None}
 
     def forward(self, state: TokenState) -> TokenState:
         x, size, owner = state
@@ -75,4 +77,4 @@ class CompressedBlock(nn.Module):
         return TokenState(x, size, owner)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, proportional={self.proportional}"
+        return f"r={self.r}, proportional={self.proportional}, d_qk={self.attn.d_qk}, d_v={self.attn.d_v}"

@@ -8,41 +8,52 @@ from torch import nn
 
 from cait_kernels import unmerge
 
-from .cost import vit_cost_model
+from .cdcp import CDCP, apply_cdcp
+from .cost import cost_model
 from .layers import CompressedBlock
 from .schedule import ATME
-from .support import check_supported
+from .support import check_supported, timm_spec
 from .tokens import TokenState
 
 
 class CompressedViT(nn.Module):
-    """A timm ``VisionTransformer`` with ATME merging (and, later, CDCP pruning).
+    """A timm ``VisionTransformer`` with ATME merging and CDCP channel pruning.
 
     ``vit`` is the timm model without its blocks: it keeps the patch and position embeddings, the
     final norm and the head, so their behaviour stays timm's. ``blocks`` are
-    :class:`CompressedBlock` s; ``schedule[i]`` tokens are merged away in block ``i``.
+    :class:`CompressedBlock` s; ``schedule[i]`` tokens are merged away in block ``i`` (none until
+    :meth:`set_schedule`); pruned blocks record their kept channels in ``block.kept``.
 
     Same interface as the timm model (``forward``, ``forward_features``, ``forward_head``) plus
     ``forward_tokens`` (the full :class:`TokenState`) and ``forward_dense`` (features on the grid).
     """
 
-    def __init__(self, vit: nn.Module, schedule: tuple[int, ...], tile: int = 2):
+    def __init__(self, vit: nn.Module, tile: int = 2):
         super().__init__()
         blocks, vit.blocks = vit.blocks, nn.Identity()
-        self.vit = vit
-        self.schedule, self.tile = tuple(schedule), tile
+        self.vit, self.tile = vit, tile
         self.grid = tuple(vit.patch_embed.grid_size)
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.num_classes, self.num_features, self.embed_dim = vit.num_classes, vit.num_features, vit.embed_dim
         self.global_pool = vit.global_pool
         self.pretrained_cfg = self.default_cfg = getattr(vit, "pretrained_cfg", {})
-        merged_before = [sum(schedule[:i]) > 0 for i in range(len(schedule))]
-        self.blocks = nn.ModuleList(
-            CompressedBlock(b, r=r, proportional=p, grid=self.grid, prefix=self.num_prefix_tokens, tile=tile)
-            for b, r, p in zip(blocks, schedule, merged_before)
-        )
+        self.blocks = nn.ModuleList(CompressedBlock(b, grid=self.grid, prefix=self.num_prefix_tokens, tile=tile) for b in blocks)
         cells = torch.arange(self.grid[0] * self.grid[1], dtype=torch.int32)
         self.register_buffer("cell_index", cells, persistent=False)
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        """Tokens merged away in each block."""
+        return tuple(block.r for block in self.blocks)
+
+    def set_schedule(self, schedule) -> None:
+        """Merge ``schedule[i]`` tokens in block ``i``; proportional attention is on after the first merge."""
+        if len(schedule) != len(self.blocks):
+            raise ValueError(f"schedule lists {len(schedule)} counts but the model has {len(self.blocks)} blocks")
+        merged = 0
+        for block, r in zip(self.blocks, schedule):
+            block.r, block.proportional = int(r), merged > 0
+            merged += int(r)
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -103,20 +114,25 @@ def _refuse_masks(attn_mask, is_causal: bool) -> None:
         raise NotImplementedError("attention masks and causal attention are not supported by compressed models")
 
 
-def compress(model: nn.Module, merge: ATME | None = None, prune=None) -> CompressedViT:
+def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = None) -> CompressedViT:
     """A compressed copy of a timm ViT; the original model is left untouched.
 
     Args:
         model: a timm ``VisionTransformer`` (see :func:`cait.support.check_supported`).
-        merge: an :class:`ATME` schedule, or None for no token merging.
-        prune: channel pruning (CDCP); not available yet, must be None.
+        merge: an :class:`ATME` schedule, or None for no token merging. A FLOPs target is solved on
+            the pruned model, so ``ATME(flops=0.7)`` with pruning that keeps 0.7 of the FLOPs gives
+            about 0.5 overall.
+        prune: a :class:`CDCP` channel-pruning spec, or None.
     """
     check_supported(model)
-    if prune is not None:
-        raise NotImplementedError("channel pruning (CDCP) is not available yet: call compress(model, merge=...) with prune=None")
     if merge is not None and not isinstance(merge, ATME):
         raise TypeError(f"merge must be a cait.ATME schedule or None, got {type(merge).__name__}")
-    depth = len(model.blocks)
-    schedule = (0,) * depth if merge is None else merge.schedule(vit_cost_model(model))
-    fast = CompressedViT(copy.deepcopy(model), schedule, tile=merge.block if merge else 2)
+    if prune is not None and not isinstance(prune, CDCP):
+        raise TypeError(f"prune must be a cait.CDCP spec or None, got {type(prune).__name__}")
+    fast = CompressedViT(copy.deepcopy(model), tile=merge.block if merge else 2)
+    fast.source = timm_spec(model)
+    if prune is not None:
+        apply_cdcp(fast, prune)
+    if merge is not None:
+        fast.set_schedule(merge.schedule(cost_model(fast)))
     return fast.train(model.training)

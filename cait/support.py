@@ -42,3 +42,35 @@ def check_supported(model: nn.Module) -> None:
             raise NotImplementedError(f"block {i} uses {type(block.attn).__name__}: only timm's Attention is supported")
         if block.attn.attn_drop.p > 0:
             raise NotImplementedError(f"block {i} has attention dropout {block.attn.attn_drop.p}: build the model with attn_drop_rate=0")
+
+
+def timm_spec(model: nn.Module) -> dict:
+    """How to rebuild the architecture of ``model`` with ``timm.create_model(name, **kwargs)``.
+
+    timm does not record constructor overrides, so the ones that shape the weights are read off
+    the model itself; :func:`cait.load` checks that the rebuilt model has exactly the saved tensors.
+    """
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not name:
+        raise ValueError(f"cannot tell which timm model this {type(model).__name__} is: build it with timm.create_model(name, ...)")
+    block = model.blocks[0]
+    kwargs = dict(
+        img_size=list(model.patch_embed.img_size),
+        patch_size=list(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
+        qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
+        init_values=1e-5 if not isinstance(block.ls1, nn.Identity) else None,
+        class_token=model.cls_token is not None,
+        reg_tokens=model.num_reg_tokens,
+        no_embed_class=model.no_embed_class,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+    )
+    return {"name": name, "kwargs": kwargs}

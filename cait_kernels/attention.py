@@ -89,5 +89,9 @@ def pruned_attention_reference(qkv, *, heads, d_qk, d_v, scale, size=None, idx_q
         qkv = qkv.index_select(-1, gather_columns(heads, head_dim, idx_qk, idx_v, qkv.device))
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1))
     bias = None if size is None else size.log().to(qkv.dtype)[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(scale))
+    if d_qk != d_v and qkv.device.type == "cpu":
+        # torch's fused CPU kernel needs equal widths (else a much slower path): zero channels
+        # change no logit, and zero v channels only add output columns that are dropped.
+        q, k, v = (F.pad(t, (0, max(d_qk, d_v) - t.shape[-1])) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(scale))[..., :d_v]
     return out.transpose(1, 2).reshape(B, N, heads * d_v)

@@ -1,0 +1,196 @@
+"""CDCP: consistent channel pruning of attention and MLP, one-shot, materialized into smaller layers.
+
+Consistency (DESIGN.md): q and k keep the same channels in each head (q.k only pairs equal channels),
+every head keeps the same number of qk channels (``d_qk``) and of v channels (``d_v``), so pruned
+q, k, v stay regular ``(B, heads, N, d)`` tensors; ``proj`` keeps the columns of the kept v channels
+and ``fc2`` the columns of the kept MLP units. The softmax scale stays ``head_dim ** -0.5``.
+
+Importance of a channel (higher is kept):
+- ``weight``: qk ``|W_q row| * |W_k row|``; v ``|W_v row| * |proj column|``; MLP ``|fc1 row| * |fc2 column|``
+  (rows include their bias).
+- ``activation``: the same with the row norms replaced by the root-mean-square of the channel's
+  activation over a calibration batch (q, k, v outputs of ``qkv``; the MLP hidden after its activation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from cait_kernels.attention import gather_columns
+
+METHODS = ("weight", "activation")
+
+
+@dataclass(frozen=True)
+class CDCP:
+    """Keep ratios per channel group, each in ``(0, 1]``: ``qk`` (per head, shared by q and k),
+    ``v`` (per head) and ``mlp`` (hidden units). ``method``: ``weight`` or ``activation``; the latter
+    needs ``calibration``, a batch of images ``(B, C, H, W)`` the model takes."""
+
+    qk: float = 1.0
+    v: float = 1.0
+    mlp: float = 1.0
+    method: str = "weight"
+    calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("qk", "v", "mlp"):
+            ratio = getattr(self, name)
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"CDCP {name} must be a keep ratio in (0, 1], got {ratio!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"CDCP method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "activation":
+            if not isinstance(self.calibration, torch.Tensor) or self.calibration.dim() != 4:
+                raise ValueError("CDCP method='activation' needs calibration=images of shape (B, C, H, W)")
+        elif self.calibration is not None:
+            raise ValueError("CDCP calibration images are only used with method='activation'")
+
+
+class Scores(NamedTuple):
+    """Importance of the channels of one block: qk ``(heads, head_dim)``, v ``(heads, head_dim)``, mlp ``(hidden,)``."""
+
+    qk: torch.Tensor
+    v: torch.Tensor
+    mlp: torch.Tensor
+
+
+def kept_count(ratio: float, total: int, what: str) -> int:
+    """``round(ratio * total)``, refusing a ratio that keeps nothing."""
+    count = round(ratio * total)
+    if count < 1:
+        raise ValueError(f"CDCP keeps {ratio} of {total} {what} channels, which rounds to 0; raise the ratio")
+    return count
+
+
+def _row_norms(linear: nn.Linear) -> torch.Tensor:
+    weight = linear.weight.detach().float()
+    if linear.bias is not None:
+        weight = torch.cat([weight, linear.bias.detach().float()[:, None]], dim=1)
+    return weight.norm(dim=1)
+
+
+def _out_norms(linear: nn.Linear) -> torch.Tensor:
+    return linear.weight.detach().float().norm(dim=0)
+
+
+def _scores(block, qkv_rms: torch.Tensor, hidden_rms: torch.Tensor) -> Scores:
+    attn = block.attn
+    q, k, v = qkv_rms.view(3, attn.heads, attn.d_qk)
+    return Scores(q * k, v * _out_norms(attn.proj).view(attn.heads, attn.d_v), hidden_rms * _out_norms(block.mlp.fc2))
+
+
+def weight_scores(model) -> list[Scores]:
+    """Weight-norm importance of every block of an unpruned :class:`cait.CompressedViT`."""
+    return [_scores(b, _row_norms(b.attn.qkv), _row_norms(b.mlp.fc1)) for b in model.blocks]
+
+
+@torch.no_grad()
+def activation_scores(model, images: torch.Tensor, chunk: int = 32) -> list[Scores]:
+    """Activation importance of every block, from a calibration batch run through ``model``."""
+    sums = [[0.0, 0.0] for _ in model.blocks]
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        hooks.append(block.attn.qkv.register_forward_hook(lambda m, a, out, i=i: _accumulate(sums[i], 0, out)))
+        hooks.append(block.mlp.fc2.register_forward_pre_hook(lambda m, a, i=i: _accumulate(sums[i], 1, a[0])))
+    was_training = model.training
+    try:
+        model.eval()
+        for start in range(0, len(images), chunk):
+            model(images[start : start + chunk])
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    tokens = images.shape[0] * (model.num_prefix_tokens + model.grid[0] * model.grid[1])
+    return [_scores(b, (qkv / tokens).sqrt(), (hidden / tokens).sqrt()) for b, (qkv, hidden) in zip(model.blocks, sums)]
+
+
+def _accumulate(store: list, slot: int, activation: torch.Tensor) -> None:
+    store[slot] = store[slot] + activation.detach().float().pow(2).sum(dim=(0, 1))
+
+
+def top_channels(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` best channels along the last dim, ascending: ``(..., count)`` int64."""
+    return scores.topk(count, dim=-1).indices.sort(dim=-1).values
+
+
+def check_prunable(model, prune: CDCP) -> None:
+    """Refuse pruning that would change the math of a block instead of only dropping channels."""
+    from timm.layers import Mlp
+
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        if prune.qk < 1 and attn.qk_normed:
+            raise NotImplementedError(
+                f"block {i} normalizes q and k over the head dimension (qk_norm), which pruning would change: "
+                f"use qk=1 (v and mlp pruning still work)"
+            )
+        if prune.v < 1 and not isinstance(attn.norm, nn.Identity):
+            raise NotImplementedError(f"block {i} normalizes the attention output over all v channels: use v=1")
+        if prune.mlp < 1 and (type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity)):
+            raise NotImplementedError(f"block {i} has a {type(block.mlp).__name__} MLP: only timm's plain Mlp can be pruned, use mlp=1")
+
+
+def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A smaller ``nn.Linear`` keeping output ``rows`` and input ``cols`` of ``linear`` (None keeps all)."""
+    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        weight, bias = weight[rows], None if bias is None else bias[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def prune_block(block, kept: dict) -> None:
+    """Materialize kept channels in one unpruned block, in place.
+
+    ``kept``: ``qk``/``v`` ``(heads, d)`` and ``mlp`` ``(hidden,)`` int64 index tensors, each None to keep all.
+    Records them as ``block.kept`` (lists) for saving.
+    """
+    attn, mlp = block.attn, block.mlp
+    heads, head_dim = attn.heads, attn.d_qk
+    every = torch.arange(head_dim).expand(heads, head_dim)
+    idx_qk = every if kept["qk"] is None else kept["qk"]
+    idx_v = every if kept["v"] is None else kept["v"]
+    if kept["qk"] is not None or kept["v"] is not None:
+        device = attn.qkv.weight.device
+        attn.qkv = sliced_linear(attn.qkv, rows=gather_columns(heads, head_dim, idx_qk.to(device), idx_v.to(device), device))
+        v_columns = (torch.arange(heads, device=device)[:, None] * head_dim + idx_v.to(device)).flatten()
+        attn.proj = sliced_linear(attn.proj, cols=v_columns)
+        if attn.gate is not None:
+            attn.gate = sliced_linear(attn.gate, rows=v_columns)
+        attn.d_qk, attn.d_v = idx_qk.shape[1], idx_v.shape[1]
+    if kept["mlp"] is not None:
+        idx_mlp = kept["mlp"].to(mlp.fc1.weight.device)
+        mlp.fc1, mlp.fc2 = sliced_linear(mlp.fc1, rows=idx_mlp), sliced_linear(mlp.fc2, cols=idx_mlp)
+    block.kept = {name: None if idx is None else idx.tolist() for name, idx in kept.items()}
+
+
+def apply_cdcp(model, prune: CDCP) -> None:
+    """Rank and prune every block of an unpruned :class:`cait.CompressedViT` in place."""
+    check_prunable(model, prune)
+    attn, hidden = model.blocks[0].attn, model.blocks[0].mlp.fc1.out_features
+    d_qk = kept_count(prune.qk, attn.d_qk, "qk")
+    d_v = kept_count(prune.v, attn.d_v, "v")
+    d_mlp = kept_count(prune.mlp, hidden, "MLP")
+    if prune.method == "activation":
+        calibration = prune.calibration.to(next(model.parameters()))
+        scores = activation_scores(model, calibration)
+    else:
+        scores = weight_scores(model)
+    for block, s in zip(model.blocks, scores):
+        block_kept = {
+            "qk": top_channels(s.qk, d_qk) if prune.qk < 1 else None,
+            "v": top_channels(s.v, d_v) if prune.v < 1 else None,
+            "mlp": top_channels(s.mlp, d_mlp) if prune.mlp < 1 else None,
+        }
+        prune_block(block, block_kept)

@@ -30,7 +30,11 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def flops(model: nn.Module, input_size: Sequence[int] | None = None) -> int:
-    """FLOPs of one forward pass on one image, counted by ``torch.utils.flop_counter``.
+    """FLOPs of one forward pass on one image, as executed, counted by ``torch.utils.flop_counter``.
+
+    The count follows what runs: on CPU, pruned attention whose q/k are narrower than v runs with
+    q/k zero-padded to v's width, and those FLOPs are counted (:func:`cost_model` gives the count
+    without padding).
 
     Args:
         model: a timm ViT or a compressed model (any ``nn.Module`` taking ``(1, C, H, W)``).

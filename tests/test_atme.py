@@ -1,10 +1,10 @@
 """The ATME reference step against the brute-force definition, its invariants, and its errors."""
 import pytest
 import torch
-from atme_bruteforce import atme_bruteforce, blocks_of
-from conftest import rel_err
 
+from atme_bruteforce import atme_bruteforce, blocks_of
 from cait_kernels import atme_step, atme_step_reference, block_count
+from conftest import rel_err
 
 
 def identity_state(batch, grid, channels, prefix, dtype=torch.float64):

@@ -1,9 +1,9 @@
 """The pruned-attention reference against float64 attention written out by hand, and its errors."""
 import pytest
 import torch
-from conftest import rel_err
 
 from cait_kernels import pruned_attention, pruned_attention_reference
+from conftest import rel_err
 
 
 def attention_float64(q, k, v, scale, size):

@@ -4,10 +4,10 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import rel_err
-from models import SUPPORTED, build, images_for
 
 import cait
+from conftest import rel_err
+from models import SUPPORTED, build, images_for
 
 
 @pytest.mark.parametrize("model_id", SUPPORTED)

@@ -2,10 +2,10 @@
 import pytest
 import timm
 import torch
-from models import build
 
 import cait
 from cait.cost import cost_model
+from models import build
 
 
 def deit_tiny_flops_by_hand(tokens_attn, tokens_mlp):

@@ -1,0 +1,124 @@
+"""CDCP: the materialized pruned model equals the dense model with those channels zeroed; consistency; errors."""
+import pytest
+import timm
+import torch
+
+import cait
+from cait.cost import cost_model
+from conftest import rel_err
+from models import build, images_for
+
+PRUNE = cait.CDCP(qk=0.5, v=0.625, mlp=0.7)
+
+
+def zero_pruned_channels(dense, fast):
+    """In ``dense``: zero the q and k rows (one channel set per head), the v rows and the MLP hidden
+    units that ``fast`` dropped. Their outputs then contribute exactly nothing."""
+    with torch.no_grad():
+        for block, pruned in zip(dense.blocks, fast.blocks):
+            heads, head_dim = block.attn.num_heads, block.attn.head_dim
+            keep = torch.zeros(3, heads, head_dim, dtype=torch.bool)
+            for h in range(heads):
+                keep[0, h, pruned.kept["qk"][h]] = keep[1, h, pruned.kept["qk"][h]] = True
+                keep[2, h, pruned.kept["v"][h]] = True
+            drop = ~keep.flatten()
+            block.attn.qkv.weight[drop] = 0
+            if block.attn.qkv.bias is not None:
+                block.attn.qkv.bias[drop] = 0
+            hidden = torch.ones(block.mlp.fc1.out_features, dtype=torch.bool)
+            hidden[pruned.kept["mlp"]] = False
+            block.mlp.fc1.weight[hidden] = 0
+            block.mlp.fc1.bias[hidden] = 0
+
+
+@pytest.mark.parametrize("model_id", ["deit_tiny", "deit_distilled", "deit3_layerscale", "registers_avg", "odd_grid"])
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_pruned_model_equals_dense_with_zeroed_channels(model_id, method):
+    model = build(model_id)
+    images = images_for(model, 2)
+    calibration = images_for(model, 3) if method == "activation" else None
+    fast = cait.compress(model, prune=cait.CDCP(qk=0.5, v=0.625, mlp=0.7, method=method, calibration=calibration))
+    zero_pruned_channels(model, fast)
+    with torch.no_grad():
+        assert rel_err(fast(images), model(images)) < 1e-5
+
+
+def test_kept_channels_are_consistent_and_materialized():
+    model = build("deit_tiny")
+    fast = cait.compress(model, prune=PRUNE)
+    for block, pruned in zip(model.blocks, fast.blocks):
+        qk, v, mlp = (torch.tensor(pruned.kept[k]) for k in ("qk", "v", "mlp"))
+        assert qk.shape == (3, 32) and v.shape == (3, 40) and mlp.shape == (538,)  # every head keeps the same count
+        assert pruned.attn.d_qk == 32 and pruned.attn.d_v == 40 and pruned.attn.scale == 64**-0.5
+        dense_rows = block.attn.qkv.weight.view(3, 3, 64, -1)
+        q, k, v_rows = pruned.attn.qkv.weight.split([96, 96, 120])
+        for h in range(3):  # q and k read the same channels of each head; proj follows v
+            assert torch.equal(q.view(3, 32, -1)[h], dense_rows[0, h, qk[h]])
+            assert torch.equal(k.view(3, 32, -1)[h], dense_rows[1, h, qk[h]])
+            assert torch.equal(v_rows.view(3, 40, -1)[h], dense_rows[2, h, v[h]])
+            assert torch.equal(pruned.attn.proj.weight.view(192, 3, 40)[:, h], block.attn.proj.weight.view(192, 3, 64)[:, h, v[h]])
+        assert torch.equal(pruned.mlp.fc2.weight, block.mlp.fc2.weight[:, mlp])
+
+
+def test_activation_and_weight_importance_differ_where_they_should():
+    """One MLP unit with huge weights but a bias that keeps GELU at zero: weight norms rank it first,
+    activations rank it last."""
+    model = build("deit_tiny")
+    with torch.no_grad():
+        fc1 = model.blocks[0].mlp.fc1
+        fc1.weight[7] *= 100
+        fc1.bias[7] = -1e4
+    by_weight = cait.compress(model, prune=cait.CDCP(mlp=0.5))
+    by_activation = cait.compress(model, prune=cait.CDCP(mlp=0.5, method="activation", calibration=images_for(model, 4)))
+    assert 7 in by_weight.blocks[0].kept["mlp"]
+    assert 7 not in by_activation.blocks[0].kept["mlp"]
+
+
+def test_merging_and_pruning_multiply():
+    model = timm.create_model("deit_small_patch16_224")
+    equal_widths = cait.CDCP(qk=0.75, v=0.75, mlp=0.7)
+    pruned = cait.compress(model, prune=equal_widths)
+    both = cait.compress(model, merge=cait.ATME(flops=0.7), prune=equal_widths)
+    assert cait.flops(both) == cost_model(both).flops(both.schedule)
+    assert abs(cait.flops(both) / cait.flops(pruned) - 0.7) < 0.01
+
+
+def test_counted_flops_include_the_cpu_padding_of_narrow_qk():
+    """On CPU, q and k narrower than v run zero-padded to v's width (torch's fused kernel needs equal
+    widths); the counter sees those executed FLOPs: 2 * heads * N^2 * (d_v - d_qk) per block."""
+    model = timm.create_model("deit_small_patch16_224", depth=3)
+    fast = cait.compress(model, merge=cait.ATME(r=[20, 10, 0]), prune=cait.CDCP(qk=0.5, v=0.75))
+    tokens = [197, 177, 167]
+    padding = sum(2 * 6 * n * n * (48 - 32) for n in tokens)
+    assert cait.flops(fast) == cost_model(fast).flops(fast.schedule) + padding
+
+
+def test_qk_norm_models_refuse_only_qk_pruning():
+    model = build("qk_norm")
+    with pytest.raises(NotImplementedError, match="qk_norm"):
+        cait.compress(model, prune=cait.CDCP(qk=0.5))
+    fast = cait.compress(model, prune=cait.CDCP(v=0.5, mlp=0.5))
+    images = images_for(model, 2)
+    for pruned in fast.blocks:
+        pruned.kept["qk"] = [list(range(64))] * 6
+    zero_pruned_channels(model, fast)
+    with torch.no_grad():
+        assert rel_err(fast(images), model(images)) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(qk=0), ValueError, r"keep ratio in \(0, 1\]"),
+    (dict(v=1.5), ValueError, r"keep ratio in \(0, 1\]"),
+    (dict(mlp="half"), ValueError, r"keep ratio in \(0, 1\]"),
+    (dict(method="magnitude"), ValueError, "method must be one of"),
+    (dict(method="activation"), ValueError, "needs calibration"),
+    (dict(calibration=torch.zeros(1, 3, 8, 8)), ValueError, "only used with method='activation'"),
+])
+def test_bad_specs_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cait.CDCP(**kwargs)
+
+
+def test_ratio_that_keeps_nothing_is_refused():
+    with pytest.raises(ValueError, match="rounds to 0"):
+        cait.compress(build("deit_tiny"), prune=cait.CDCP(qk=0.001))

@@ -1,10 +1,10 @@
-# make demo: create .venv, install, compress DeiT-Small and print the speed table.
+# make demo: create .venv, install, compress DeiT-Small (merging; merging + pruning to ~0.5x FLOPs) and print the speed table.
 # make test: create .venv if missing, install, run the test suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Exact versions known to work here (setup.py keeps loose ranges for real users).
-PINS := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 timm==1.0.31 pytest==9.2.0 pytest-benchmark==5.3.1 tqdm==4.70.1 ruff==0.17.6
+PINS := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 timm==1.0.31 pytest==9.2.0 pytest-benchmark==5.3.1 tqdm==4.70.1 ruff==0.17.6 safetensors==0.8.0
 CHECKPOINT ?=
 
 .PHONY: demo test bench clean
@@ -17,14 +17,14 @@ $(VENV)/.installed: setup.py Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) bench/models.py --models deit_small_patch16_224 --merge-flops 0.6 --batch 8 $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(VENV)/bin/cait bench --models deit_small_patch16_224 --batch 8 --variant merge=0.6 --variant merge=0.7,prune=0.5/0.75/0.75 $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check cait cait_kernels tests bench
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) bench/models.py --out bench/results/models-cpu.json
+	$(VENV)/bin/cait bench --out bench/results/models-cpu.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

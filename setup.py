@@ -12,9 +12,12 @@ setup(
         "torch>=2.1",
         "timm>=1.0",
         "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["cait = cait.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
-        "bench": ["tqdm"],
+        "bench": ["pytest-benchmark"],
     },
 )

@@ -1,4 +1,5 @@
 """Latency measurement for dense vs compressed models: interleaved repeats, medians, a readable table."""
+
 from __future__ import annotations
 
 import platform
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .cost import flops
+from .cost import default_input_size, flops
 
 
 def machine() -> dict:
@@ -69,7 +70,7 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, p
     """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each."""
     first = next(iter(models.values()))
     weight = next(first.parameters())
-    size = getattr(first, "input_size", None) or (first.patch_embed.proj.in_channels, *first.patch_embed.img_size)
+    size = default_input_size(first)
     images = torch.randn(batch, *size, device=weight.device, dtype=weight.dtype)
     seconds = time_interleaved(models, images, repeats, progress=progress)
     counts = {variant: flops(m, size) for variant, m in models.items()}
@@ -79,8 +80,21 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, p
     for variant, model in models.items():
         speed = batch / statistics.median(seconds[variant])
         ratio = counts[variant] / counts[base_variant]
-        rows.append(Row(name, variant, batch, counts[variant] / 1e9, sum(p.numel() for p in model.parameters()) / 1e6,
-                        speed, speed / base_speed, ratio, speed / base_speed * ratio, base_variant))
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append(
+            Row(
+                name,
+                variant,
+                batch,
+                counts[variant] / 1e9,
+                params,
+                speed,
+                speed / base_speed,
+                ratio,
+                speed / base_speed * ratio,
+                base_variant,
+            )
+        )
     return rows
 
 
@@ -89,10 +103,52 @@ def table(rows: list[Row]) -> str:
     head = "| model | variant | batch | GFLOPs | params (M) | img/s | speedup | FLOPs ratio | speedup x FLOPs ratio |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r.model} | {r.variant} | {r.batch} | {r.gflops:.2f} | {r.params_m:.1f} | {r.img_per_s:.1f} | "
-                     f"{r.speedup:.2f}x | {r.flops_ratio:.3f} | {r.efficiency:.2f} |")
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.batch} | {r.gflops:.2f} | {r.params_m:.1f} | {r.img_per_s:.1f} | "
+            f"{r.speedup:.2f}x | {r.flops_ratio:.3f} | {r.efficiency:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def as_json(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+DEFAULT_VARIANTS = ("merge=0.8", "merge=0.6", "prune=0.5/0.75/0.75", "merge=0.7,prune=0.5/0.75/0.75")
+
+
+def parse_variant(text: str):
+    """``merge=F`` (ATME FLOPs target), ``prune=QK/V/MLP`` (CDCP keep ratios) and ``block=2|4``, comma
+    separated, e.g. ``merge=0.7,prune=0.5/0.75/0.75`` -> ``(ATME | None, CDCP | None)``."""
+    from .cdcp import CDCP
+    from .schedule import ATME
+
+    fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    if not fields or set(fields) - {"merge", "prune", "block"} or text.count("=") != len(fields):
+        raise ValueError(f"variant {text!r} must look like merge=0.7,prune=0.5/0.75/0.75[,block=2]")
+    try:
+        merge = ATME(flops=float(fields["merge"]), block=int(fields.get("block", 2))) if "merge" in fields else None
+        ratios = [float(v) for v in fields["prune"].split("/")] if "prune" in fields else None
+    except ValueError as error:
+        raise ValueError(f"variant {text!r}: {error}") from error
+    if ratios is not None and len(ratios) != 3:
+        raise ValueError(f"variant {text!r}: prune takes three keep ratios QK/V/MLP")
+    return merge, None if ratios is None else CDCP(*ratios)
+
+
+def run(models: list[str], batches: list[int], variants: list[str], repeats: int, checkpoint: str | None = None) -> list[Row]:
+    """The model table: each timm model dense and compressed per variant, timed side by side."""
+    import timm
+
+    from .model import compress
+
+    specs = {text: parse_variant(text) for text in variants}
+    rows: list[Row] = []
+    for name in models:
+        dense = timm.create_model(name, checkpoint_path=checkpoint or "").eval()
+        contenders = {"dense": dense}
+        contenders.update({text: compress(dense, merge=m, prune=p) for text, (m, p) in specs.items()})
+        for batch in batches:
+            rows += compare(name, contenders, batch, repeats)
+            print(table(rows[-len(contenders) :]), "\n", flush=True)
+    return rows

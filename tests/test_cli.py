@@ -1,0 +1,117 @@
+"""The `cait` command line: compress -> info -> load, bench, --help, and errors (in-process)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cait
+from cait.cli import build_parser, main
+
+
+def run(argv):
+    try:
+        main(argv)
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def test_compress_info_and_load(tmp_path, capsys):
+    images = tmp_path / "calibration" / "class_a"
+    images.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray((np.random.rand(40, 50, 3) * 255).astype("uint8")).save(images / f"{i}.png")
+    out = tmp_path / "deit_t.safetensors"
+    code = run(
+        [
+            "compress",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--img-size",
+            "160",
+            "128",
+            "--merge-flops",
+            "0.7",
+            "--keep-qk",
+            "0.5",
+            "--keep-v",
+            "0.75",
+            "--keep-mlp",
+            "0.75",
+            "--calibration",
+            str(tmp_path / "calibration"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "10x8 patches" in printed and "GFLOPs" in printed
+    assert run(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "deit_tiny_patch16_224" in info and "of dense" in info
+    model = cait.load(out)
+    assert model.blocks[0].attn.d_qk == 32 and model.blocks[0].attn.d_v == 48
+    assert model(torch.randn(1, 3, 160, 128)).shape == (1, 1000)
+
+
+def test_bench_writes_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = run(
+        [
+            "bench",
+            "--models",
+            "deit_tiny_patch16_224",
+            "--batch",
+            "1",
+            "--repeats",
+            "1",
+            "--variant",
+            "merge=0.8",
+            "--variant",
+            "merge=0.8,prune=0.5/0.5/0.5",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "merge=0.8", "merge=0.8,prune=0.5/0.5/0.5"]
+    assert rows[0]["speedup"] == 1.0 and 0.3 < rows[2]["flops_ratio"] < 0.6
+    assert "speedup x FLOPs ratio" in capsys.readouterr().out
+
+
+def test_help_explains_every_flag():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"cait {name} {action.option_strings} has no help"
+    assert run(["compress", "--help"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "--model", "deit_tiny_patch16_224", "--out", "x.safetensors"], "nothing to compress"),
+        (["compress", "--model", "no_such_model", "--merge-r", "2", "--out", "x.safetensors"], "Unknown model"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "200", "--out", "x.safetensors"], "at most 147"),
+        (
+            ["compress", "--model", "deit_tiny_patch16_224", "--keep-v", "0.5", "--importance", "activation", "--out", "x"],
+            "needs --calibration",
+        ),
+        (
+            ["compress", "--model", "deit_tiny_patch16_224", "--keep-v", "0.5", "--calibration", "/no/such/dir", "--out", "x"],
+            "is not a folder",
+        ),
+        (["compress", "--model", "deit_tiny_patch16_224", "--keep-v", "1.5", "--out", "x"], "keep ratio"),
+        (["info", "/no/such/file.safetensors"], "no such file"),
+        (["bench", "--variant", "merge=0.7,speed=2"], "must look like"),
+    ],
+)
+def test_errors_are_one_clear_line(argv, message, capsys):
+    assert run(argv) == 2
+    assert message in capsys.readouterr().err

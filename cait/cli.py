@@ -164,16 +164,14 @@ def cmd_compress(args) -> None:
     fast = cait.compress(model, merge=merge, prune=prune)
     cait.save(fast, args.out)
     print(f"wrote {args.out}\n")
-    describe(args.out, fast, dense=model)
+    describe(fast, dense=model)
 
 
-def describe(path: str, fast, dense) -> None:
+def describe(fast, dense) -> None:
     """Print what a compressed model keeps, next to its dense original."""
     import cait
-    from cait.serialize import read_config
 
-    config = read_config(path)
-    spec = config["timm"]
+    spec = fast.source
     grid = fast.grid
     tokens = fast.num_prefix_tokens + grid[0] * grid[1]
     print(
@@ -196,11 +194,9 @@ def cmd_info(args) -> None:
     import timm
 
     import cait
-    from cait.serialize import read_config
 
     fast = cait.load(args.file)
-    spec = read_config(args.file)["timm"]
-    describe(args.file, fast, dense=timm.create_model(spec["name"], **spec["kwargs"]).eval())
+    describe(fast, dense=timm.create_model(fast.source["name"], **fast.source["kwargs"]).eval())
 
 
 def cmd_bench(args) -> None:

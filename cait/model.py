@@ -28,8 +28,9 @@ class CompressedViT(nn.Module):
     ``forward_tokens`` (the full :class:`TokenState`) and ``forward_dense`` (features on the grid).
     """
 
-    def __init__(self, vit: nn.Module, tile: int = 2):
+    def __init__(self, vit: nn.Module, tile: int = 2, source: dict | None = None):
         super().__init__()
+        self.source = source  # how to rebuild the timm architecture (cait.support.timm_spec), for saving
         blocks, vit.blocks = vit.blocks, nn.Identity()
         self.vit, self.tile = vit, tile
         self.grid = tuple(vit.patch_embed.grid_size)
@@ -129,8 +130,7 @@ def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = N
         raise TypeError(f"merge must be a cait.ATME schedule or None, got {type(merge).__name__}")
     if prune is not None and not isinstance(prune, CDCP):
         raise TypeError(f"prune must be a cait.CDCP spec or None, got {type(prune).__name__}")
-    fast = CompressedViT(copy.deepcopy(model), tile=merge.block if merge else 2)
-    fast.source = timm_spec(model)
+    fast = CompressedViT(copy.deepcopy(model), tile=merge.block if merge else 2, source=timm_spec(model))
     if prune is not None:
         apply_cdcp(fast, prune)
     if merge is not None:

@@ -62,8 +62,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     config = read_config(path)
     dense = timm.create_model(config["timm"]["name"], pretrained=False, **config["timm"]["kwargs"])
-    model = CompressedViT(dense, tile=config["tile"])
-    model.source = config["timm"]
+    model = CompressedViT(dense, tile=config["tile"], source=config["timm"])
     for block, kept in zip(model.blocks, config["kept"], strict=True):
         if any(v is not None for v in kept.values()):
             prune_block(block, {k: None if v is None else torch.tensor(v) for k, v in kept.items()})

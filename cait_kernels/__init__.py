@@ -1,20 +1,27 @@
 """cait_kernels: the ops of cait (pruned-head attention, the ATME merge step, unmerge).
 
 Each public op dispatches by device (see :mod:`cait_kernels.dispatch`); ``NAME_reference`` is the
-PyTorch definition of its math. This package knows tensors, not models.
+PyTorch definition of its math and ``NAME_triton`` its fused Triton kernel(s). This package knows tensors, not models.
 """
+
 from .atme import atme_step_reference, block_count
+from .atme_triton import atme_step_triton
 from .attention import pruned_attention_reference
+from .attention_triton import pruned_attention_triton
 from .dispatch import atme_step, backend, pruned_attention, unmerge
 from .unmerge import unmerge_reference
+from .unmerge_triton import unmerge_triton
 
 __all__ = [
     "atme_step",
     "atme_step_reference",
+    "atme_step_triton",
     "backend",
     "block_count",
     "pruned_attention",
     "pruned_attention_reference",
+    "pruned_attention_triton",
     "unmerge",
     "unmerge_reference",
+    "unmerge_triton",
 ]

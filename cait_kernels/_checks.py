@@ -1,4 +1,5 @@
 """Input checks shared by the ops: each raises a clear error before any work is done."""
+
 from __future__ import annotations
 
 import torch
@@ -41,9 +42,16 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
+def values_checkable() -> bool:
+    """Whether checks may read tensor values (a host sync). Not while ``torch.compile`` traces or a
+    CUDA graph captures: those runs rely on the same inputs having passed the checks in eager mode."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (torch.compiler.is_compiling() or capturing)
+
+
 def check_index_range(name: str, t: torch.Tensor, upper: int, meaning: str) -> None:
-    """Raise unless every value of the integer tensor ``t`` lies in ``[0, upper)``."""
-    if not t.numel():
+    """Raise unless every value of the integer tensor ``t`` lies in ``[0, upper)`` (when values are checkable)."""
+    if not t.numel() or not values_checkable():
         return
     low, high = (int(v) for v in torch.aminmax(t))
     if low < 0 or high >= upper:

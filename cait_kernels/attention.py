@@ -13,12 +13,22 @@ With ``size (B, N)`` (cell counts of merged tokens) the logits get ``+ log(size_
 ``j`` (proportional attention). The softmax scale is given explicitly: pruning keeps the original
 ``head_dim ** -0.5``.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_int, check_same_device, check_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_range,
+    check_int,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    values_checkable,
+)
 
 
 def check_attention_inputs(qkv, *, heads, d_qk, d_v, scale, size, idx_qk, idx_v) -> int | None:
@@ -37,7 +47,7 @@ def check_attention_inputs(qkv, *, heads, d_qk, d_v, scale, size, idx_qk, idx_v)
     if size is not None:
         check_tensor("size", size, 2, FLOAT_DTYPES)
         check_shape("size", size, (B, N), "(B, N)")
-        if not bool((size > 0).all()):
+        if values_checkable() and not bool((size > 0).all()):
             raise ValueError("size must be positive: it counts the cells each token holds")
     if idx_qk is None and idx_v is None:
         if W != heads * (2 * d_qk + d_v):

@@ -1,24 +1,39 @@
-"""Device dispatch of the public ops.
+"""Device dispatch of the public ops, and their ``torch.library`` registration.
 
-``auto`` (the default): CPU tensors run the PyTorch reference; CUDA tensors run the Triton kernels,
-which are not built yet, so they raise instead of silently running the reference on a GPU.
-``with cait_kernels.backend("reference"):`` runs the references on any device, explicitly.
+Backends (pick one for a ``with`` block: ``with cait_kernels.backend("reference"): ...``):
+
+- ``auto`` (the default): CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference;
+  any other device raises (never a silent fallback on an accelerator);
+- ``reference``: the PyTorch reference on any device;
+- ``triton``: the Triton kernels on any device; on CPU only under the interpreter
+  (``TRITON_INTERPRET=1`` set before import), which is how the tests run them.
+
+The Triton implementations are the custom ops ``torch.ops.cait.pruned_attention``, ``.atme_step``
+and ``.unmerge`` with fake (shape-only) implementations, so ``torch.compile`` traces a compressed
+model in one graph and a CUDA graph captures its whole forward. The references are plain torch code
+and need no registration.
 """
+
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Sequence
 
-from .atme import atme_step_reference
-from .attention import pruned_attention_reference
-from .unmerge import unmerge_reference
+import torch
 
-BACKENDS = ("auto", "reference")
+from . import atme_triton, attention_triton, unmerge_triton
+from .atme import atme_step_reference, check_atme_inputs
+from .attention import check_attention_inputs, pruned_attention_reference
+from .unmerge import check_unmerge_inputs, unmerge_reference
+
+BACKENDS = ("auto", "reference", "triton")
 _active = "auto"
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Select the implementation of the public ops inside a ``with`` block: ``auto`` or ``reference``."""
+    """Select the implementation of the public ops inside a ``with`` block: ``auto``, ``reference`` or ``triton``."""
     global _active
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -29,28 +44,88 @@ def backend(name: str):
         _active = previous
 
 
-def _resolve(op: str, reference, device):
-    if _active == "reference" or device.type == "cpu":
-        return reference
+def _use_triton(op: str, device: torch.device) -> bool:
+    """Whether ``op`` runs its Triton kernel for tensors on ``device`` under the active backend."""
+    if _active == "reference":
+        return False
+    if _active == "triton" or device.type == "cuda":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"cait_kernels.{op}: Triton kernels run on CPU tensors only under the interpreter (TRITON_INTERPRET=1)")
+        return True
+    if device.type == "cpu":
+        return False
     raise NotImplementedError(
-        f"cait_kernels.{op} has no Triton kernel for {device.type} tensors yet; to run the PyTorch "
-        f"reference there, say so: `with cait_kernels.backend('reference'): ...`"
+        f"cait_kernels.{op} has no kernel for {device.type} tensors; to run the PyTorch reference there, "
+        f"say so: `with cait_kernels.backend('reference'): ...`"
     )
+
+
+@torch.library.custom_op("cait::pruned_attention", mutates_args=())
+def _attention_op(
+    qkv: torch.Tensor,
+    heads: int,
+    d_qk: int,
+    d_v: int,
+    scale: float,
+    size: torch.Tensor | None,
+    idx_qk: torch.Tensor | None,
+    idx_v: torch.Tensor | None,
+) -> torch.Tensor:
+    return attention_triton.launch_attention(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v)
+
+
+@_attention_op.register_fake
+def _(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], heads * d_v)
+
+
+@torch.library.custom_op("cait::atme_step", mutates_args=())
+def _atme_op(
+    x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, owner: torch.Tensor, r: int, grid: Sequence[int], prefix: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return atme_triton.launch_atme(x, metric, size, owner, r, tuple(grid), prefix, block)
+
+
+@_atme_op.register_fake
+def _(x, metric, size, owner, r, grid, prefix, block):
+    batch, tokens, channels = x.shape
+    return x.new_empty(batch, tokens - r, channels), size.new_empty(batch, tokens - r), torch.empty_like(owner)
+
+
+@torch.library.custom_op("cait::unmerge", mutates_args=())
+def _unmerge_op(x: torch.Tensor, owner: torch.Tensor, prefix: int) -> torch.Tensor:
+    return unmerge_triton.launch_unmerge(x, owner, prefix)
+
+
+@_unmerge_op.register_fake
+def _(x, owner, prefix):
+    return x.new_empty(x.shape[0], owner.shape[1], x.shape[2])
 
 
 def pruned_attention(qkv, *, heads, d_qk, d_v, scale, size=None, idx_qk=None, idx_v=None):
     """Pruned-head attention; see :func:`cait_kernels.attention.pruned_attention_reference`."""
-    impl = _resolve("pruned_attention", pruned_attention_reference, qkv.device)
-    return impl(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
+    if _use_triton("pruned_attention", qkv.device):
+        check_attention_inputs(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
+        attention_triton.check_kernel_inputs(qkv, d_qk, d_v)
+        return _attention_op(qkv, heads, d_qk, d_v, float(scale), size, idx_qk, idx_v)
+    return pruned_attention_reference(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
 
 
 def atme_step(x, metric, size, owner, *, r, grid, prefix, block=2):
-    """One ATME merge step; see :func:`cait_kernels.atme.atme_step_reference`."""
-    impl = _resolve("atme_step", atme_step_reference, x.device)
-    return impl(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
+    """One ATME merge step; see :func:`cait_kernels.atme.atme_step_reference`. ``r = 0`` returns the inputs."""
+    if _use_triton("atme_step", x.device):
+        check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
+        atme_triton.check_kernel_inputs(x, grid)
+        if r == 0:
+            return x, size, owner
+        return _atme_op(x, metric, size, owner, r, list(grid), prefix, block)
+    return atme_step_reference(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
 
 
 def unmerge(x, owner, *, prefix):
     """Spatial tokens back on their cells; see :func:`cait_kernels.unmerge.unmerge_reference`."""
-    impl = _resolve("unmerge", unmerge_reference, x.device)
-    return impl(x, owner, prefix=prefix)
+    if _use_triton("unmerge", x.device):
+        check_unmerge_inputs(x, owner, prefix=prefix)
+        unmerge_triton.check_kernel_inputs(x)
+        return _unmerge_op(x, owner, prefix)
+    return unmerge_reference(x, owner, prefix=prefix)

@@ -1,0 +1,308 @@
+"""The ATME step (see :mod:`cait_kernels.atme`) in three Triton kernels and a few torch ops.
+
+1. :func:`forest_kernel`, ``BLOCK_T`` blocks per program: each block's neighbour pairs, their cosine
+   similarities and Kruskal's maximum spanning forest (a ``block**2``-slot union-find run once per
+   edge in order of similarity, ties by (smaller token, larger token) exactly as the reference),
+   written in the reference's canonical edge order with non-forest edges at ``-inf``;
+2. torch: the ``r`` strongest forest edges per image (a stable sort, so ties break by block, then
+   canonical order);
+3. :func:`roots_kernel`: per block, the groups the chosen edges join: every token's root (the
+   smallest token index of its group);
+4. torch: survivors are their own roots; a cumulative sum numbers them in raster order;
+5. :func:`merge_kernel`, one program per (block, image, channel tile): every surviving token is the
+   size-weighted mean of its group, summed in a fixed order (no atomics, bit-identical on repeat),
+   written once to its new place with its size and the rewritten ``owner`` of the block's cells.
+``x`` is read once and written once; tokens that merge with nothing are copied bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .atme import block_count, block_edges, check_atme_inputs
+
+BLOCKS_PER_PROGRAM = 16
+
+
+MAX_CELLS = 46340  # canonical edge keys (smaller * N + larger token) must fit in int32
+
+
+@functools.lru_cache(maxsize=64)
+def block_tables(height: int, width: int, block: int, device: torch.device):
+    """The kernels' view of the grid: ``first``, ``second`` int32 and ``valid`` int8 cell edges of
+    every block (``(blocks, slots)``, as :func:`cait_kernels.atme.block_edges`), and ``cells``
+    ``(blocks, block*block)`` int32, the cells of every block in raster order (``-1`` outside a
+    smaller border block)."""
+    first, second, valid = block_edges(height, width, block, device)
+    rows, cols = torch.meshgrid(torch.arange(0, height, block), torch.arange(0, width, block), indexing="ij")
+    dr, dc = torch.meshgrid(torch.arange(block), torch.arange(block), indexing="ij")
+    r = rows.reshape(-1, 1) + dr.reshape(1, -1)
+    c = cols.reshape(-1, 1) + dc.reshape(1, -1)
+    cells = torch.where((r < height) & (c < width), r * width + c, -1)
+    return first.to(torch.int32), second.to(torch.int32), valid.to(torch.int8), cells.to(torch.int32).to(device)
+
+
+@triton.jit
+def _column(t, j, SLOTS: tl.constexpr):
+    """Column ``j`` of the 2-D int tensor ``t`` (``(rows, SLOTS)``) as a vector."""
+    return tl.sum(tl.where(tl.arange(0, SLOTS)[None, :] == j, t, 0), 1)
+
+
+@triton.jit
+def _label_of(cell_token, labels, token):
+    """The union-find label of ``token`` (per row), read from any of its cells; ``-1`` if absent."""
+    return tl.max(tl.where(cell_token == token[:, None], labels, -1), 1)
+
+
+@triton.jit
+def _join(labels, a, b, ok):
+    """Union of the groups labelled ``a`` and ``b`` where ``ok``: the larger label becomes the smaller."""
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.where(ok[:, None] & (labels == hi[:, None]), lo[:, None], labels)
+
+
+@triton.jit
+def forest_kernel(
+    unit,
+    owner,
+    first,
+    second,
+    valid,
+    cells,
+    lo_out,
+    hi_out,
+    sim_out,
+    n_blocks,
+    n,
+    cells_total,
+    metric_dim,
+    stride_unit_b,
+    stride_unit_t,
+    SLOTS: tl.constexpr,
+    SLOTS_PAD: tl.constexpr,
+    CELLS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(B, cdiv(blocks, BLOCK_T))``. ``unit (B, N, Cm)`` fp32 unit-norm metric of the spatial tokens; ``first``,
+    ``second``, ``valid`` ``(blocks, SLOTS)`` cell edges; ``cells (blocks, CELLS)``. Writes
+    ``lo``/``hi`` int32 and ``sim`` fp32 ``(B, blocks, SLOTS)`` in canonical order."""
+    image = tl.program_id(0)
+    blocks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.arange(0, SLOTS_PAD)
+    in_range = (blocks[:, None] < n_blocks) & (slot[None, :] < SLOTS)
+    table = blocks[:, None] * SLOTS + slot[None, :]
+    c1 = tl.load(first + table, mask=in_range, other=0)
+    c2 = tl.load(second + table, mask=in_range, other=0)
+    ok = tl.load(valid + table, mask=in_range, other=0) != 0
+    owners = owner + image.to(tl.int64) * cells_total
+    ta = tl.load(owners + c1)
+    tb = tl.load(owners + c2)
+    lo = tl.minimum(ta, tb)
+    hi = tl.maximum(ta, tb)
+    edge = ok & (ta != tb)
+
+    rows = unit + image.to(tl.int64) * stride_unit_b
+    sim = tl.zeros([BLOCK_T, SLOTS_PAD], tl.float32)
+    for d0 in range(0, metric_dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)[None, None, :]
+        keep = edge[:, :, None] & (d < metric_dim)
+        u = tl.load(rows + lo[:, :, None] * stride_unit_t + d, mask=keep, other=0.0)
+        v = tl.load(rows + hi[:, :, None] * stride_unit_t + d, mask=keep, other=0.0)
+        sim += tl.sum(u * v, 2)
+
+    # Canonical position: rank by (lo, hi) among real edges, then the rest, ties by slot.
+    key = tl.where(edge, lo * n + hi, n * n)
+    key = tl.where(slot[None, :] < SLOTS, key, n * n + 1)
+    earlier = slot[None, None, :] < slot[None, :, None]
+    canonical = tl.sum(((key[:, None, :] < key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & earlier)).to(tl.int32), 2)
+    # Kruskal order: real edges by similarity, descending, ties by canonical position.
+    tied = (sim[:, None, :] == sim[:, :, None]) & (canonical[:, None, :] < canonical[:, :, None])
+    stronger = (sim[:, None, :] > sim[:, :, None]) | tied
+    order = tl.where(edge, tl.sum((stronger & edge[:, None, :]).to(tl.int32), 2), SLOTS_PAD)
+
+    cell = tl.load(cells + blocks[:, None] * CELLS + tl.arange(0, CELLS)[None, :], mask=blocks[:, None] < n_blocks, other=-1)
+    cell_token = tl.load(owners + cell, mask=cell >= 0, other=-1)
+    labels = cell_token
+    forest = tl.zeros([BLOCK_T, SLOTS_PAD], tl.int1)
+    for step in tl.static_range(SLOTS):
+        now = order == step
+        u = tl.sum(tl.where(now, lo, 0), 1)
+        v = tl.sum(tl.where(now, hi, 0), 1)
+        a = _label_of(cell_token, labels, u)
+        b = _label_of(cell_token, labels, v)
+        join = (tl.sum(now.to(tl.int32), 1) > 0) & (a != b)
+        labels = _join(labels, a, b, join)
+        forest = forest | (now & join[:, None])
+
+    out = (image.to(tl.int64) * n_blocks + blocks[:, None]) * SLOTS + canonical
+    tl.store(lo_out + out, lo, mask=in_range)
+    tl.store(hi_out + out, hi, mask=in_range)
+    tl.store(sim_out + out, tl.where(forest, sim, float("-inf")), mask=in_range)
+
+
+@triton.jit
+def roots_kernel(
+    owner,
+    cells,
+    lo,
+    hi,
+    chosen,
+    root_out,
+    n_blocks,
+    n,
+    cells_total,
+    SLOTS: tl.constexpr,
+    SLOTS_PAD: tl.constexpr,
+    CELLS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Grid ``(B, cdiv(blocks, BLOCK_T))``. Joins the chosen edges (``(B, blocks, SLOTS)``) of each
+    block and writes every token's root, ``root_out (B, N)`` int32."""
+    image = tl.program_id(0)
+    blocks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.arange(0, SLOTS_PAD)
+    in_range = (blocks[:, None] < n_blocks) & (slot[None, :] < SLOTS)
+    edges = (image.to(tl.int64) * n_blocks + blocks[:, None]) * SLOTS + slot[None, :]
+    lo = tl.load(lo + edges, mask=in_range, other=0)
+    hi = tl.load(hi + edges, mask=in_range, other=0)
+    pick = tl.load(chosen + edges, mask=in_range, other=0) != 0
+
+    owners = owner + image.to(tl.int64) * cells_total
+    cell = tl.load(cells + blocks[:, None] * CELLS + tl.arange(0, CELLS)[None, :], mask=blocks[:, None] < n_blocks, other=-1)
+    cell_token = tl.load(owners + cell, mask=cell >= 0, other=-1)
+    labels = cell_token
+    for step in tl.static_range(SLOTS):
+        a = _label_of(cell_token, labels, _column(lo, step, SLOTS_PAD))
+        b = _label_of(cell_token, labels, _column(hi, step, SLOTS_PAD))
+        labels = _join(labels, a, b, _column(pick.to(tl.int32), step, SLOTS_PAD) > 0)
+    tl.store(root_out + image.to(tl.int64) * n + cell_token, labels, mask=cell >= 0)
+
+
+@triton.jit
+def merge_kernel(
+    x,
+    size,
+    owner,
+    cells,
+    root,
+    dest,
+    x_out,
+    size_out,
+    owner_out,
+    n_blocks,
+    n,
+    cells_total,
+    prefix,
+    channels,
+    stride_x_b,
+    stride_x_t,
+    stride_out_b,
+    stride_out_t,
+    stride_size_b,
+    stride_size_out_b,
+    CELLS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grid ``(blocks, B, cdiv(C, BLOCK_C))``. ``root``, ``dest`` ``(B, N)`` int32: each token's root
+    and the new index of that root. The channel-tile-0 program also writes sizes and ``owner``."""
+    block = tl.program_id(0)
+    image = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = tl.arange(0, CELLS)
+    cell = tl.load(cells + block * CELLS + slot)
+    owners = owner + image.to(tl.int64) * cells_total
+    token = tl.load(owners + cell, mask=cell >= 0, other=-1)
+    # One slot per token: its first cell in the block.
+    first = (cell >= 0) & (tl.sum(((token[None, :] == token[:, None]) & (slot[None, :] < slot[:, None])).to(tl.int32), 1) == 0)
+    tokens = image.to(tl.int64) * n + token
+    top = tl.load(root + tokens, mask=first, other=-1)
+    to = tl.load(dest + tokens, mask=cell >= 0, other=0)
+    s = tl.load(size + image.to(tl.int64) * stride_size_b + prefix + token, mask=first, other=0.0).to(tl.float32)
+
+    member = first[None, :] & (top[None, :] == token[:, None])  # member[i, j]: token j joins the group rooted at token i
+    survivor = first & (top == token)
+    total = tl.sum(tl.where(member, s[None, :], 0.0), 1)
+    count = tl.sum(member.to(tl.int32), 1)
+    rows = x + image.to(tl.int64) * stride_x_b + (prefix + token)[:, None] * stride_x_t + c[None, :]
+    feats = tl.load(rows, mask=first[:, None] & (c[None, :] < channels), other=0.0)
+    weighted = tl.sum(tl.where(member, s[None, :], 0.0)[:, :, None] * feats.to(tl.float32)[None, :, :], 1)
+    mean = tl.where(count[:, None] == 1, feats.to(tl.float32), weighted / tl.where(total > 0, total, 1.0)[:, None])
+    target = x_out + image.to(tl.int64) * stride_out_b + (prefix + to)[:, None] * stride_out_t + c[None, :]
+    tl.store(target, mean.to(x_out.dtype.element_ty), mask=survivor[:, None] & (c[None, :] < channels))
+    if tl.program_id(2) == 0:
+        tl.store(size_out + image.to(tl.int64) * stride_size_out_b + prefix + to, total.to(size_out.dtype.element_ty), mask=survivor)
+        tl.store(owner_out + image.to(tl.int64) * cells_total + cell, to, mask=cell >= 0)
+
+
+def atme_step_triton(x, metric, size, owner, *, r, grid, prefix, block=2):
+    """Same contract as :func:`cait_kernels.atme.atme_step_reference`; three kernels and a few torch ops.
+
+    ``x`` and ``size`` may have any batch/token strides but contiguous channels; fp64 is not
+    supported by the kernels (use the reference).
+    """
+    check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
+    check_kernel_inputs(x, grid)
+    if r == 0:
+        return x, size, owner
+    return launch_atme(x, metric, size, owner, r, grid, prefix, block)
+
+
+def check_kernel_inputs(x, grid) -> None:
+    """What the kernels need beyond the op's contract: no fp64, contiguous channels, a grid whose edge keys fit int32."""
+    if x.dtype == torch.float64:
+        raise TypeError("the Triton ATME kernels take fp16, bf16 or fp32 x; run float64 through the reference")
+    if x.stride(-1) != 1:
+        raise ValueError(f"x channels must be contiguous (last stride 1), got strides {tuple(x.stride())}")
+    if grid[0] * grid[1] > MAX_CELLS:
+        raise ValueError(f"the Triton ATME kernels take grids up to {MAX_CELLS} cells, got {grid[0]}x{grid[1]}")
+
+
+def launch_atme(x, metric, size, owner, r, grid, prefix, block):
+    """:func:`atme_step_triton` for ``r >= 1`` without the input checks (the caller ran them)."""
+    batch, total, channels = x.shape
+    n, blocks, cells_total = total - prefix, block_count(grid, block), grid[0] * grid[1]
+    owner, size = owner.contiguous(), size.contiguous()
+    first, second, valid, cells = block_tables(grid[0], grid[1], block, x.device)
+    slots, n_cells = first.shape[1], block * block
+    unit = F.normalize(metric[:, prefix:].float(), dim=-1)
+
+    lo = torch.empty(batch, blocks, slots, dtype=torch.int32, device=x.device)
+    hi = torch.empty_like(lo)
+    sim = torch.empty(batch, blocks, slots, dtype=torch.float32, device=x.device)
+    tiles = (batch, triton.cdiv(blocks, BLOCKS_PER_PROGRAM))
+    forest_kernel[tiles](
+        unit, owner, first, second, valid, cells, lo, hi, sim,
+        blocks, n, cells_total, unit.shape[-1], unit.stride(0), unit.stride(1),
+        SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=n_cells, BLOCK_T=BLOCKS_PER_PROGRAM,
+        BLOCK_D=min(64, triton.next_power_of_2(unit.shape[-1])),
+    )  # fmt: skip
+
+    strongest = sim.flatten(1).argsort(dim=1, descending=True, stable=True)[:, :r]
+    chosen = torch.zeros(batch, blocks * slots, dtype=torch.int8, device=x.device).scatter_(1, strongest, 1)
+    root = torch.empty(batch, n, dtype=torch.int32, device=x.device)
+    roots_kernel[tiles](
+        owner, cells, lo, hi, chosen, root, blocks, n, cells_total,
+        SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=n_cells, BLOCK_T=BLOCKS_PER_PROGRAM,
+    )  # fmt: skip
+
+    survivor = root == torch.arange(n, dtype=torch.int32, device=x.device)
+    dest = (survivor.cumsum(1, dtype=torch.int32) - 1).gather(1, root.long())
+    new_x = torch.empty(batch, total - r, channels, dtype=x.dtype, device=x.device)
+    new_size = torch.empty(batch, total - r, dtype=size.dtype, device=x.device)
+    new_owner = torch.empty_like(owner)
+    new_x[:, :prefix] = x[:, :prefix]
+    new_size[:, :prefix] = size[:, :prefix]
+    block_c = 128 if block == 2 else 32
+    merge_kernel[(blocks, batch, triton.cdiv(channels, block_c))](
+        x, size, owner, cells, root, dest, new_x, new_size, new_owner,
+        blocks, n, cells_total, prefix, channels, x.stride(0), x.stride(1), new_x.stride(0), new_x.stride(1),
+        size.stride(0), new_size.stride(0), CELLS=n_cells, BLOCK_C=block_c,
+    )  # fmt: skip
+    return new_x, new_size, new_owner

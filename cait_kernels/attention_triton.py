@@ -1,0 +1,178 @@
+"""Pruned-head attention as one fused Triton kernel (flash-attention forward).
+
+One program computes ``BLOCK_M`` query rows of one (image, head): it loads the head's q rows straight
+out of the packed ``qkv`` by strides (gather layout: only the kept columns), streams the keys and
+values in tiles of ``BLOCK_N`` with an online softmax in fp32 (the ``N x N`` matrix never exists),
+adds ``log2(size_j)`` to the base-2 logits when ``size`` is given, and writes its ``(BLOCK_M, d_v)``
+tile into ``(B, N, heads*d_v)``, ready for ``proj``. Any ``N`` (rows and keys are masked) and any
+``d <= 128`` (channels padded to a power of two >= 16 for ``tl.dot``, masked on load).
+
+Block sizes come from :func:`attention_config`, a small table instead of autotuning (autotuning would
+time kernels at first call, which breaks CUDA-graph capture and costs seconds per shape). fp16/bf16:
+``(BLOCK_M, BLOCK_N, warps) = (128, 64, 8)``, or ``(64, 32, 4)`` when ``N <= 64`` (merged late layers:
+fewer wasted rows); fp32 (no tensor cores in ieee mode, the product runs on FMA units):
+``(32, 32, 4)``, ``(32, 16, 4)`` past 64 padded channels. The entries were picked from the
+ahead-of-time compile report (``cait bench --kernels`` on any machine): they are the largest tiles
+that build for sm_90 without spilling registers. ``tests/test_compile.py`` checks every entry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import check_attention_inputs, gather_columns
+
+MAX_HEAD_DIM = 128
+
+
+class AttentionConfig(NamedTuple):
+    """Launch parameters of :func:`attention_kernel` (see the module docstring for the table)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def padded(d: int) -> int:
+    """Channels as ``tl.dot`` and ``tl.arange`` see them: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def attention_config(n: int, d_qk: int, d_v: int, dtype: torch.dtype) -> AttentionConfig:
+    """The launch configuration for ``n`` tokens, ``d_qk``/``d_v`` kept channels per head and ``dtype``."""
+    if dtype == torch.float32:
+        return AttentionConfig(32, 32 if max(padded(d_qk), padded(d_v)) <= 64 else 16, 4, 3)
+    return AttentionConfig(64, 32, 4, 3) if n <= 64 else AttentionConfig(128, 64, 8, 3)
+
+
+@triton.jit
+def attention_kernel(
+    qkv,
+    cols,
+    size,
+    out,
+    N,
+    heads,
+    scale_log2,
+    stride_qkv_b,
+    stride_qkv_n,
+    stride_size_b,
+    stride_size_n,
+    stride_out_b,
+    stride_out_n,
+    D_QK: tl.constexpr,
+    D_V: tl.constexpr,
+    D_QK_PAD: tl.constexpr,
+    D_V_PAD: tl.constexpr,
+    GATHER: tl.constexpr,
+    HAS_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(N, BLOCK_M), B * heads)``. ``cols``: the gather layout's column of every
+    ``[q | k | v]`` channel (unused in the materialized layout, where columns are contiguous)."""
+    image = tl.program_id(1) // heads
+    head = tl.program_id(1) % heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_qk = tl.arange(0, D_QK_PAD)
+    c_v = tl.arange(0, D_V_PAD)
+    if GATHER:
+        q_col = tl.load(cols + head * D_QK + c_qk, mask=c_qk < D_QK, other=0)
+        k_col = tl.load(cols + (heads + head) * D_QK + c_qk, mask=c_qk < D_QK, other=0)
+        v_col = tl.load(cols + 2 * heads * D_QK + head * D_V + c_v, mask=c_v < D_V, other=0)
+    else:
+        q_col = head * D_QK + c_qk
+        k_col = (heads + head) * D_QK + c_qk
+        v_col = 2 * heads * D_QK + head * D_V + c_v
+    base = qkv + image.to(tl.int64) * stride_qkv_b
+
+    q = tl.load(base + rows[:, None] * stride_qkv_n + q_col[None, :], mask=(rows[:, None] < N) & (c_qk[None, :] < D_QK), other=0.0)
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_V_PAD], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < N
+        k = tl.load(base + keys[None, :] * stride_qkv_n + k_col[:, None], mask=key_ok[None, :] & (c_qk[:, None] < D_QK), other=0.0)
+        logits = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        if HAS_SIZE:
+            cells = tl.load(size + image * stride_size_b + keys * stride_size_n, mask=key_ok, other=1.0)
+            logits += tl.log2(cells.to(tl.float32))[None, :]
+        logits = tl.where(key_ok[None, :], logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        p = tl.exp2(logits - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        v = tl.load(base + keys[:, None] * stride_qkv_n + v_col[None, :], mask=key_ok[:, None] & (c_v[None, :] < D_V), other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    acc = acc / row_sum[:, None]
+    target = out + image.to(tl.int64) * stride_out_b + rows[:, None] * stride_out_n + (head * D_V + c_v)[None, :]
+    tl.store(target, acc.to(out.dtype.element_ty), mask=(rows[:, None] < N) & (c_v[None, :] < D_V))
+
+
+def pruned_attention_triton(qkv, *, heads, d_qk, d_v, scale, size=None, idx_qk=None, idx_v=None):
+    """Same contract as :func:`cait_kernels.attention.pruned_attention_reference`, one kernel launch.
+
+    ``qkv`` may have any batch stride (e.g. a slice of a larger buffer) but its channels must be
+    contiguous; ``d_qk, d_v <= 128``; fp64 is not supported by the kernel (use the reference).
+    """
+    check_attention_inputs(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
+    check_kernel_inputs(qkv, d_qk, d_v)
+    return launch_attention(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v)
+
+
+def launch_attention(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v):
+    """:func:`pruned_attention_triton` without the input checks (the caller ran them)."""
+    B, N, W = qkv.shape
+    head_dim = W // (3 * heads) if idx_qk is not None or idx_v is not None else None
+    out = torch.empty(B, N, heads * d_v, dtype=qkv.dtype, device=qkv.device)
+    gather = head_dim is not None
+    cols = gather_columns(heads, head_dim, idx_qk, idx_v, qkv.device).to(torch.int32) if gather else qkv
+    sizes = size if size is not None else qkv
+    config = attention_config(N, d_qk, d_v, qkv.dtype)
+    grid = (triton.cdiv(N, config.block_m), B * heads)
+    attention_kernel[grid](
+        qkv,
+        cols,
+        sizes,
+        out,
+        N,
+        heads,
+        float(scale) * math.log2(math.e),
+        qkv.stride(0),
+        qkv.stride(1),
+        sizes.stride(0),
+        sizes.stride(1),
+        out.stride(0),
+        out.stride(1),
+        D_QK=d_qk,
+        D_V=d_v,
+        D_QK_PAD=padded(d_qk),
+        D_V_PAD=padded(d_v),
+        GATHER=gather,
+        HAS_SIZE=size is not None,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def check_kernel_inputs(qkv, d_qk: int, d_v: int) -> None:
+    """What the kernel needs beyond the op's contract: fp16/bf16/fp32, contiguous channels, ``d <= 128``."""
+    if qkv.dtype == torch.float64:
+        raise TypeError("the Triton attention kernel takes fp16, bf16 or fp32 qkv; run float64 through the reference")
+    if qkv.stride(-1) != 1:
+        raise ValueError(f"qkv channels must be contiguous (last stride 1), got strides {tuple(qkv.stride())}")
+    if max(d_qk, d_v) > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernel takes d_qk, d_v <= {MAX_HEAD_DIM}, got d_qk={d_qk}, d_v={d_v}")

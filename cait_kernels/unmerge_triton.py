@@ -1,0 +1,65 @@
+"""Unmerge as a Triton gather: every cell reads the row of the token that holds it."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .unmerge import check_unmerge_inputs
+
+BLOCK_ROWS = 32
+
+
+@triton.jit
+def unmerge_kernel(
+    x,
+    owner,
+    out,
+    cells_total,
+    prefix,
+    channels,
+    stride_x_b,
+    stride_x_t,
+    stride_out_b,
+    stride_out_t,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grid ``(cdiv(H*W, BLOCK_ROWS), B, cdiv(C, BLOCK_C))``: ``out[b, cell] = x[b, P + owner[b, cell]]``."""
+    image = tl.program_id(1).to(tl.int64)
+    cell = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    token = tl.load(owner + image * cells_total + cell, mask=cell < cells_total, other=0)
+    mask = (cell[:, None] < cells_total) & (c[None, :] < channels)
+    rows = tl.load(x + image * stride_x_b + (prefix + token)[:, None] * stride_x_t + c[None, :], mask=mask)
+    tl.store(out + image * stride_out_b + cell[:, None] * stride_out_t + c[None, :], rows, mask=mask)
+
+
+def unmerge_triton(x, owner, *, prefix):
+    """Same contract as :func:`cait_kernels.unmerge.unmerge_reference`; one kernel launch.
+    ``x`` needs contiguous channels; any batch/token strides."""
+    check_unmerge_inputs(x, owner, prefix=prefix)
+    check_kernel_inputs(x)
+    return launch_unmerge(x, owner, prefix)
+
+
+def check_kernel_inputs(x) -> None:
+    """What the kernel needs beyond the op's contract: contiguous channels."""
+    if x.stride(-1) != 1:
+        raise ValueError(f"x channels must be contiguous (last stride 1), got strides {tuple(x.stride())}")
+
+
+def launch_unmerge(x, owner, prefix):
+    """:func:`unmerge_triton` without the input checks (the caller ran them)."""
+    batch, _, channels = x.shape
+    owner = owner.contiguous()
+    cells = owner.shape[1]
+    out = torch.empty(batch, cells, channels, dtype=x.dtype, device=x.device)
+    block_c = min(128, triton.next_power_of_2(channels))
+    grid = (triton.cdiv(cells, BLOCK_ROWS), batch, triton.cdiv(channels, block_c))
+    unmerge_kernel[grid](
+        x, owner, out, cells, prefix, channels, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c,
+    )  # fmt: skip
+    return out

@@ -66,20 +66,44 @@ class Row:
     baseline: str = "dense"
 
 
-def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, progress: bool = True) -> list[Row]:
-    """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each."""
+class ReferenceOps(nn.Module):
+    """``model`` run on the PyTorch reference ops (``cait_kernels.backend("reference")``) on any device."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from cait_kernels import backend
+
+        with backend("reference"):
+            return self.model(images)
+
+
+GRAPH = " [graph]"
+
+
+def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, graphs: bool = False, progress: bool = True) -> list[Row]:
+    """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each.
+    ``graphs``: also time each model captured in a CUDA graph (rows named ``<variant> [graph]``)."""
+    from .graphs import cuda_graph
+
     first = next(iter(models.values()))
     weight = next(first.parameters())
     size = default_input_size(first)
     images = torch.randn(batch, *size, device=weight.device, dtype=weight.dtype)
-    seconds = time_interleaved(models, images, repeats, progress=progress)
+    runners = dict(models)
+    if graphs:
+        runners.update({variant + GRAPH: cuda_graph(model, images) for variant, model in models.items()})
+    seconds = time_interleaved(runners, images, repeats, progress=progress)
     counts = {variant: flops(m, size) for variant, m in models.items()}
     base_variant = next(iter(models))
     base_speed = batch / statistics.median(seconds[base_variant])
     rows = []
-    for variant, model in models.items():
+    for variant in runners:
+        model = models[variant.removesuffix(GRAPH)]
         speed = batch / statistics.median(seconds[variant])
-        ratio = counts[variant] / counts[base_variant]
+        ratio = counts[variant.removesuffix(GRAPH)] / counts[base_variant]
         params = sum(p.numel() for p in model.parameters()) / 1e6
         rows.append(
             Row(
@@ -136,8 +160,19 @@ def parse_variant(text: str):
     return merge, None if ratios is None else CDCP(*ratios)
 
 
-def run(models: list[str], batches: list[int], variants: list[str], repeats: int, checkpoint: str | None = None) -> list[Row]:
-    """The model table: each timm model dense and compressed per variant, timed side by side."""
+def run(
+    models: list[str],
+    batches: list[int],
+    variants: list[str],
+    repeats: int,
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    graphs: bool = False,
+) -> list[Row]:
+    """The model table: each timm model dense and compressed per variant, timed side by side on
+    ``device`` in ``dtype``. On a GPU every compressed variant also runs on the reference ops
+    (``<variant> [reference ops]``); ``graphs`` adds CUDA-graph rows for every model."""
     import timm
 
     from .model import compress
@@ -148,7 +183,10 @@ def run(models: list[str], batches: list[int], variants: list[str], repeats: int
         dense = timm.create_model(name, checkpoint_path=checkpoint or "").eval()
         contenders = {"dense": dense}
         contenders.update({text: compress(dense, merge=m, prune=p) for text, (m, p) in specs.items()})
+        if device != "cpu":
+            contenders.update({f"{text} [reference ops]": ReferenceOps(contenders[text]) for text in specs})
+        contenders = {text: model.to(device=device, dtype=dtype) for text, model in contenders.items()}
         for batch in batches:
-            rows += compare(name, contenders, batch, repeats)
+            rows += compare(name, contenders, batch, repeats, graphs=graphs)
             print(table(rows[-len(contenders) :]), "\n", flush=True)
     return rows

@@ -11,8 +11,11 @@ EXAMPLES = """examples:
       --merge-flops 0.7 --keep-qk 0.5 --keep-v 0.75 --keep-mlp 0.75 --out deit_s_cait.safetensors
   cait info deit_s_cait.safetensors
   cait bench --models deit_small_patch16_224 --batch 8 --variant merge=0.7,prune=0.5/0.75/0.75
+  cait bench --device cuda --dtype fp16 --batch 1 64 256 --cuda-graph --out models-gpu.json
+  cait bench --kernels --out kernels.json
 """
 
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 
 
@@ -108,6 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=15, help="timed repeats per model after 2 warm-up runs (default: 15)")
     b.add_argument("--checkpoint", metavar="FILE", help="weights for the (single) model in --models")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="where to run (default: cuda when a GPU is visible, else cpu). On cuda every compressed variant "
+        "is also timed on the PyTorch reference ops, as '<variant> [reference ops]'",
+    )
+    b.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
+    b.add_argument("--cuda-graph", action="store_true", help="also time every model captured in one CUDA graph (cuda only)")
+    b.add_argument(
+        "--kernels",
+        action="store_true",
+        help="benchmark the Triton kernels instead of models: on a GPU, attention vs scaled_dot_product_attention at "
+        "DeiT shapes and the ATME step / unmerge vs their references, with FLOP and byte floors and the measured "
+        "peaks; on any machine, the ahead-of-time compile report (registers, spills, shared memory, tensor-core "
+        "instructions) of every kernel configuration for sm_80 and sm_90",
+    )
     b.add_argument("--out", metavar="FILE", help="also write the rows and the machine description to this JSON file")
     return parser
 
@@ -204,21 +223,58 @@ def cmd_bench(args) -> None:
 
     from cait.benchmark import DEFAULT_VARIANTS, as_json, machine, parse_variant, run, table
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.kernels:
+        return bench_kernels(args)
     variants = args.variant or list(DEFAULT_VARIANTS)
     for text in variants:
         parse_variant(text)  # refuse a bad spec before any timing
     if args.checkpoint and len(args.models) != 1:
         raise ValueError("--checkpoint needs exactly one model in --models")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint)
-    info = machine()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    if args.cuda_graph and device != "cuda":
+        raise ValueError("--cuda-graph needs --device cuda")
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
+    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, args.cuda_graph)
+    info = dict(machine(), device=device, dtype=str(dtype).removeprefix("torch."))
     print(table(rows))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"machine": info, "repeats": args.repeats, "rows": as_json(rows)}, f, indent=2)
-        print(f"wrote {args.out}")
+    write_json(args.out, {"machine": info, "repeats": args.repeats, "rows": as_json(rows)})
+
+
+def bench_kernels(args) -> None:
+    """``cait bench --kernels``: kernel timings on a GPU, the compile report everywhere."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from cait import kernel_bench
+    from cait.benchmark import machine
+    from cait_kernels import aot
+
+    result = {"machine": machine()}
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        peak = kernel_bench.ceilings(device)
+        rows = kernel_bench.attention_rows(peak, device, progress=lambda cases: tqdm(cases, desc="attention cases", leave=False))
+        rows += kernel_bench.atme_rows(peak, device)
+        print(kernel_bench.table(rows, peak), "\n")
+        result.update(ceilings=peak, rows=kernel_bench.as_json(rows))
+    else:
+        print("kernel timings need a CUDA GPU and this machine has none: printing the ahead-of-time compile report only.\n")
+    resources = aot.report(progress=lambda jobs, total: tqdm(jobs, total=total, desc="compiling for sm_80/sm_90", leave=False))
+    print(aot.table(resources))
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}")
+    write_json(args.out, dict(result, compile_report=[r._asdict() for r in resources]))
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
 
 
 COMMANDS = {"compress": cmd_compress, "info": cmd_info, "bench": cmd_bench}

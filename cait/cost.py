@@ -12,13 +12,24 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+import cait_kernels  # noqa: F401  (registers torch.ops.cait)
+
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# torch's registry lacks the fused CPU attention kernel, so a CPU count would miss all attention FLOPs.
-_MISSING_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+def _pruned_attention_flops(qkv_shape, heads, d_qk, d_v, *args, **kwargs) -> int:
+    batch, tokens, _ = qkv_shape
+    return 2 * batch * heads * tokens * tokens * (d_qk + d_v)
+
+
+# torch's registry lacks the fused CPU attention kernel and knows nothing of the Triton kernel (the
+# op registered by cait_kernels), so a count would miss all attention FLOPs.
+_MISSING_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.cait.pruned_attention: _pruned_attention_flops,
+}
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:

@@ -5,12 +5,12 @@ PyTorch definition of its math and ``NAME_triton`` its fused Triton kernel(s). T
 """
 
 from .atme import atme_step_reference, block_count
-from .atme_triton import atme_step_triton
 from .attention import pruned_attention_reference
-from .attention_triton import pruned_attention_triton
 from .dispatch import atme_step, backend, pruned_attention, unmerge
+from .triton_atme import atme_step_triton
+from .triton_attention import pruned_attention_triton
+from .triton_unmerge import unmerge_triton
 from .unmerge import unmerge_reference
-from .unmerge_triton import unmerge_triton
 
 __all__ = [
     "atme_step",

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import atme_triton, attention_triton, unmerge_triton
+from . import triton_atme, triton_attention, triton_unmerge
 from .atme import atme_step_reference, check_atme_inputs
 from .attention import check_attention_inputs, pruned_attention_reference
 from .unmerge import check_unmerge_inputs, unmerge_reference
@@ -71,7 +71,7 @@ def _attention_op(
     idx_qk: torch.Tensor | None,
     idx_v: torch.Tensor | None,
 ) -> torch.Tensor:
-    return attention_triton.launch_attention(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v)
+    return triton_attention.launch_attention(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v)
 
 
 @_attention_op.register_fake
@@ -83,7 +83,7 @@ def _(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v):
 def _atme_op(
     x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, owner: torch.Tensor, r: int, grid: Sequence[int], prefix: int, block: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return atme_triton.launch_atme(x, metric, size, owner, r, tuple(grid), prefix, block)
+    return triton_atme.launch_atme(x, metric, size, owner, r, tuple(grid), prefix, block)
 
 
 @_atme_op.register_fake
@@ -94,7 +94,7 @@ def _(x, metric, size, owner, r, grid, prefix, block):
 
 @torch.library.custom_op("cait::unmerge", mutates_args=())
 def _unmerge_op(x: torch.Tensor, owner: torch.Tensor, prefix: int) -> torch.Tensor:
-    return unmerge_triton.launch_unmerge(x, owner, prefix)
+    return triton_unmerge.launch_unmerge(x, owner, prefix)
 
 
 @_unmerge_op.register_fake
@@ -106,7 +106,7 @@ def pruned_attention(qkv, *, heads, d_qk, d_v, scale, size=None, idx_qk=None, id
     """Pruned-head attention; see :func:`cait_kernels.attention.pruned_attention_reference`."""
     if _use_triton("pruned_attention", qkv.device):
         check_attention_inputs(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
-        attention_triton.check_kernel_inputs(qkv, d_qk, d_v)
+        triton_attention.check_kernel_inputs(qkv, d_qk, d_v)
         return _attention_op(qkv, heads, d_qk, d_v, float(scale), size, idx_qk, idx_v)
     return pruned_attention_reference(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
 
@@ -115,7 +115,7 @@ def atme_step(x, metric, size, owner, *, r, grid, prefix, block=2):
     """One ATME merge step; see :func:`cait_kernels.atme.atme_step_reference`. ``r = 0`` returns the inputs."""
     if _use_triton("atme_step", x.device):
         check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
-        atme_triton.check_kernel_inputs(x, grid)
+        triton_atme.check_kernel_inputs(x, grid)
         if r == 0:
             return x, size, owner
         return _atme_op(x, metric, size, owner, r, list(grid), prefix, block)
@@ -126,6 +126,6 @@ def unmerge(x, owner, *, prefix):
     """Spatial tokens back on their cells; see :func:`cait_kernels.unmerge.unmerge_reference`."""
     if _use_triton("unmerge", x.device):
         check_unmerge_inputs(x, owner, prefix=prefix)
-        unmerge_triton.check_kernel_inputs(x)
+        triton_unmerge.check_kernel_inputs(x)
         return _unmerge_op(x, owner, prefix)
     return unmerge_reference(x, owner, prefix=prefix)

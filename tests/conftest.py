@@ -1,5 +1,7 @@
 """Test configuration. TRITON_INTERPRET is read when a kernel is decorated, so it is set before anything
-imports cait_kernels: Triton kernels then run on the CPU through the interpreter."""
+imports cait_kernels: Triton kernels then run on the CPU through the interpreter. On a GPU machine run
+``TRITON_INTERPRET=0 pytest``: the same kernel tests then run natively on CUDA tensors, and the tests
+marked ``gpu`` run too (they are skipped without CUDA)."""
 
 import os
 
@@ -7,6 +9,26 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where Triton kernels run in this session: the CPU under the interpreter, else the GPU."""
+    if INTERPRET:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU")
+    return torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +55,8 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def moved(kwargs: dict, device: torch.device) -> dict:
+    """``kwargs`` with its CPU tensors moved to ``device`` (tensors elsewhere, e.g. on ``meta``, stay)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in kwargs.items()}

@@ -6,7 +6,7 @@ import torch
 import test_atme
 from atme_bruteforce import atme_bruteforce
 from cait_kernels import atme_step, atme_step_reference, atme_step_triton, backend, block_count
-from conftest import rel_err
+from conftest import moved, rel_err
 from test_atme import CASES, identity_state, merged_state
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -14,11 +14,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 @pytest.mark.parametrize("grid, block, batch, prefix, steps, r", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_reference_and_float64(grid, block, batch, prefix, steps, r, dtype, poisoned):
+def test_matches_reference_and_float64(grid, block, batch, prefix, steps, r, dtype, poisoned, kernel_device):
     x, size, owner = merged_state(batch, grid, 12, prefix, block, steps)
     metric = torch.randn(x.shape[0], x.shape[1], 7)
     x, size = x.to(dtype), size.float()
-    out = atme_step_triton(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
+    args = moved(dict(x=x, metric=metric, size=size, owner=owner), kernel_device)
+    out = [t.cpu() for t in atme_step_triton(**args, r=r, grid=grid, prefix=prefix, block=block)]
     ref = atme_step_reference(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
     exact = atme_bruteforce(x.double(), metric.double(), size.double(), owner, r=r, grid=grid, prefix=prefix, block=block)
     assert torch.equal(out[2], ref[2]) and torch.equal(out[1], ref[1])
@@ -28,7 +29,7 @@ def test_matches_reference_and_float64(grid, block, batch, prefix, steps, r, dty
 
 @pytest.mark.parametrize("grid, block", [((6, 6), 2), ((7, 9), 2), ((8, 8), 4), ((6, 7), 4)])
 @pytest.mark.parametrize("kind", ["constant", "few_values"])
-def test_ties_break_like_the_reference(grid, block, kind):
+def test_ties_break_like_the_reference(grid, block, kind, kernel_device):
     x, size, owner = identity_state(2, grid, 5, 1, torch.float32)
     if kind == "constant":
         metric = torch.ones(x.shape[0], x.shape[1], 3)
@@ -36,18 +37,24 @@ def test_ties_break_like_the_reference(grid, block, kind):
         metric = torch.randint(-1, 2, (x.shape[0], x.shape[1], 2)).float()
         metric[metric.norm(dim=-1) == 0] = 1.0
     r = (grid[0] * grid[1] - block_count(grid, block)) // 2
-    out = atme_step_triton(x, metric, size, owner, r=r, grid=grid, prefix=1, block=block)
+    out = [
+        t.cpu()
+        for t in atme_step_triton(
+            **moved(dict(x=x, metric=metric, size=size, owner=owner), kernel_device), r=r, grid=grid, prefix=1, block=block
+        )
+    ]
     ref = atme_step_reference(x, metric, size, owner, r=r, grid=grid, prefix=1, block=block)
     assert torch.equal(out[2], ref[2]) and torch.equal(out[1], ref[1])
 
 
-def test_repeat_is_bit_identical_and_lone_tokens_are_copied_exactly():
+def test_repeat_is_bit_identical_and_lone_tokens_are_copied_exactly(kernel_device):
     x, size, owner = merged_state(3, (14, 14), 40, 1, 2, (12,))
     x, size, metric = x.float(), size.float(), torch.randn(3, x.shape[1], 16)
-    first = atme_step_triton(x, metric, size, owner, r=13, grid=(14, 14), prefix=1)
-    second = atme_step_triton(x, metric, size, owner, r=13, grid=(14, 14), prefix=1)
+    args = moved(dict(x=x, metric=metric, size=size, owner=owner), kernel_device)
+    first = atme_step_triton(**args, r=13, grid=(14, 14), prefix=1)
+    second = atme_step_triton(**args, r=13, grid=(14, 14), prefix=1)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    new_x, new_size, new_owner = first
+    new_x, new_size, new_owner = (t.cpu() for t in first)
     assert torch.equal(new_x[:, :1], x[:, :1])  # prefix rows copied through
     cells = torch.arange(new_owner.shape[1]).expand(3, -1)
     anchor = torch.full(new_size[:, 1:].shape, cells.shape[1]).scatter_reduce(1, new_owner.long(), cells, "amin")
@@ -57,8 +64,8 @@ def test_repeat_is_bit_identical_and_lone_tokens_are_copied_exactly():
     assert torch.equal(new_x[:, 1:][lone], x[:, 1:].gather(1, old[..., None].expand(-1, -1, 40))[lone])
 
 
-def test_public_op_under_the_triton_backend_and_r_zero():
-    x, size, owner = identity_state(2, (5, 5), 8, 1, torch.float32)
+def test_public_op_under_the_triton_backend_and_r_zero(kernel_device):
+    x, size, owner = (t.to(kernel_device) for t in identity_state(2, (5, 5), 8, 1, torch.float32))
     metric = torch.randn_like(x)
     with backend("triton"):
         assert atme_step(x, metric, size, owner, r=0, grid=(5, 5), prefix=1) == (x, size, owner)
@@ -75,8 +82,9 @@ def kernel_bad_inputs():
 
 
 @pytest.mark.parametrize("case", list(test_atme.bad_inputs()) + list(kernel_bad_inputs()), ids=lambda c: c[0])
-def test_bad_input_is_refused_before_launch(case):
+def test_bad_input_is_refused_before_launch(case, kernel_device):
     _, kwargs, error, message = case
+    kwargs = moved(kwargs, kernel_device)
     with pytest.raises(error, match=message):
         atme_step_triton(**kwargs)
     with backend("triton"), pytest.raises(error, match=message):

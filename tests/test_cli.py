@@ -115,3 +115,26 @@ def test_help_explains_every_flag():
 def test_errors_are_one_clear_line(argv, message, capsys):
     assert run(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, --kernels times every kernel (bench/, not a test)")
+def test_bench_kernels_without_a_gpu_prints_the_compile_report(tmp_path, capsys, monkeypatch):
+    from cait_kernels import aot
+
+    builds = aot.all_builds()
+    first_two = [b.label for b in builds[:2]]
+    monkeypatch.setattr(aot, "report", lambda progress=None, _report=aot.report: _report(select=first_two[0], progress=progress))
+    assert run(["bench", "--kernels", "--out", str(tmp_path / "k.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "kernel timings need a CUDA GPU" in printed and first_two[0] in printed and "sm_90" in printed
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert {row["arch"] for row in saved["compile_report"]} == {80, 90}
+
+
+@pytest.mark.parametrize(
+    "argv, message", [(["bench", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs --device cuda")]
+    + ([] if torch.cuda.is_available() else [(["bench", "--device", "cuda"], "no CUDA GPU is visible")]),
+)
+def test_gpu_options_refused_where_they_cannot_work(argv, message, capsys):
+    assert run(argv) == 2
+    assert message in capsys.readouterr().err

@@ -116,3 +116,9 @@ def test_unsupported_models_are_refused_by_name(model_id):
 def test_not_a_vit_is_refused():
     with pytest.raises(NotImplementedError, match="Linear is not supported"):
         cait.compress(torch.nn.Linear(3, 3))
+
+
+def test_cuda_graph_refuses_a_cpu_input():
+    fast = cait.compress(build("deit_distilled"))
+    with pytest.raises(ValueError, match="needs an example input on a CUDA device"):
+        cait.cuda_graph(fast, torch.randn(1, *fast.input_size))

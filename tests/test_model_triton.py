@@ -11,10 +11,11 @@ from models import build, images_for
 
 
 @pytest.fixture(scope="module")
-def compressed():
+def compressed(kernel_device):
     torch.manual_seed(1)
     model = build("odd_grid")  # 13x13 grid: odd N, border tiles
-    return cait.compress(model, merge=cait.ATME(flops=0.6), prune=cait.CDCP(qk=0.6, v=0.75, mlp=0.5)), images_for(model, 2)
+    fast = cait.compress(model, merge=cait.ATME(flops=0.6), prune=cait.CDCP(qk=0.6, v=0.75, mlp=0.5))
+    return fast.to(kernel_device), images_for(model, 2).to(kernel_device)
 
 
 def test_triton_backend_matches_reference(compressed):
@@ -35,3 +36,12 @@ def test_compiles_to_one_graph_on_the_triton_ops(compressed):
         eager = fast(images)
         graph = torch.compile(fast, backend="aot_eager", fullgraph=True)(images)
     assert rel_err(graph, eager) < 1e-6
+
+
+def test_flops_count_the_triton_attention(kernel_device):
+    """The flop counter knows the Triton op: same count as the reference (equal q/k and v widths, no padding)."""
+    fast = cait.compress(build("deit_distilled"), merge=cait.ATME(flops=0.6)).to(kernel_device)
+    with backend("reference"):
+        reference = cait.flops(fast)
+    with backend("triton"):
+        assert cait.flops(fast) == reference

@@ -22,20 +22,20 @@ def test_every_cell_gets_its_token(batch, grid, prefix, r):
 
 @pytest.mark.parametrize("batch, grid, prefix, r, channels", [(1, (4, 4), 1, 5, 6), (3, (7, 5), 2, 9, 130), (2, (6, 9), 0, 0, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_kernel_equals_reference(batch, grid, prefix, r, channels, dtype, poisoned):
+def test_triton_kernel_equals_reference(batch, grid, prefix, r, channels, dtype, poisoned, kernel_device):
     cells = grid[0] * grid[1]
     x = torch.randn(batch, prefix + cells, channels)
     owner = torch.arange(cells, dtype=torch.int32).expand(batch, -1).contiguous()
     x, _, owner = atme_step_reference(x, torch.randn_like(x), torch.ones(batch, prefix + cells), owner, r=r, grid=grid, prefix=prefix)
-    x = x.to(dtype)
+    x, owner = x.to(kernel_device, dtype), owner.to(kernel_device)
     assert torch.equal(unmerge_triton(x, owner, prefix=prefix), unmerge_reference(x, owner, prefix=prefix))
     with backend("triton"):
         assert torch.equal(unmerge(x, owner, prefix=prefix), unmerge_reference(x, owner, prefix=prefix))
 
 
 @pytest.mark.parametrize("impl", [unmerge_reference, unmerge_triton])
-def test_bad_input_is_refused_by_both(impl):
-    x, owner = torch.randn(2, 5, 3), torch.zeros(2, 9, dtype=torch.int32)
+def test_bad_input_is_refused_by_both(impl, kernel_device):
+    x, owner = torch.randn(2, 5, 3, device=kernel_device), torch.zeros(2, 9, dtype=torch.int32, device=kernel_device)
     with pytest.raises(ValueError, match="owner values must lie in"):
         impl(x, owner + 4, prefix=1)
     with pytest.raises(TypeError, match="owner must have dtype"):

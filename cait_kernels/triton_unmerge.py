@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import Build
 from .unmerge import check_unmerge_inputs
 
 BLOCK_ROWS = 32
@@ -63,3 +64,21 @@ def launch_unmerge(x, owner, prefix):
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=block_c,
     )  # fmt: skip
     return out
+
+
+def aot_builds() -> list[Build]:
+    """The kernel at its widest channel tile, for every feature dtype. Hot: all."""
+    signature = {"x": "*fp16", "owner": "*i32", "out": "*fp16", **dict.fromkeys(("cells_total", "prefix", "channels"), "i32")}
+    signature.update(dict.fromkeys(("stride_x_b", "stride_x_t", "stride_out_b", "stride_out_t"), "i32"))
+    return [
+        Build(
+            f"unmerge {name} {BLOCK_ROWS}x128",
+            unmerge_kernel,
+            dict(signature, x=f"*{name}", out=f"*{name}"),
+            dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=128),
+            4,
+            3,
+            True,
+        )
+        for name in ("fp16", "bf16", "fp32")
+    ]

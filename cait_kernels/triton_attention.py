@@ -9,8 +9,8 @@ tile into ``(B, N, heads*d_v)``, ready for ``proj``. Any ``N`` (rows and keys ar
 
 Block sizes come from :func:`attention_config`, a small table instead of autotuning (autotuning would
 time kernels at first call, which breaks CUDA-graph capture and costs seconds per shape). fp16/bf16:
-``(BLOCK_M, BLOCK_N, warps) = (128, 64, 8)``, or ``(64, 32, 4)`` when ``N <= 64`` (merged late layers:
-fewer wasted rows); fp32 (no tensor cores in ieee mode, the product runs on FMA units):
+``(BLOCK_M, BLOCK_N, warps) = (128, 64, 8)``, or ``(64, 32, 4)`` when ``N <= 64`` and ``d <= 64`` (merged
+late layers: fewer wasted rows); fp32 (no tensor cores in ieee mode, the product runs on FMA units):
 ``(32, 32, 4)``, ``(32, 16, 4)`` past 64 padded channels. The entries were picked from the
 ahead-of-time compile report (``cait bench --kernels`` on any machine): they are the largest tiles
 that build for sm_90 without spilling registers. ``tests/test_compile.py`` checks every entry.
@@ -18,6 +18,7 @@ that build for sm_90 without spilling registers. ``tests/test_compile.py`` check
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import Build
 from .attention import check_attention_inputs, gather_columns
 
 MAX_HEAD_DIM = 128
@@ -46,9 +48,10 @@ def padded(d: int) -> int:
 
 def attention_config(n: int, d_qk: int, d_v: int, dtype: torch.dtype) -> AttentionConfig:
     """The launch configuration for ``n`` tokens, ``d_qk``/``d_v`` kept channels per head and ``dtype``."""
+    wide = max(padded(d_qk), padded(d_v)) > 64
     if dtype == torch.float32:
-        return AttentionConfig(32, 32 if max(padded(d_qk), padded(d_v)) <= 64 else 16, 4, 3)
-    return AttentionConfig(64, 32, 4, 3) if n <= 64 else AttentionConfig(128, 64, 8, 3)
+        return AttentionConfig(32, 16 if wide else 32, 4, 3)
+    return AttentionConfig(64, 32, 4, 3) if n <= 64 and not wide else AttentionConfig(128, 64, 8, 3)
 
 
 @triton.jit
@@ -176,3 +179,34 @@ def check_kernel_inputs(qkv, d_qk: int, d_v: int) -> None:
         raise ValueError(f"qkv channels must be contiguous (last stride 1), got strides {tuple(qkv.stride())}")
     if max(d_qk, d_v) > MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention kernel takes d_qk, d_v <= {MAX_HEAD_DIM}, got d_qk={d_qk}, d_v={d_v}")
+
+
+def aot_builds() -> list[Build]:
+    """The configurations :func:`attention_config` can pick, at the channel widths that load them most
+    (fp16 at DeiT's pruned 32/48, full 64 and the 128 maximum; bf16 and fp32 at 64 and the maximum),
+    in each layout, with and without the size bias. Hot: fp16/bf16, materialized, ``d <= 64``."""
+    widths = {torch.float16: ((32, 48), (64, 64), (128, 128)), torch.bfloat16: ((64, 64),), torch.float32: ((64, 64), (128, 128))}
+    builds = {}
+    for dtype, pairs in widths.items():
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+        for n, (d_qk, d_v), (gather, has_size) in itertools.product((64, 197), pairs, ((False, False), (False, True), (True, True))):
+            config = attention_config(n, d_qk, d_v, dtype)
+            layout = "gather" if gather else "materialized"
+            tiles = f"{config.block_m}x{config.block_n} w{config.num_warps}"
+            label = f"attention {name} {d_qk}/{d_v} {layout}{' +size' if has_size else ''} {tiles}"
+            signature = {
+                "qkv": f"*{name}",
+                "cols": "*i32",
+                "size": "*fp32",
+                "out": f"*{name}",
+                **dict.fromkeys(("N", "heads"), "i32"),
+                "scale_log2": "fp32",
+                **dict.fromkeys(("stride_qkv_b", "stride_qkv_n", "stride_size_b", "stride_size_n", "stride_out_b", "stride_out_n"), "i32"),
+            }
+            constants = dict(
+                D_QK=d_qk, D_V=d_v, D_QK_PAD=padded(d_qk), D_V_PAD=padded(d_v), GATHER=gather, HAS_SIZE=has_size,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            )  # fmt: skip
+            hot = dtype != torch.float32 and not gather and max(d_qk, d_v) <= 64
+            builds[label] = Build(label, attention_kernel, signature, constants, config.num_warps, config.num_stages, hot)
+    return list(builds.values())

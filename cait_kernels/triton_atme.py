@@ -24,9 +24,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .aot import Build
 from .atme import block_count, block_edges, check_atme_inputs
 
-BLOCKS_PER_PROGRAM = 16
+# Tile sizes by block side, chosen so no kernel spills registers (see ``cait bench --kernels``):
+BLOCKS_PER_PROGRAM = {2: 16, 4: 4}  # forest and roots kernels: blocks per program
+METRIC_CHANNELS = {2: 32, 4: 16}  # forest kernel: metric channels per step (it holds blocks x slots x channels)
+MERGE_CHANNELS = {2: 128, 4: 32}  # merge kernel: channels per program (it holds cells^2 x channels)
 
 
 MAX_CELLS = 46340  # canonical edge keys (smaller * N + larger token) must fit in int32
@@ -276,12 +280,12 @@ def launch_atme(x, metric, size, owner, r, grid, prefix, block):
     lo = torch.empty(batch, blocks, slots, dtype=torch.int32, device=x.device)
     hi = torch.empty_like(lo)
     sim = torch.empty(batch, blocks, slots, dtype=torch.float32, device=x.device)
-    tiles = (batch, triton.cdiv(blocks, BLOCKS_PER_PROGRAM))
+    tiles = (batch, triton.cdiv(blocks, BLOCKS_PER_PROGRAM[block]))
     forest_kernel[tiles](
         unit, owner, first, second, valid, cells, lo, hi, sim,
         blocks, n, cells_total, unit.shape[-1], unit.stride(0), unit.stride(1),
-        SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=n_cells, BLOCK_T=BLOCKS_PER_PROGRAM,
-        BLOCK_D=min(64, triton.next_power_of_2(unit.shape[-1])),
+        SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=n_cells, BLOCK_T=BLOCKS_PER_PROGRAM[block],
+        BLOCK_D=min(METRIC_CHANNELS[block], triton.next_power_of_2(unit.shape[-1])),
     )  # fmt: skip
 
     strongest = sim.flatten(1).argsort(dim=1, descending=True, stable=True)[:, :r]
@@ -289,7 +293,7 @@ def launch_atme(x, metric, size, owner, r, grid, prefix, block):
     root = torch.empty(batch, n, dtype=torch.int32, device=x.device)
     roots_kernel[tiles](
         owner, cells, lo, hi, chosen, root, blocks, n, cells_total,
-        SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=n_cells, BLOCK_T=BLOCKS_PER_PROGRAM,
+        SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=n_cells, BLOCK_T=BLOCKS_PER_PROGRAM[block],
     )  # fmt: skip
 
     survivor = root == torch.arange(n, dtype=torch.int32, device=x.device)
@@ -299,10 +303,33 @@ def launch_atme(x, metric, size, owner, r, grid, prefix, block):
     new_owner = torch.empty_like(owner)
     new_x[:, :prefix] = x[:, :prefix]
     new_size[:, :prefix] = size[:, :prefix]
-    block_c = 128 if block == 2 else 32
+    block_c = MERGE_CHANNELS[block]
     merge_kernel[(blocks, batch, triton.cdiv(channels, block_c))](
         x, size, owner, cells, root, dest, new_x, new_size, new_owner,
         blocks, n, cells_total, prefix, channels, x.stride(0), x.stride(1), new_x.stride(0), new_x.stride(1),
         size.stride(0), new_size.stride(0), CELLS=n_cells, BLOCK_C=block_c,
     )  # fmt: skip
     return new_x, new_size, new_owner
+
+
+def aot_builds() -> list[Build]:
+    """The three kernels for both block sides (the merge kernel for every feature dtype). Hot: all."""
+    tables = {"owner": "*i32", "first": "*i32", "second": "*i32", "valid": "*i8", "cells": "*i32"}
+    sizes = dict.fromkeys(("n_blocks", "n", "cells_total"), "i32")
+    builds = []
+    for block in (2, 4):
+        slots = 2 * block * (block - 1)
+        shape = dict(SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=block * block, BLOCK_T=BLOCKS_PER_PROGRAM[block])
+        forest = {"unit": "*fp32", **tables, "lo_out": "*i32", "hi_out": "*i32", "sim_out": "*fp32", **sizes}
+        forest.update(dict.fromkeys(("metric_dim", "stride_unit_b", "stride_unit_t"), "i32"))
+        builds.append(Build(f"atme forest {block}x{block}", forest_kernel, forest, dict(shape, BLOCK_D=METRIC_CHANNELS[block]), 4, 3, True))
+        roots = {"owner": "*i32", "cells": "*i32", "lo": "*i32", "hi": "*i32", "chosen": "*i8", "root_out": "*i32", **sizes}
+        builds.append(Build(f"atme roots {block}x{block}", roots_kernel, roots, shape, 4, 3, True))
+        for name in ("fp16", "bf16", "fp32"):
+            merge = {"x": f"*{name}", "size": "*fp32", "owner": "*i32", "cells": "*i32", "root": "*i32", "dest": "*i32"}
+            merge.update({"x_out": f"*{name}", "size_out": "*fp32", "owner_out": "*i32", **sizes})
+            merge.update(dict.fromkeys(("prefix", "channels", "stride_x_b", "stride_x_t", "stride_out_b", "stride_out_t"), "i32"))
+            merge.update(dict.fromkeys(("stride_size_b", "stride_size_out_b"), "i32"))
+            constants = dict(CELLS=block * block, BLOCK_C=MERGE_CHANNELS[block])
+            builds.append(Build(f"atme merge {name} {block}x{block} C{MERGE_CHANNELS[block]}", merge_kernel, merge, constants, 4, 3, True))
+    return builds

@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["cait", "cait.*", "cait_kernels", "cait_kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",  # torch.library.custom_op registers the Triton ops
         "timm>=1.0",
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",

@@ -24,6 +24,7 @@ ATTENTION_MODELS = {"DeiT-T": 3, "DeiT-S": 6, "DeiT-B": 12}  # heads; head_dim 6
 ATTENTION_WIDTHS = ((64, 64), (48, 48), (32, 48), (32, 32))  # (d_qk, d_v): dense, and pruned
 ATTENTION_TOKENS = (197, 99)  # DeiT at 224 px, and about half after merging
 ATTENTION_BATCHES = (64, 256)
+ATME_CASES = ((64, 2, 49), (256, 2, 49), (256, 2, 98), (256, 4, 98))  # (batch, block, r) on the 14x14 grid of DeiT-S
 
 
 @dataclass
@@ -114,7 +115,7 @@ def atme_rows(peak: dict, device, dtype=torch.float16) -> list[KernelRow]:
     """The ATME step and unmerge vs their PyTorch references at DeiT-S shapes (14x14 grid, C=384)."""
     rows = []
     grid, channels, prefix = (14, 14), 384, 1
-    for batch, block, r in ((64, 2, 49), (256, 2, 49), (256, 2, 98), (256, 4, 98)):
+    for batch, block, r in ATME_CASES:
         cells = grid[0] * grid[1]
         x = torch.randn(batch, prefix + cells, channels, device=device, dtype=dtype)
         metric = torch.randn(batch, prefix + cells, 64, device=device, dtype=dtype)

@@ -6,7 +6,9 @@ raster order of their anchor (smallest cell index), ``size (B, P+N)`` cells per 
 
 One step with count ``r``:
 
-1. similarity of two tokens = cosine of their metric rows (keys averaged over heads);
+1. similarity of two tokens = cosine of their metric rows (keys averaged over heads), computed in
+   float64 and rounded to float32, so implementations that sum in different orders still agree
+   exactly on the rounded values (and on every tie between them);
 2. candidates: per block, the maximum spanning forest (Kruskal) over pairs of tokens whose cells share
    an edge inside the block;
 3. per image, the ``r`` strongest forest edges; every tie, inside Kruskal too, breaks by
@@ -22,12 +24,12 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, check_index_range, check_int, check_same_device, check_shape, check_tensor
 from ._rows import take_rows
 
 BLOCK_SIZES = (2, 4)
+NORM_EPS = 1e-12  # as F.normalize: a zero metric row has similarity 0 with everything
 
 
 def block_count(grid: tuple[int, int], block: int) -> int:
@@ -148,10 +150,9 @@ def atme_step_reference(x, metric, size, owner, *, r, grid, prefix, block=2):
     lo, hi = torch.minimum(ta, tb), torch.maximum(ta, tb)
     edge = valid & (ta != tb)
 
-    acc = torch.promote_types(x.dtype, torch.float32)
-    unit = F.normalize(metric[:, prefix:].to(acc), dim=-1)
-    ends = take_rows(unit, torch.stack([lo, hi], dim=1))
-    sim = (ends[:, 0] * ends[:, 1]).sum(-1)
+    ends = take_rows(metric[:, prefix:].double(), torch.stack([lo, hi], dim=1))
+    norms = ends.norm(dim=-1).clamp_min(NORM_EPS)
+    sim = ((ends[:, 0] * ends[:, 1]).sum(-1) / (norms[:, 0] * norms[:, 1])).float()
 
     # Canonical order inside each block is (smaller, larger token); blocks are already in raster order.
     canonical = torch.where(edge, lo * n + hi, n * n).argsort(dim=-1, stable=True)
@@ -161,7 +162,7 @@ def atme_step_reference(x, metric, size, owner, *, r, grid, prefix, block=2):
 
     strongest = sim.masked_fill(~forest, -math.inf).flatten(1).argsort(dim=1, descending=True, stable=True)[:, :r]
     labels = _group_labels(lo.flatten(1).gather(1, strongest), hi.flatten(1).gather(1, strongest), n, block * block - 1)
-    return _merge_groups(x, size, cells, labels, prefix, r, acc)
+    return _merge_groups(x, size, cells, labels, prefix, r, torch.promote_types(x.dtype, torch.float32))
 
 
 def _merge_groups(x, size, cells, labels, prefix, r, acc):

@@ -20,16 +20,15 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .aot import Build
-from .atme import block_count, block_edges, check_atme_inputs
+from .atme import NORM_EPS, block_count, block_edges, check_atme_inputs
 
 # Tile sizes by block side, chosen so no kernel spills registers (see ``cait bench --kernels``):
 BLOCKS_PER_PROGRAM = {2: 16, 4: 4}  # forest and roots kernels: blocks per program
-METRIC_CHANNELS = {2: 32, 4: 16}  # forest kernel: metric channels per step (it holds blocks x slots x channels)
+METRIC_CHANNELS = {2: 16, 4: 8}  # forest kernel: metric channels per step (it holds blocks x slots x channels)
 MERGE_CHANNELS = {2: 128, 4: 32}  # merge kernel: channels per program (it holds cells^2 x channels)
 
 
@@ -73,7 +72,7 @@ def _join(labels, a, b, ok):
 
 @triton.jit
 def forest_kernel(
-    unit,
+    metric,
     owner,
     first,
     second,
@@ -86,15 +85,16 @@ def forest_kernel(
     n,
     cells_total,
     metric_dim,
-    stride_unit_b,
-    stride_unit_t,
+    stride_metric_b,
+    stride_metric_t,
     SLOTS: tl.constexpr,
     SLOTS_PAD: tl.constexpr,
     CELLS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NORM_EPS: tl.constexpr,
 ):
-    """Grid ``(B, cdiv(blocks, BLOCK_T))``. ``unit (B, N, Cm)`` fp32 unit-norm metric of the spatial tokens; ``first``,
+    """Grid ``(B, cdiv(blocks, BLOCK_T))``. ``metric (B, N, Cm)``: the spatial tokens' metric rows; ``first``,
     ``second``, ``valid`` ``(blocks, SLOTS)`` cell edges; ``cells (blocks, CELLS)``. Writes
     ``lo``/``hi`` int32 and ``sim`` fp32 ``(B, blocks, SLOTS)`` in canonical order."""
     image = tl.program_id(0)
@@ -112,14 +112,20 @@ def forest_kernel(
     hi = tl.maximum(ta, tb)
     edge = ok & (ta != tb)
 
-    rows = unit + image.to(tl.int64) * stride_unit_b
-    sim = tl.zeros([BLOCK_T, SLOTS_PAD], tl.float32)
+    # Cosine similarity in float64, rounded to float32: as the reference, so equal values tie exactly.
+    rows = metric + image.to(tl.int64) * stride_metric_b
+    dot = tl.zeros([BLOCK_T, SLOTS_PAD], tl.float64)
+    uu = tl.zeros([BLOCK_T, SLOTS_PAD], tl.float64)
+    vv = tl.zeros([BLOCK_T, SLOTS_PAD], tl.float64)
     for d0 in range(0, metric_dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)[None, None, :]
         keep = edge[:, :, None] & (d < metric_dim)
-        u = tl.load(rows + lo[:, :, None] * stride_unit_t + d, mask=keep, other=0.0)
-        v = tl.load(rows + hi[:, :, None] * stride_unit_t + d, mask=keep, other=0.0)
-        sim += tl.sum(u * v, 2)
+        u = tl.load(rows + lo[:, :, None] * stride_metric_t + d, mask=keep, other=0.0).to(tl.float64)
+        v = tl.load(rows + hi[:, :, None] * stride_metric_t + d, mask=keep, other=0.0).to(tl.float64)
+        dot += tl.sum(u * v, 2)
+        uu += tl.sum(u * u, 2)
+        vv += tl.sum(v * v, 2)
+    sim = (dot / (tl.maximum(tl.sqrt(uu), NORM_EPS) * tl.maximum(tl.sqrt(vv), NORM_EPS))).to(tl.float32)
 
     # Canonical position: rank by (lo, hi) among real edges, then the rest, ties by slot.
     key = tl.where(edge, lo * n + hi, n * n)
@@ -275,17 +281,19 @@ def launch_atme(x, metric, size, owner, r, grid, prefix, block):
     owner, size = owner.contiguous(), size.contiguous()
     first, second, valid, cells = block_tables(grid[0], grid[1], block, x.device)
     slots, n_cells = first.shape[1], block * block
-    unit = F.normalize(metric[:, prefix:].float(), dim=-1)
+    metric = metric[:, prefix:]
+    if metric.stride(-1) != 1:
+        metric = metric.contiguous()
 
     lo = torch.empty(batch, blocks, slots, dtype=torch.int32, device=x.device)
     hi = torch.empty_like(lo)
     sim = torch.empty(batch, blocks, slots, dtype=torch.float32, device=x.device)
     tiles = (batch, triton.cdiv(blocks, BLOCKS_PER_PROGRAM[block]))
     forest_kernel[tiles](
-        unit, owner, first, second, valid, cells, lo, hi, sim,
-        blocks, n, cells_total, unit.shape[-1], unit.stride(0), unit.stride(1),
+        metric, owner, first, second, valid, cells, lo, hi, sim,
+        blocks, n, cells_total, metric.shape[-1], metric.stride(0), metric.stride(1),
         SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=n_cells, BLOCK_T=BLOCKS_PER_PROGRAM[block],
-        BLOCK_D=min(METRIC_CHANNELS[block], triton.next_power_of_2(unit.shape[-1])),
+        BLOCK_D=min(METRIC_CHANNELS[block], triton.next_power_of_2(metric.shape[-1])), NORM_EPS=NORM_EPS,
     )  # fmt: skip
 
     strongest = sim.flatten(1).argsort(dim=1, descending=True, stable=True)[:, :r]
@@ -320,9 +328,10 @@ def aot_builds() -> list[Build]:
     for block in (2, 4):
         slots = 2 * block * (block - 1)
         shape = dict(SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), CELLS=block * block, BLOCK_T=BLOCKS_PER_PROGRAM[block])
-        forest = {"unit": "*fp32", **tables, "lo_out": "*i32", "hi_out": "*i32", "sim_out": "*fp32", **sizes}
-        forest.update(dict.fromkeys(("metric_dim", "stride_unit_b", "stride_unit_t"), "i32"))
-        builds.append(Build(f"atme forest {block}x{block}", forest_kernel, forest, dict(shape, BLOCK_D=METRIC_CHANNELS[block]), 4, 3, True))
+        forest = {"metric": "*fp16", **tables, "lo_out": "*i32", "hi_out": "*i32", "sim_out": "*fp32", **sizes}
+        forest.update(dict.fromkeys(("metric_dim", "stride_metric_b", "stride_metric_t"), "i32"))
+        constants = dict(shape, BLOCK_D=METRIC_CHANNELS[block], NORM_EPS=NORM_EPS)
+        builds.append(Build(f"atme forest {block}x{block}", forest_kernel, forest, constants, 4, 3, True))
         roots = {"owner": "*i32", "cells": "*i32", "lo": "*i32", "hi": "*i32", "chosen": "*i8", "root_out": "*i32", **sizes}
         builds.append(Build(f"atme roots {block}x{block}", roots_kernel, roots, shape, 4, 3, True))
         for name in ("fp16", "bf16", "fp32"):

@@ -23,8 +23,8 @@ def atme_bruteforce(x, metric, size, owner, *, r, grid, prefix, block):
         m = metric[img, prefix:].double()
         unit = [row / max(float(row.norm()), 1e-12) for row in m]
 
-        def sim(a, b):
-            return float((unit[a] * unit[b]).sum())
+        def sim(a, b):  # cosine in float64, rounded to float32 (DESIGN: ties are exact on the rounded values)
+            return float(torch.tensor(float((unit[a] * unit[b]).sum())).float())
 
         candidates = []
         for block_id, (top, left) in enumerate((i, j) for i in range(0, H, block) for j in range(0, W, block)):

@@ -3,10 +3,13 @@
 Backends (pick one for a ``with`` block: ``with cait_kernels.backend("reference"): ...``):
 
 - ``auto`` (the default): CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference;
-  any other device raises (never a silent fallback on an accelerator);
+  any other device raises (never a silent fallback on an accelerator). The kernels are inference
+  kernels (no backward): while autograd records (an input requires grad, grad mode on), the ops run
+  the differentiable reference on every device, so training and fine-tuning work on a GPU;
 - ``reference``: the PyTorch reference on any device;
 - ``triton``: the Triton kernels on any device; on CPU only under the interpreter
-  (``TRITON_INTERPRET=1`` set before import), which is how the tests run them.
+  (``TRITON_INTERPRET=1`` set before import), which is how the tests run them; refused while
+  autograd records.
 
 The Triton implementations are the custom ops ``torch.ops.cait.pruned_attention``, ``.atme_step``
 and ``.unmerge`` with fake (shape-only) implementations, so ``torch.compile`` traces a compressed
@@ -44,9 +47,13 @@ def backend(name: str):
         _active = previous
 
 
-def _use_triton(op: str, device: torch.device) -> bool:
-    """Whether ``op`` runs its Triton kernel for tensors on ``device`` under the active backend."""
+def _use_triton(op: str, device: torch.device, *tensors: torch.Tensor | None) -> bool:
+    """Whether ``op`` runs its Triton kernel for ``tensors`` on ``device`` under the active backend."""
     if _active == "reference":
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if _active == "triton":
+            raise RuntimeError(f"cait_kernels.{op}: the Triton kernels have no backward; run training on the reference ops")
         return False
     if _active == "triton" or device.type == "cuda":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -104,7 +111,7 @@ def _(x, owner, prefix):
 
 def pruned_attention(qkv, *, heads, d_qk, d_v, scale, size=None, idx_qk=None, idx_v=None):
     """Pruned-head attention; see :func:`cait_kernels.attention.pruned_attention_reference`."""
-    if _use_triton("pruned_attention", qkv.device):
+    if _use_triton("pruned_attention", qkv.device, qkv):
         check_attention_inputs(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
         triton_attention.check_kernel_inputs(qkv, d_qk, d_v)
         return _attention_op(qkv, heads, d_qk, d_v, float(scale), size, idx_qk, idx_v)
@@ -113,7 +120,7 @@ def pruned_attention(qkv, *, heads, d_qk, d_v, scale, size=None, idx_qk=None, id
 
 def atme_step(x, metric, size, owner, *, r, grid, prefix, block=2):
     """One ATME merge step; see :func:`cait_kernels.atme.atme_step_reference`. ``r = 0`` returns the inputs."""
-    if _use_triton("atme_step", x.device):
+    if _use_triton("atme_step", x.device, x):
         check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
         triton_atme.check_kernel_inputs(x, grid)
         if r == 0:
@@ -124,7 +131,7 @@ def atme_step(x, metric, size, owner, *, r, grid, prefix, block=2):
 
 def unmerge(x, owner, *, prefix):
     """Spatial tokens back on their cells; see :func:`cait_kernels.unmerge.unmerge_reference`."""
-    if _use_triton("unmerge", x.device):
+    if _use_triton("unmerge", x.device, x):
         check_unmerge_inputs(x, owner, prefix=prefix)
         triton_unmerge.check_kernel_inputs(x)
         return _unmerge_op(x, owner, prefix)

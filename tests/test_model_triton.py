@@ -45,3 +45,16 @@ def test_flops_count_the_triton_attention(kernel_device):
         reference = cait.flops(fast)
     with backend("triton"):
         assert cait.flops(fast) == reference
+
+
+def test_training_runs_the_differentiable_reference(compressed):
+    """The kernels have no backward: with autograd recording, auto picks the reference, triton refuses."""
+    fast, images = compressed
+    fast.train()
+    try:
+        fast(images).sum().backward()
+        assert all(p.grad is not None for p in fast.blocks[0].attn.qkv.parameters())
+        with backend("triton"), pytest.raises(RuntimeError, match="no backward"):
+            fast(images)
+    finally:
+        fast.eval().zero_grad(set_to_none=True)

@@ -4,11 +4,12 @@
 """
 from .cdcp import CDCP
 from .cost import flops
+from .gates import Gates, attach_gates
 from .graphs import CudaGraph, cuda_graph
 from .model import CompressedViT, compress
 from .schedule import ATME
 from .serialize import load, save
 from .tokens import TokenState
 
-__all__ = ["ATME", "CDCP", "CompressedViT", "CudaGraph", "TokenState", "compress", "cuda_graph", "flops", "load", "save"]
+__all__ = ["ATME", "CDCP", "CompressedViT", "CudaGraph", "Gates", "TokenState", "attach_gates", "compress", "cuda_graph", "flops", "load", "save"]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ class CompressedAttention(nn.Module):
         self.heads, self.d_qk, self.d_v = attn.num_heads, attn.head_dim, attn.head_dim
         self.scale = float(attn.scale)
         self.qk_normed = not isinstance(attn.q_norm, nn.Identity)
+        self.metric_channels = None  # (heads, d) qk channels the metric averages; set by dynamic CDCP gates
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, with_metric: bool = False):
         """x ``(B, T, C)``, size ``(B, T)`` or None -> output ``(B, T, C)`` and, if asked, the ATME
@@ -40,7 +41,10 @@ class CompressedAttention(nn.Module):
         metric = None
         if with_metric:
             width = self.heads * self.d_qk
-            metric = qkv[..., width : 2 * width].unflatten(-1, (self.heads, self.d_qk)).mean(dim=2)
+            keys = qkv[..., width : 2 * width].unflatten(-1, (self.heads, self.d_qk))
+            if self.metric_channels is not None:  # the kept channels, compacted as a pruned model holds them
+                keys = keys.gather(-1, self.metric_channels.expand(*keys.shape[:2], -1, -1))
+            metric = keys.mean(dim=2)
         return out, metric
 
     def _normalize_qk(self, qkv: torch.Tensor) -> torch.Tensor:

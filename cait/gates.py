@@ -1,0 +1,147 @@
+"""Dynamic CDCP: learnable channel scores that choose the kept channels at every training step.
+
+Per block (DESIGN.md): one score per (head, qk channel) shared by q and k, one per (head, v channel),
+one per MLP hidden unit. In every forward the kept set is recomputed from the current scores: each
+head keeps its ``d_qk`` / ``d_v`` best channels (the same count in every head), the MLP its best
+hidden units, so a pruned channel comes back once its score rises again. The masks are applied by
+forward hooks on the unpruned layers (the ``qkv`` output and the ``fc2`` input), which is exactly
+the pruned model's function: a zeroed q/k channel adds nothing to a logit, a zeroed v channel or
+hidden unit nothing to the output. The ATME metric averages each head's kept key channels in order,
+as the pruned model's compact keys do, so training merges exactly as inference will.
+
+Straight-through estimator: the forward uses the hard 0/1 mask, the backward passes the mask's
+gradient to the score (``mask = hard + score - score.detach()``), so scores of channels that help
+grow and those that do not shrink. The keep ratios anneal linearly from 1 to the targets over
+``warmup`` calls of :meth:`Gates.step` (one per optimizer step); afterwards they stay at the target.
+:meth:`Gates.materialize` freezes the masks and builds the same compact model :func:`cait.compress`
+builds (smaller ``nn.Linear`` layers), so saving, loading, benchmarks and kernels apply unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cdcp import CDCP, Scores, activation_scores, check_prunable, kept_count, prune_block, top_channels, weight_scores
+
+
+def _hard_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """0/1 mask of the ``count`` highest scores along the last dim (ties: lower index first)."""
+    if count >= scores.shape[-1]:
+        return torch.ones_like(scores)
+    return torch.zeros_like(scores).scatter_(-1, top_channels(scores.detach(), count), 1.0)
+
+
+class BlockGates(nn.Module):
+    """The scores of one block: ``qk`` and ``v`` ``(heads, head_dim)``, ``mlp`` ``(hidden,)``.
+
+    Initialised from one-shot importance, each group scaled to mean 1 so one learning rate suits all.
+    ``counts`` holds the channels kept now (``qk``, ``v`` per head; ``mlp``); :class:`Gates` sets it.
+    """
+
+    def __init__(self, importance: Scores):
+        super().__init__()
+        self.qk, self.v, self.mlp = (nn.Parameter(s / s.mean().clamp_min(1e-12)) for s in importance)
+        self.counts = {"qk": self.qk.shape[1], "v": self.v.shape[1], "mlp": self.mlp.shape[0]}
+
+    def mask(self, name: str) -> torch.Tensor:
+        """Mask of the current kept set of group ``name`` (``qk``, ``v``, ``mlp``), shaped like its
+        scores; straight-through to the scores while training."""
+        score = getattr(self, name)
+        hard = _hard_mask(score, self.counts[name])
+        return hard + score - score.detach() if self.training and torch.is_grad_enabled() else hard
+
+    def kept(self) -> dict:
+        """The kept channels now: ``qk``/``v`` ``(heads, d)``, ``mlp`` ``(hidden,)`` int64, sorted; None where all are kept."""
+        return {
+            name: None if self.counts[name] == total else top_channels(getattr(self, name).detach(), self.counts[name]).cpu()
+            for name, total in (("qk", self.qk.shape[1]), ("v", self.v.shape[1]), ("mlp", self.mlp.shape[0]))
+        }
+
+
+class Gates(nn.Module):
+    """Dynamic CDCP on every block of an unpruned :class:`cait.CompressedViT` (see the module docstring).
+
+    Made by :func:`attach_gates`; ``gates.parameters()`` are the scores (give them to the optimizer).
+    """
+
+    def __init__(self, model, prune: CDCP, warmup: int, importance: list[Scores]):
+        super().__init__()
+        self.model_ref = [model]  # in a list, not a submodule: the gates' state_dict holds the scores only
+        self.prune, self.warmup, self.steps = prune, warmup, 0
+        self.blocks = nn.ModuleList(BlockGates(s) for s in importance)
+        attn, hidden = model.blocks[0].attn, model.blocks[0].mlp.fc1.out_features
+        self.totals = {"qk": attn.d_qk, "v": attn.d_v, "mlp": hidden}
+        self.targets = {
+            "qk": kept_count(prune.qk, attn.d_qk, "qk"),
+            "v": kept_count(prune.v, attn.d_v, "v"),
+            "mlp": kept_count(prune.mlp, hidden, "MLP"),
+        }
+        self.hooks = []
+        for block, gates in zip(model.blocks, self.blocks):
+            self.hooks.append(block.attn.qkv.register_forward_hook(lambda m, a, out, g=gates, at=block.attn: _mask_qkv(out, g, at)))
+            self.hooks.append(block.mlp.fc2.register_forward_pre_hook(lambda m, a, g=gates: (a[0] * g.mask("mlp").to(a[0].dtype),)))
+        self._set_counts()
+        model.gated = True
+
+    def ratio(self) -> float:
+        """Progress of the annealing, 0 at the start to 1 after ``warmup`` steps."""
+        return 1.0 if self.warmup == 0 else min(1.0, self.steps / self.warmup)
+
+    def step(self) -> None:
+        """Advance the keep-ratio annealing by one optimizer step."""
+        self.steps += 1
+        self._set_counts()
+
+    def _set_counts(self) -> None:
+        t = self.ratio()
+        counts = {name: round(total - t * (total - self.targets[name])) for name, total in self.totals.items()}
+        for gates in self.blocks:
+            gates.counts = dict(counts)
+
+    def kept_summary(self) -> str:
+        """e.g. ``qk 48/64 v 56/64 mlp 1400/1536``: channels kept per head (qk, v) and MLP units now."""
+        c = self.blocks[0].counts
+        return " ".join(f"{name} {c[name]}/{self.totals[name]}" for name in ("qk", "v", "mlp"))
+
+    def materialize(self):
+        """Freeze the current kept sets into smaller layers, detach the gates; returns the model."""
+        if self.ratio() < 1:
+            raise RuntimeError(f"the keep ratios are still annealing ({self.steps}/{self.warmup} steps): train on, or materialize later")
+        model = self.model_ref[0]
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for block, gates in zip(model.blocks, self.blocks):
+            prune_block(block, gates.kept())
+            block.attn.metric_channels = None
+        model.gated = False
+        return model
+
+
+def _mask_qkv(out: torch.Tensor, gates: BlockGates, attn) -> torch.Tensor:
+    """The unpruned ``[q heads | k heads | v heads]`` output with q and k under one mask, v under its
+    own; the ATME metric is told the kept qk channels, so it averages them as the pruned model will."""
+    qk, v = gates.mask("qk"), gates.mask("v").flatten()
+    attn.metric_channels = None if gates.counts["qk"] == qk.shape[1] else top_channels(gates.qk.detach(), gates.counts["qk"])
+    return out * torch.cat([qk.flatten(), qk.flatten(), v]).to(out.dtype)
+
+
+def attach_gates(model, prune: CDCP, warmup: int = 0) -> Gates:
+    """Dynamic CDCP gates on an unpruned :class:`cait.CompressedViT`, scores initialised from
+    ``prune.method`` importance; ``warmup``: optimizer steps over which the keep ratios anneal to
+    ``prune``'s targets (0: at the targets from the start)."""
+    if not isinstance(prune, CDCP):
+        raise TypeError(f"prune must be a cait.CDCP spec, got {type(prune).__name__}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a whole number of steps >= 0, got {warmup!r}")
+    if any(any(v is not None for v in block.kept.values()) for block in model.blocks):
+        raise ValueError("the model is already pruned: attach gates to a model compressed without prune=")
+    if getattr(model, "gated", False):
+        raise ValueError("the model already has gates attached")
+    check_prunable(model, prune)
+    if prune.method == "activation":
+        importance = activation_scores(model, prune.calibration.to(next(model.parameters())))
+    else:
+        importance = weight_scores(model)
+    return Gates(model, prune, warmup, importance).to(next(model.parameters()).device)

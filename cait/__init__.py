@@ -11,5 +11,18 @@ from .schedule import ATME
 from .serialize import load, save
 from .tokens import TokenState
 
-__all__ = ["ATME", "CDCP", "CompressedViT", "CudaGraph", "Gates", "TokenState", "attach_gates", "compress", "cuda_graph", "flops", "load", "save"]
+__all__ = [
+    "ATME",
+    "CDCP",
+    "CompressedViT",
+    "CudaGraph",
+    "Gates",
+    "TokenState",
+    "attach_gates",
+    "compress",
+    "cuda_graph",
+    "flops",
+    "load",
+    "save",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``cait`` command line: ``compress``, ``info`` and ``bench``."""
+"""The ``cait`` command line: ``compress``, ``finetune``, ``eval``, ``info`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ EXAMPLES = """examples:
 """
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FINETUNE_EXAMPLES = """examples:
+  cait finetune --model deit_small_patch16_224 --checkpoint deit_s.pth --data imagenet \\
+      --merge-flops 0.7 --keep-qk 0.5 --keep-v 0.75 --keep-mlp 0.75 --epochs 30 --out runs/deit_s
+  torchrun --nproc-per-node 8 -m cait finetune ...          # the same on 8 GPUs
+  cait eval --data imagenet runs/deit_s/model.safetensors
+"""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 
 
@@ -24,6 +30,44 @@ def _counts(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="timm model name, e.g. deit_small_patch16_224")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights for the timm model (a timm/PyTorch checkpoint); random init without it")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights instead (needs network access)")
+    p.add_argument(
+        "--img-size", type=int, nargs="+", metavar="PX", help="input size: one number for square images or H W (default: the model's)"
+    )
+    p.add_argument("--num-classes", type=int, metavar="K", help="classifier outputs (default: the model's)")
+
+
+def _add_compression_arguments(p: argparse.ArgumentParser) -> None:
+    merge = p.add_mutually_exclusive_group()
+    merge.add_argument(
+        "--merge-flops",
+        type=float,
+        metavar="F",
+        help="ATME: merge until the FLOPs are F times those of the unmerged (pruned) model, F in (0, 1]",
+    )
+    merge.add_argument(
+        "--merge-r", type=_counts, metavar="R[,R...]", help="ATME: tokens merged away per block, one count for every block or one per block"
+    )
+    p.add_argument(
+        "--block", type=int, choices=(2, 4), default=2, help="ATME tile side: tokens only merge inside aligned tiles (default: 2)"
+    )
+    p.add_argument(
+        "--keep-qk", type=float, default=1.0, metavar="Q", help="CDCP: share of q/k channels kept per head, shared by q and k (default: 1)"
+    )
+    p.add_argument("--keep-v", type=float, default=1.0, metavar="V", help="CDCP: share of v channels kept per head (default: 1)")
+    p.add_argument("--keep-mlp", type=float, default=1.0, metavar="M", help="CDCP: share of MLP hidden units kept (default: 1)")
+    p.add_argument(
+        "--importance",
+        choices=("weight", "activation"),
+        help="CDCP channel ranking: weight norms, or activations on --calibration images (default: activation if --calibration is given)",
+    )
+    p.add_argument("--calibration", metavar="DIR", help="folder of images (searched recursively) for activation importance")
+    p.add_argument("--calibration-images", type=int, default=64, metavar="N", help="how many calibration images to use (default: 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,39 +87,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a timm model, merge tokens and/or prune channels, and save the compressed model "
         "(weights and config in one .safetensors file that `cait.load` reads without the original weights).",
     )
-    c.add_argument("--model", required=True, help="timm model name, e.g. deit_small_patch16_224")
-    c.add_argument("--checkpoint", metavar="FILE", help="weights for the timm model (a timm/PyTorch checkpoint); random init without it")
-    c.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights instead (needs network access)")
-    c.add_argument(
-        "--img-size", type=int, nargs="+", metavar="PX", help="input size: one number for square images or H W (default: the model's)"
-    )
-    c.add_argument("--num-classes", type=int, metavar="K", help="classifier outputs (default: the model's)")
-    merge = c.add_mutually_exclusive_group()
-    merge.add_argument(
-        "--merge-flops",
-        type=float,
-        metavar="F",
-        help="ATME: merge until the FLOPs are F times those of the unmerged (pruned) model, F in (0, 1]",
-    )
-    merge.add_argument(
-        "--merge-r", type=_counts, metavar="R[,R...]", help="ATME: tokens merged away per block, one count for every block or one per block"
-    )
-    c.add_argument(
-        "--block", type=int, choices=(2, 4), default=2, help="ATME tile side: tokens only merge inside aligned tiles (default: 2)"
-    )
-    c.add_argument(
-        "--keep-qk", type=float, default=1.0, metavar="Q", help="CDCP: share of q/k channels kept per head, shared by q and k (default: 1)"
-    )
-    c.add_argument("--keep-v", type=float, default=1.0, metavar="V", help="CDCP: share of v channels kept per head (default: 1)")
-    c.add_argument("--keep-mlp", type=float, default=1.0, metavar="M", help="CDCP: share of MLP hidden units kept (default: 1)")
-    c.add_argument(
-        "--importance",
-        choices=("weight", "activation"),
-        help="CDCP channel ranking: weight norms, or activations on --calibration images (default: activation if --calibration is given)",
-    )
-    c.add_argument("--calibration", metavar="DIR", help="folder of images (searched recursively) for activation importance")
-    c.add_argument("--calibration-images", type=int, default=64, metavar="N", help="how many calibration images to use (default: 64)")
+    _add_model_arguments(c)
+    _add_compression_arguments(c)
     c.add_argument("--out", required=True, metavar="FILE", help="where to write the compressed model (.safetensors)")
+
+    f = commands.add_parser(
+        "finetune",
+        help="compress a timm model and fine-tune it back to accuracy, with distillation from the dense model",
+        epilog=FINETUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Merge tokens (ATME, on during training with the final schedule) and prune channels with dynamic CDCP "
+        "gates (the kept set is re-chosen from learnable scores every step while the keep ratios anneal from 1 to the "
+        "targets), training on an ImageFolder with the dense model as teacher; then save the compact model. "
+        "Multi-GPU: run under torchrun (DistributedDataParallel).",
+    )
+    _add_model_arguments(f)
+    _add_compression_arguments(f)
+    f.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/ and val/ (one folder per class in each)")
+    f.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
+    f.add_argument(
+        "--anneal-epochs", type=float, metavar="E", help="epochs over which keep ratios go from 1 to the targets (default: a third)"
+    )
+    f.add_argument("--batch-size", type=int, default=64, help="images per step and process (default: 64)")
+    f.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the weights (default: 1e-4)")
+    f.add_argument("--score-lr", type=float, default=1e-2, help="AdamW learning rate of the CDCP scores (default: 1e-2)")
+    f.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the weights (default: 0.05)")
+    f.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's soft targets, 0 for labels only (default: 0.5)")
+    f.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: 1)")
+    f.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    f.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: cuda when visible, else cpu)")
+    f.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: fp16 autocast there)")
+    f.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same arguments)")
+    f.add_argument("--out", required=True, metavar="DIR", help="writes checkpoint.pt every epoch, log.json and the final model.safetensors")
+
+    e = commands.add_parser(
+        "eval",
+        help="top-1/top-5 accuracy of a saved compressed model on an ImageFolder",
+        description="Evaluate a .safetensors model written by cait on DIR/val (or --split) and print top-1, top-5, images/s.",
+    )
+    e.add_argument("file", help="a .safetensors file written by cait")
+    e.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root")
+    e.add_argument("--split", default="val", help="sub-folder of DIR to evaluate (default: val)")
+    e.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    e.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    e.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default: cuda when visible, else cpu)")
 
     i = commands.add_parser(
         "info",
@@ -152,34 +208,49 @@ def load_images(folder: str, model, count: int):
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in tqdm(paths[:count], desc="calibration images", leave=False)])
 
 
-def cmd_compress(args) -> None:
+def build_model(args):
+    """The timm model the arguments name, in eval mode."""
     import timm
 
-    import cait
-
-    prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
-    if args.merge_flops is None and args.merge_r is None and not prune_requested:
-        raise ValueError("nothing to compress: give --merge-flops or --merge-r, and/or --keep-qk/--keep-v/--keep-mlp below 1")
-    importance = args.importance or ("activation" if args.calibration else "weight")
-    if importance == "activation" and not args.calibration:
-        raise ValueError("--importance activation needs --calibration DIR")
     if args.img_size and len(args.img_size) > 2:
         raise ValueError("--img-size takes one number or two (H W)")
-    merge = None
-    if args.merge_flops is not None:
-        merge = cait.ATME(flops=args.merge_flops, block=args.block)
-    elif args.merge_r is not None:
-        merge = cait.ATME(r=args.merge_r[0] if len(args.merge_r) == 1 else args.merge_r, block=args.block)
     overrides = {}
     if args.img_size:
         overrides["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
-    model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or "", **overrides).eval()
+    return timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or "", **overrides).eval()
+
+
+def compression(args, model, calibration_folder: str | None):
+    """``(ATME | None, CDCP | None)`` from the compression arguments; activation importance reads
+    calibration images from ``calibration_folder``."""
+    import cait
+
+    prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
+    importance = args.importance or ("activation" if args.calibration else "weight")
+    if importance == "activation" and not calibration_folder:
+        raise ValueError("--importance activation needs --calibration DIR")
+    merge = None
+    if args.merge_flops is not None:
+        merge = cait.ATME(flops=args.merge_flops, block=args.block)
+    elif args.merge_r is not None:
+        merge = cait.ATME(r=args.merge_r[0] if len(args.merge_r) == 1 else args.merge_r, block=args.block)
     prune = None
     if prune_requested:
-        calibration = load_images(args.calibration, model, args.calibration_images) if importance == "activation" else None
+        calibration = load_images(calibration_folder, model, args.calibration_images) if importance == "activation" else None
         prune = cait.CDCP(qk=args.keep_qk, v=args.keep_v, mlp=args.keep_mlp, method=importance, calibration=calibration)
+    return merge, prune
+
+
+def cmd_compress(args) -> None:
+    import cait
+
+    prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
+    if args.merge_flops is None and args.merge_r is None and not prune_requested:
+        raise ValueError("nothing to compress: give --merge-flops or --merge-r, and/or --keep-qk/--keep-v/--keep-mlp below 1")
+    model = build_model(args)
+    merge, prune = compression(args, model, args.calibration)
     fast = cait.compress(model, merge=merge, prune=prune)
     cait.save(fast, args.out)
     print(f"wrote {args.out}\n")
@@ -277,7 +348,110 @@ def write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
-COMMANDS = {"compress": cmd_compress, "info": cmd_info, "bench": cmd_bench}
+def image_folder(root: str, split: str, model, training: bool):
+    """``root/split`` as a torchvision ImageFolder with timm's transforms for ``model``'s input size."""
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--data {root!r} has no {split}/ folder (an ImageFolder root holds train/ and val/)")
+    config = timm.data.resolve_model_data_config(model)
+    config["input_size"] = tuple(model.input_size) if hasattr(model, "input_size") else (3, *model.patch_embed.img_size)
+    return ImageFolder(folder, transform=timm.data.create_transform(**config, is_training=training))
+
+
+def _device(name: str | None):
+    import torch
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def cmd_finetune(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    import cait
+    from cait.finetune import Distillation, fit, make_student, resume, teacher_of
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be at least 1")
+    distill = Distillation(args.alpha, args.temperature)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    main_process = world == 1 or dist.get_rank() == 0
+    torch.manual_seed(args.seed)
+    model = build_model(args)
+    train_set = image_folder(args.data, "train", model, training=True)
+    val_set = image_folder(args.data, "val", model, training=False)
+    if len(train_set.classes) != model.num_classes:
+        raise ValueError(
+            f"{args.data}/train holds {len(train_set.classes)} classes but the model has {model.num_classes} outputs: the teacher "
+            f"must be trained for these classes (pass --checkpoint of such a model and --num-classes {len(train_set.classes)})"
+        )
+    merge, prune = compression(args, model, args.calibration)
+    sampler = DistributedSampler(train_set, seed=args.seed) if world > 1 else None
+    drop_last = len(train_set) > args.batch_size  # equal batches, but never an empty epoch
+    train_loader = DataLoader(
+        train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers, drop_last=drop_last
+    )
+    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
+    anneal = args.anneal_epochs if args.anneal_epochs is not None else args.epochs / 3
+    student = make_student(model, merge, prune, warmup=round(anneal * len(train_loader))).to(device)
+    teacher = teacher_of(model).to(device)
+    groups = [{"params": student.model.parameters(), "lr": args.lr, "weight_decay": args.weight_decay}]
+    if student.gates is not None:
+        groups.append({"params": student.gates.parameters(), "lr": args.score_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    os.makedirs(args.out, exist_ok=True)
+    checkpoint = os.path.join(args.out, "checkpoint.pt")
+    start = 0
+    if args.resume:
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"--resume: no {checkpoint}")
+        start = resume(student, optimizer, checkpoint)
+    amp = device.type == "cuda" and not args.no_amp
+    fit(student, teacher, train_loader, val_loader, epochs=args.epochs, optimizer=optimizer, distill=distill, out_dir=args.out,
+        start_epoch=start, amp=amp, ddp=world > 1, main_process=main_process)  # fmt: skip
+    if main_process:
+        path = os.path.join(args.out, "model.safetensors")
+        cait.save(student.materialize(), path)
+        print(f"wrote {path}\n")
+        describe(student.model, dense=model)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def cmd_eval(args) -> None:
+    import time
+
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    import cait
+    from cait.finetune import evaluate
+
+    model = cait.load(args.file, device=_device(args.device))
+    data = image_folder(args.data, args.split, model, training=False)
+    loader = DataLoader(data, args.batch_size, num_workers=args.workers)
+    start = time.perf_counter()
+    with tqdm(total=len(loader), desc="evaluating", leave=False) as bar:
+        result = evaluate(model, loader, progress=bar)
+    seconds = time.perf_counter() - start
+    print(f"{args.file} on {os.path.join(args.data, args.split)}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+          f"({result['images']} images, {result['images'] / seconds:.1f} img/s including loading)")  # fmt: skip
+
+
+COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> None:

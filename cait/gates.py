@@ -90,7 +90,11 @@ class Gates(nn.Module):
 
     def step(self) -> None:
         """Advance the keep-ratio annealing by one optimizer step."""
-        self.steps += 1
+        self.set_steps(self.steps + 1)
+
+    def set_steps(self, steps: int) -> None:
+        """Put the annealing at ``steps`` optimizer steps (e.g. when resuming training)."""
+        self.steps = steps
         self._set_counts()
 
     def _set_counts(self) -> None:

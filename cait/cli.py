@@ -183,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
         "peaks; on any machine, the ahead-of-time compile report (registers, spills, shared memory, tensor-core "
         "instructions) of every kernel configuration for sm_80 and sm_90",
     )
+    b.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="run the accuracy benchmark instead of timing models: a small ViT trained from scratch on scikit-learn's digits, "
+        "then dense vs ATME / CDCP / both (one-shot and fine-tuned with distillation) vs ToMe and EViT-style pruning "
+        "at about 0.5x FLOPs: top-1 over --seeds, FLOPs ratio, CPU img/s (about 20 minutes on 2 cores)",
+    )
+    b.add_argument("--seeds", type=int, default=3, help="--accuracy: seeds (default: 3)")
+    b.add_argument("--epochs", type=int, default=40, help="--accuracy: epochs of dense training (default: 40)")
+    b.add_argument("--finetune-epochs", type=int, default=15, help="--accuracy: epochs of CAIT fine-tuning (default: 15)")
     b.add_argument("--out", metavar="FILE", help="also write the rows and the machine description to this JSON file")
     return parser
 
@@ -298,6 +308,8 @@ def cmd_bench(args) -> None:
         torch.set_num_threads(args.threads)
     if args.kernels:
         return bench_kernels(args)
+    if args.accuracy:
+        return bench_accuracy(args)
     variants = args.variant or list(DEFAULT_VARIANTS)
     for text in variants:
         parse_variant(text)  # refuse a bad spec before any timing
@@ -339,6 +351,25 @@ def bench_kernels(args) -> None:
     print(aot.table(resources))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}")
     write_json(args.out, dict(result, compile_report=[r._asdict() for r in resources]))
+
+
+def bench_accuracy(args) -> None:
+    """``cait bench --accuracy``: the digits benchmark (:mod:`cait.accuracy_bench`)."""
+    from tqdm.auto import tqdm
+
+    from cait import accuracy_bench
+    from cait.benchmark import machine
+
+    if args.seeds < 1 or args.epochs < 1 or args.finetune_epochs < 1:
+        raise ValueError("--seeds, --epochs and --finetune-epochs must be at least 1")
+    seeds = list(range(args.seeds))
+    with tqdm(total=args.seeds * (args.epochs + args.finetune_epochs), desc="training (dense, then fine-tuning)") as bar:
+        rows = accuracy_bench.run(seeds, args.epochs, args.finetune_epochs, progress=bar)
+    print(accuracy_bench.table(rows, len(seeds)))
+    info = machine()
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    settings = {"seeds": seeds, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs}
+    write_json(args.out, {"machine": info, "settings": settings, "rows": accuracy_bench.as_json(rows)})
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -35,6 +35,8 @@ MERGE, PRUNE = ATME(flops=0.7), CDCP(qk=0.5, v=0.75, mlp=0.75)  # together about
 
 @dataclass
 class AccuracyRow:
+    """One method's line: top-1 as a fraction over seeds, FLOPs relative to dense, CPU images/s (median over seeds)."""
+
     method: str
     flops_ratio: float
     top1_mean: float

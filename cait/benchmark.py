@@ -101,16 +101,17 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, g
     base_speed = batch / statistics.median(seconds[base_variant])
     rows = []
     for variant in runners:
-        model = models[variant.removesuffix(GRAPH)]
+        model_name = variant.removesuffix(GRAPH)
+        model = models[model_name]
         speed = batch / statistics.median(seconds[variant])
-        ratio = counts[variant.removesuffix(GRAPH)] / counts[base_variant]
+        ratio = counts[model_name] / counts[base_variant]
         params = sum(p.numel() for p in model.parameters()) / 1e6
         rows.append(
             Row(
                 name,
                 variant,
                 batch,
-                counts[variant] / 1e9,
+                counts[model_name] / 1e9,
                 params,
                 speed,
                 speed / base_speed,

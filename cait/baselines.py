@@ -73,14 +73,15 @@ def evit_step(x, cls_attention, size, owner, *, r: int, prefix: int, grid: tuple
     keep = cls_attention.topk(n - r, dim=-1).indices.sort(dim=-1).values  # (B, N - r)
     new_x = torch.cat([x[:, :prefix], take_rows(x[:, prefix:], keep)], 1)
     new_size = torch.cat([size[:, :prefix], size[:, prefix:].gather(1, keep)], 1)
-    # Nearest kept token for every cell, by the grid distance between the cell and the token's cells.
+    # Nearest kept token for every cell: the token holding the nearest cell that a kept token holds.
+    new_index = torch.full((x.shape[0], n), -1, dtype=torch.long, device=x.device)
+    new_index.scatter_(1, keep, torch.arange(n - r, device=x.device).expand(x.shape[0], -1))
+    cell_token = new_index.gather(1, owner.long())  # (B, H*W): the cell's token after the step, -1 if dropped
     cells = torch.arange(grid[0] * grid[1], device=x.device)
     coords = torch.stack([cells // grid[1], cells % grid[1]], -1).float()  # (H*W, 2)
-    holds = owner.long()[:, :, None] == keep[:, None, :]  # (B, H*W, N-r): the cell belongs to kept token j
     distance = torch.cdist(coords, coords).expand(x.shape[0], -1, -1)  # (B, cell, cell)
-    # distance from each cell to each kept token = min over that token's cells
-    to_token = torch.where(holds[:, None, :, :], distance[..., None], torch.inf).amin(dim=2)  # (B, H*W, N-r)
-    return new_x, new_size, to_token.argmin(dim=-1).to(torch.int32)
+    nearest = distance.masked_fill(cell_token[:, None, :] < 0, torch.inf).argmin(dim=-1)  # (B, H*W): nearest kept cell
+    return new_x, new_size, cell_token.gather(1, nearest).to(torch.int32)
 
 
 class BaselineBlock(CompressedBlock):

@@ -17,7 +17,7 @@ setup(
     ],
     entry_points={"console_scripts": ["cait = cait.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn"],
-        "bench": ["pytest-benchmark", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema"],
+        "bench": ["pytest-benchmark", "scikit-learn", "matplotlib"],
     },
 )

@@ -1,7 +1,7 @@
 """Model benchmark (CPU or GPU): dense timm ViTs vs cait-compressed copies, timed side by side.
 
 Same as `cait bench`; see `python bench/models.py --help`.
-    python bench/models.py --out bench/results/models-cpu.json
+    python bench/models.py --out models-cpu.json
 """
 import os
 import sys

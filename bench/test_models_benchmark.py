@@ -9,19 +9,18 @@ import timm
 import torch
 
 import cait
-from cait.benchmark import DEFAULT_VARIANTS, parse_variant
+from cait.benchmark import DEFAULT_VARIANTS, build_variant, parse_variant
 
 CASES = [("deit_small_patch16_224", 8), ("deit_tiny_patch16_224", 1)]
 
 
-@pytest.mark.parametrize("variant", ["dense", *DEFAULT_VARIANTS])
+@pytest.mark.parametrize("variant", ["dense", *DEFAULT_VARIANTS, "tome=0.6"])
 @pytest.mark.parametrize("name, batch", CASES)
 def test_forward(benchmark, name, batch, variant):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     if variant != "dense":
-        merge, prune = parse_variant(variant)
-        model = cait.compress(model, merge=merge, prune=prune)
+        model = build_variant(model, parse_variant(variant))
     images = torch.randn(batch, 3, 224, 224)
     benchmark.group = f"{name} batch {batch}"
     benchmark.extra_info["gflops"] = cait.flops(model) / 1e9

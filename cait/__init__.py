@@ -10,6 +10,7 @@ from .model import CompressedViT, compress
 from .schedule import ATME
 from .serialize import load, save
 from .tokens import TokenState
+from .visualize import visualize
 
 __all__ = [
     "ATME",
@@ -24,5 +25,6 @@ __all__ = [
     "flops",
     "load",
     "save",
+    "visualize",
 ]
 __version__ = "0.1.0"

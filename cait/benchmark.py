@@ -144,10 +144,16 @@ DEFAULT_VARIANTS = ("merge=0.8", "merge=0.6", "prune=0.5/0.75/0.75", "merge=0.7,
 
 def parse_variant(text: str):
     """``merge=F`` (ATME FLOPs target), ``prune=QK/V/MLP`` (CDCP keep ratios) and ``block=2|4``, comma
-    separated, e.g. ``merge=0.7,prune=0.5/0.75/0.75`` -> ``(ATME | None, CDCP | None)``."""
+    separated, e.g. ``merge=0.7,prune=0.5/0.75/0.75`` -> ``(ATME | None, CDCP | None)``; or ``tome=F``,
+    the ToMe baseline (:mod:`cait.baselines`) at FLOPs ratio ``F`` -> ``("tome", F)``."""
     from .cdcp import CDCP
     from .schedule import ATME
 
+    if text.startswith("tome="):
+        try:
+            return "tome", float(text.removeprefix("tome="))
+        except ValueError:
+            raise ValueError(f"variant {text!r} must look like tome=0.6 (a FLOPs ratio)") from None
     fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
     if not fields or set(fields) - {"merge", "prune", "block"} or text.count("=") != len(fields):
         raise ValueError(f"variant {text!r} must look like merge=0.7,prune=0.5/0.75/0.75[,block=2]")
@@ -161,6 +167,30 @@ def parse_variant(text: str):
     return merge, None if ratios is None else CDCP(*ratios)
 
 
+def build_variant(dense: nn.Module, spec):
+    """The compressed copy of ``dense`` that a :func:`parse_variant` result describes."""
+    from .baselines import compress_baseline
+    from .model import compress
+
+    if spec[0] == "tome":
+        return compress_baseline(dense, "tome", spec[1])
+    return compress(dense, merge=spec[0], prune=spec[1])
+
+
+def method_of(variant: str) -> str:
+    """The method a variant name belongs to, for plots: ``dense``, ``ToMe``, ``CAIT`` (both axes),
+    ``ATME`` (merging only) or ``CDCP`` (pruning only); CUDA-graph and reference-op suffixes are kept."""
+    suffix = variant[variant.index(" [") :] if " [" in variant else ""
+    base = variant.removesuffix(suffix)
+    if base == "dense":
+        name = "dense"
+    elif base.startswith("tome="):
+        name = "ToMe"
+    else:
+        name = {(True, True): "CAIT", (True, False): "ATME", (False, True): "CDCP"}[("merge=" in base, "prune=" in base)]
+    return name + suffix
+
+
 def run(
     models: list[str],
     batches: list[int],
@@ -170,24 +200,27 @@ def run(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     graphs: bool = False,
+    progress=None,
 ) -> list[Row]:
     """The model table: each timm model dense and compressed per variant, timed side by side on
     ``device`` in ``dtype``. On a GPU every compressed variant also runs on the reference ops
-    (``<variant> [reference ops]``); ``graphs`` adds CUDA-graph rows for every model."""
+    (``<variant> [reference ops]``); ``graphs`` adds CUDA-graph rows for every model. ``progress``:
+    a tqdm-like bar advanced once per (model, batch); without one, each table is printed as it is done."""
     import timm
-
-    from .model import compress
 
     specs = {text: parse_variant(text) for text in variants}
     rows: list[Row] = []
     for name in models:
         dense = timm.create_model(name, checkpoint_path=checkpoint or "").eval()
         contenders = {"dense": dense}
-        contenders.update({text: compress(dense, merge=m, prune=p) for text, (m, p) in specs.items()})
+        contenders.update({text: build_variant(dense, spec) for text, spec in specs.items()})
         if device != "cpu":
             contenders.update({f"{text} [reference ops]": ReferenceOps(contenders[text]) for text in specs})
         contenders = {text: model.to(device=device, dtype=dtype) for text, model in contenders.items()}
         for batch in batches:
-            rows += compare(name, contenders, batch, repeats, graphs=graphs)
-            print(table(rows[-len(contenders) :]), "\n", flush=True)
+            rows += compare(name, contenders, batch, repeats, graphs=graphs, progress=progress is None)
+            if progress is None:
+                print(table(rows[-len(contenders) :]), "\n", flush=True)
+            else:
+                progress.update(1)
     return rows

@@ -34,10 +34,13 @@ _MISSING_FORMULAS = {
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """``(C, H, W)`` the model was built for, read off its patch embedding."""
-    embed = getattr(model, "patch_embed", None) or getattr(getattr(model, "vit", None), "patch_embed", None)
-    if embed is None:
-        raise ValueError(f"cannot tell the input size of {type(model).__name__}: pass input_size=(C, H, W)")
-    return (embed.proj.in_channels, *embed.img_size)
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None:
+        return (embed.proj.in_channels, *embed.img_size)
+    for inner in ("vit", "backbone"):  # a compressed model's timm parts, a segmentation model's backbone
+        if isinstance(getattr(model, inner, None), nn.Module):
+            return default_input_size(getattr(model, inner))
+    raise ValueError(f"cannot tell the input size of {type(model).__name__}: pass input_size=(C, H, W)")
 
 
 def flops(model: nn.Module, input_size: Sequence[int] | None = None) -> int:

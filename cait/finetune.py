@@ -7,6 +7,9 @@ model) carrying :class:`cait.Gates`; the teacher is the dense timm model. The lo
 DeiT student (class and distillation tokens, ``distilled_training``) puts the cross entropy on the
 class head and the KL on the distillation head. After training, :meth:`Student.materialize` gives
 the compact model that :func:`cait.save` writes.
+
+The same loop trains segmentation models (:mod:`cait.segmentation`): logits ``(B, K, H, W)`` against
+labels ``(B, H, W)``, the KL taken per pixel; ``fit(..., metrics=cait.segmentation.evaluate)``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 
 from .cdcp import CDCP
 from .gates import Gates, attach_gates
-from .model import CompressedViT, compress
+from .model import compress
 from .schedule import ATME
 
 
@@ -42,23 +45,25 @@ def distillation_loss(output, teacher_logits: torch.Tensor | None, labels: torch
     """The training loss of one batch.
 
     Args:
-        output: student logits ``(B, K)``, or a pair ``(class logits, distillation logits)``.
-        teacher_logits: ``(B, K)`` or None when ``distill.alpha == 0``.
-        labels: ``(B,)`` class indices.
+        output: student logits ``(B, K)`` or ``(B, K, H, W)``, or a pair ``(class logits, distillation logits)``.
+        teacher_logits: shaped like the student's, or None when ``distill.alpha == 0``.
+        labels: ``(B,)`` or ``(B, H, W)`` class indices (-100: ignored by the cross entropy).
     """
     cls, dist = output if isinstance(output, tuple) else (output, output)
     hard = F.cross_entropy(cls, labels)
     if distill.alpha == 0:
         return hard
     t = distill.temperature
-    soft = F.kl_div(F.log_softmax(dist / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1), reduction="batchmean", log_target=True)
+    kl = F.kl_div(F.log_softmax(dist / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="none", log_target=True)
+    soft = kl.sum(1).mean()  # per image (or per pixel), averaged
     return (1 - distill.alpha) * hard + distill.alpha * t * t * soft
 
 
 class Student(nn.Module):
-    """The model under training and its gates in one module (so DDP and optimizers see both)."""
+    """The model under training and its gates in one module (so DDP and optimizers see both).
+    ``model``: a :class:`cait.CompressedViT` or a :class:`cait.segmentation.Segmenter` on one."""
 
-    def __init__(self, model: CompressedViT, gates: Gates | None):
+    def __init__(self, model: nn.Module, gates: Gates | None):
         super().__init__()
         self.model, self.gates = model, gates
 
@@ -70,7 +75,7 @@ class Student(nn.Module):
         if self.gates is not None:
             self.gates.step()
 
-    def materialize(self) -> CompressedViT:
+    def materialize(self) -> nn.Module:
         """The compact model (gates frozen into smaller layers), ready for :func:`cait.save`."""
         if self.gates is not None:
             self.gates.materialize()
@@ -87,13 +92,15 @@ def make_student(model: nn.Module, merge: ATME | None, prune: CDCP | None, warmu
     return Student(student, gates)
 
 
-def _distilled_training(model: CompressedViT, enable: bool) -> None:
-    if hasattr(model.vit, "set_distilled_training"):
-        model.vit.set_distilled_training(enable)
+def _distilled_training(model: nn.Module, enable: bool) -> None:
+    vit = getattr(model, "vit", None)  # a classifier; segmenters use the features only
+    if hasattr(vit, "set_distilled_training"):
+        vit.set_distilled_training(enable)
 
 
 def train_epoch(student, teacher, loader, optimizer, distill: Distillation, *, scaler=None, progress=None) -> dict:
-    """One pass over ``loader``; returns the mean ``loss`` and the training ``accuracy`` (class head).
+    """One pass over ``loader``; returns the mean ``loss`` and the training ``accuracy`` (class head;
+    for segmentation: of the labelled pixels).
 
     ``student``: a :class:`Student` (possibly inside DDP); ``teacher``: the dense model in eval mode;
     ``scaler``: a ``torch.amp.GradScaler`` for fp16 autocast on CUDA, or None; ``progress``: a tqdm bar
@@ -103,7 +110,7 @@ def train_epoch(student, teacher, loader, optimizer, distill: Distillation, *, s
     device = next(inner.parameters()).device
     student.train()
     _distilled_training(inner.model, True)
-    total, correct, seen = 0.0, 0, 0
+    total, correct, seen, pixels = 0.0, 0, 0, 0
     try:
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -122,16 +129,18 @@ def train_epoch(student, teacher, loader, optimizer, distill: Distillation, *, s
                 optimizer.step()
             inner.step()
             logits = output[0] if isinstance(output, tuple) else output
+            labelled = labels >= 0
             total += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(-1) == labels).sum())
+            correct += int((logits.argmax(1) == labels)[labelled].sum())
             seen += len(labels)
+            pixels += int(labelled.sum())
             if progress is not None:
                 kept = inner.gates.kept_summary() if inner.gates is not None else "all channels"
-                progress.set_postfix_str(f"loss {total / seen:.3f} acc {correct / seen:.3f} kept {kept}")
+                progress.set_postfix_str(f"loss {total / seen:.3f} acc {correct / max(pixels, 1):.3f} kept {kept}")
                 progress.update(1)
     finally:
         _distilled_training(inner.model, False)
-    return {"loss": total / max(seen, 1), "accuracy": correct / max(seen, 1)}
+    return {"loss": total / max(seen, 1), "accuracy": correct / max(pixels, 1)}
 
 
 @torch.no_grad()
@@ -178,10 +187,12 @@ def fit(
     amp: bool = False,
     ddp: bool = False,
     main_process: bool = True,
+    metrics=evaluate,
 ) -> list[dict]:
     """Train ``epochs - start_epoch`` epochs, evaluating after each and writing ``checkpoint.pt`` (the
     whole training state, for ``--resume``) and ``log.json`` to ``out_dir`` from the main process.
-    ``ddp``: wrap the student in ``DistributedDataParallel`` (the process group is already set up)."""
+    ``ddp``: wrap the student in ``DistributedDataParallel`` (the process group is already set up);
+    ``metrics(model, loader) -> dict``: the validation (:func:`evaluate`, or segmentation's)."""
     import json
     import os
 
@@ -197,13 +208,13 @@ def fit(
             train_loader.sampler.set_epoch(epoch)
         with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, leave=False) as bar:
             train = train_epoch(runner, teacher, train_loader, optimizer, distill, scaler=scaler, progress=bar)
-        val = evaluate(student.model, val_loader)
+        val = metrics(student.model, val_loader)
         log.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}})
         if main_process:
             kept = student.gates.kept_summary() if student.gates is not None else "all channels"
             print(
                 f"epoch {epoch + 1}/{epochs}: loss {train['loss']:.4f}  train acc {train['accuracy']:.4f}  "
-                f"val top-1 {val['top1']:.4f}  kept {kept}"
+                f"{_summary(val)}  kept {kept}"
             )
             state = {"epoch": epoch + 1, "student": student.state_dict(), "optimizer": optimizer.state_dict()}
             state["gate_steps"] = student.gates.steps if student.gates is not None else 0
@@ -211,6 +222,11 @@ def fit(
             with open(log_path, "w") as f:
                 json.dump(log, f, indent=2)
     return log
+
+
+def _summary(val: dict) -> str:
+    """``val top1 0.9120  val top5 0.9900``: the scalar validation metrics."""
+    return "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
 
 
 def resume(student: Student, optimizer: torch.optim.Optimizer, path: str) -> int:

@@ -61,14 +61,18 @@ class CompressedViT(nn.Module):
         """``(C, H, W)`` of the images the model takes."""
         return (self.vit.patch_embed.proj.in_channels, *self.vit.patch_embed.img_size)
 
-    def forward_tokens(self, images: torch.Tensor) -> TokenState:
-        """images ``(B, C, H, W)`` -> the final :class:`TokenState` (after the final norm)."""
+    def embed(self, images: torch.Tensor) -> TokenState:
+        """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per cell)."""
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_size:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, self.input_size))}), got {tuple(images.shape)}")
         x = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(images)))
         batch = x.shape[0]
         size = x.new_ones(batch, x.shape[1], dtype=torch.float32)
-        state = TokenState(x, size, self.cell_index.expand(batch, -1))
+        return TokenState(x, size, self.cell_index.expand(batch, -1))
+
+    def forward_tokens(self, images: torch.Tensor) -> TokenState:
+        """images ``(B, C, H, W)`` -> the final :class:`TokenState` (after the final norm)."""
+        state = self.embed(images)
         for block in self.blocks:
             state = block(state)
         return state._replace(x=self.vit.norm(state.x))
@@ -101,6 +105,16 @@ class CompressedViT(nn.Module):
         _refuse_masks(attn_mask, is_causal)
         state = self.forward_tokens(images)
         return self.forward_head(state.x, size=state.size)
+
+    def timm_model(self) -> nn.Module:
+        """The plain timm model with these weights (merging dropped); unpruned models only."""
+        import timm
+
+        if any(v is not None for block in self.blocks for v in block.kept.values()):
+            raise ValueError("the model is channel-pruned: its weights no longer fit the timm architecture")
+        model = timm.create_model(self.source["name"], pretrained=False, **self.source["kwargs"])
+        model.load_state_dict({name.removeprefix("vit."): t for name, t in self.state_dict().items()})
+        return model.to(self.cell_index.device).train(self.training)
 
     def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
         """images ``(B, C, H, W)`` -> final features ``(B, C, Hp, Wp)`` on the patch grid: each cell

@@ -2,7 +2,9 @@
 
 The config (JSON in the safetensors metadata under ``"cait"``) holds the timm architecture
 (name and constructor arguments), the ATME tile and schedule, and every block's kept channels, so a
-compressed model loads without the original weights.
+compressed model loads without the original weights. A segmentation model
+(:class:`cait.segmentation.Segmenter` on a compressed backbone) adds its head (kind and classes);
+its tensors are the backbone's under ``backbone.`` and the head's under ``head.``.
 """
 from __future__ import annotations
 
@@ -15,20 +17,28 @@ FORMAT = 1
 
 
 def save(model, path: str | os.PathLike) -> None:
-    """Write a :class:`cait.CompressedViT` (weights and config) to ``path`` (``.safetensors``)."""
+    """Write a :class:`cait.CompressedViT`, or a :class:`cait.segmentation.Segmenter` whose backbone is
+    one, (weights and config) to ``path`` (``.safetensors``)."""
     from safetensors.torch import save_file
 
     from .model import CompressedViT
+    from .segmentation import Segmenter, head_kind
 
-    if not isinstance(model, CompressedViT):
-        raise TypeError(f"cait.save takes a model made by cait.compress, got {type(model).__name__}")
+    backbone = model.backbone if isinstance(model, Segmenter) else model
+    if not isinstance(backbone, CompressedViT):
+        raise TypeError(
+            f"cait.save takes a model made by cait.compress or a Segmenter on one, got {type(model).__name__}"
+            + (f" on a {type(backbone).__name__}" if backbone is not model else "")
+        )
     config = {
         "format": FORMAT,
-        "timm": model.source,
-        "tile": model.tile,
-        "schedule": list(model.schedule),
-        "kept": [block.kept for block in model.blocks],
+        "timm": backbone.source,
+        "tile": backbone.tile,
+        "schedule": list(backbone.schedule),
+        "kept": [block.kept for block in backbone.blocks],
     }
+    if backbone is not model:
+        config["head"] = {"kind": head_kind(model.head), "classes": model.num_classes}
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata={"cait": json.dumps(config)})
 
@@ -53,12 +63,14 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the compressed model saved at ``path``; returns it in eval mode on ``device``."""
+    """Rebuild the compressed model (or segmentation model) saved at ``path``; returns it in eval
+    mode on ``device``."""
     import timm
     from safetensors.torch import load_file
 
     from .cdcp import prune_block
     from .model import CompressedViT
+    from .segmentation import Segmenter, make_head
 
     config = read_config(path)
     dense = timm.create_model(config["timm"]["name"], pretrained=False, **config["timm"]["kwargs"])
@@ -67,6 +79,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
         if any(v is not None for v in kept.values()):
             prune_block(block, {k: None if v is None else torch.tensor(v) for k, v in kept.items()})
     model.set_schedule(config["schedule"])
+    if "head" in config:
+        model = Segmenter(model, make_head(config["head"]["kind"], model.embed_dim, config["head"]["classes"]))
     try:
         model.load_state_dict(load_file(os.fspath(path)), strict=True)
     except RuntimeError as error:

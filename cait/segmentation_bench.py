@@ -22,9 +22,9 @@ import statistics
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import segmentation
+from .accuracy_bench import batches, train_dense
 from .baselines import compress_baseline
 from .benchmark import time_interleaved
 from .cdcp import CDCP
@@ -82,29 +82,6 @@ def backbone(seed: int):
     )
 
 
-def batches(x, y, seed: int):
-    """Shuffled mini-batches of :data:`BATCH` (the remainder is dropped)."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    return [(x[order[i : i + BATCH]], y[order[i : i + BATCH]]) for i in range(0, len(y) - BATCH + 1, BATCH)]
-
-
-def train_dense(model, x, y, epochs: int, seed: int, progress=None):
-    """AdamW, one-cycle schedule peaking at 2e-3, per-pixel cross entropy."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * (len(y) // BATCH), pct_start=0.1)
-    model.train()
-    for epoch in range(epochs):
-        for images, labels in batches(x, y, seed * 1000 + epoch):
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        if progress is not None:
-            progress.update(1)
-    return model.eval()
-
-
 def fine_tune(student: Student, teacher, x, y, epochs: int, seed: int, progress=None):
     """``epochs`` of labels + distillation from ``teacher`` (weights at 2e-4, CDCP scores at 1e-2);
     returns the materialized model in eval mode."""
@@ -113,7 +90,7 @@ def fine_tune(student: Student, teacher, x, y, epochs: int, seed: int, progress=
         groups.append({"params": student.gates.parameters(), "lr": 1e-2, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
     for epoch in range(epochs):
-        train_epoch(student, teacher, batches(x, y, seed * 1000 + 500 + epoch), optimizer, DISTILL)
+        train_epoch(student, teacher, batches(x, y, BATCH, seed * 1000 + 500 + epoch), optimizer, DISTILL)
         if progress is not None:
             progress.update(1)
     return student.materialize().eval()
@@ -156,7 +133,7 @@ def run(seeds=(0, 1, 2), epochs: int = EPOCHS, finetune_epochs: int = FINETUNE_E
     for seed in seeds:
         train_x, train_y, test_x, test_y = canvases(seed)
         dense = segmentation.segmenter(backbone(seed), DIGIT_CLASSES)
-        dense = train_dense(dense, train_x, train_y, epochs, seed, progress)
+        dense = train_dense(dense, train_x, train_y, epochs, seed, progress, lr=2e-3)
         models = compressed_models(dense, train_x, train_y, finetune_epochs, seed, progress)
         base = flops(models["dense"])
         test = list(zip(test_x.split(BATCH), test_y.split(BATCH)))

@@ -12,7 +12,7 @@ trained dense model's per-pixel soft targets, alpha 0.5):
   nearest kept token.
 
 The token methods remove the same tokens per block as ATME at CAIT's FLOPs ratio (:mod:`cait.baselines`).
-Reported: mIoU over the 11 classes (mean, std over seeds), the FLOPs ratio of the whole model and
+Reported: mIoU over the 11 classes (mean, std over seeds), GFLOPs per image and the FLOPs ratio of the whole model, and
 CPU images/s (batch 64, median of interleaved repeats).
 """
 
@@ -45,9 +45,11 @@ DISTILL = Distillation(alpha=0.5, temperature=1.0)
 
 @dataclass
 class SegmentationRow:
-    """One method: mIoU as a fraction (mean, std over seeds), FLOPs relative to dense, CPU images/s."""
+    """One method: mIoU as a fraction (mean, std over seeds), GFLOPs per image (multiply-add = 2) and
+    relative to dense, CPU images/s."""
 
     method: str
+    gflops: float
     flops_ratio: float
     miou_mean: float
     miou_std: float
@@ -128,23 +130,29 @@ def compressed_models(dense, x, y, finetune_epochs: int, seed: int, progress=Non
 def run(seeds=(0, 1, 2), epochs: int = EPOCHS, finetune_epochs: int = FINETUNE_EPOCHS, repeats: int = 5, progress=None) -> SegmentationRun:
     """The benchmark; ``progress``: a tqdm-like bar advanced once per training epoch."""
     scores: dict[str, list[float]] = {}
-    ratios: dict[str, float] = {}
+    counts: dict[str, float] = {}
     speeds: dict[str, list[float]] = {}
     for seed in seeds:
         train_x, train_y, test_x, test_y = canvases(seed)
         dense = segmentation.segmenter(backbone(seed), DIGIT_CLASSES)
         dense = train_dense(dense, train_x, train_y, epochs, seed, progress, lr=2e-3)
         models = compressed_models(dense, train_x, train_y, finetune_epochs, seed, progress)
-        base = flops(models["dense"])
         test = list(zip(test_x.split(BATCH), test_y.split(BATCH)))
         for name, model in models.items():
             scores.setdefault(name, []).append(segmentation.evaluate(model, test)["miou"])
-            ratios[name] = flops(model) / base
+            counts[name] = flops(model)
         seconds = time_interleaved(models, test_x[:BATCH], repeats, progress=False)
         for name, times in seconds.items():
             speeds.setdefault(name, []).append(BATCH / statistics.median(times))
     rows = [
-        SegmentationRow(name, ratios[name], statistics.mean(s), statistics.stdev(s) if len(s) > 1 else 0.0, statistics.median(speeds[name]))
+        SegmentationRow(
+            name,
+            counts[name] / 1e9,
+            counts[name] / counts["dense"],
+            statistics.mean(s),
+            statistics.stdev(s) if len(s) > 1 else 0.0,
+            statistics.median(speeds[name]),
+        )
         for name, s in scores.items()
     ]
     return SegmentationRun(rows, models, test_x)
@@ -167,12 +175,12 @@ def picture(result: SegmentationRun, count: int = 3, scale: int = 4):
 def table(rows: list[SegmentationRow], seeds: int) -> str:
     dense = next((r for r in rows if r.method == "dense"), rows[0])
     lines = [
-        f"| method | FLOPs ratio | mIoU % (mean ± std, {seeds} seeds) | CPU img/s (batch 64) | speedup |",
-        "|---|---|---|---|---|",
+        f"| method | GFLOPs | FLOPs ratio | mIoU % (mean ± std, {seeds} seeds) | CPU img/s (batch 64) | speedup |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.method} | {r.flops_ratio:.3f} | {100 * r.miou_mean:.2f} ± {100 * r.miou_std:.2f} | "
+            f"| {r.method} | {r.gflops:.3f} | {r.flops_ratio:.3f} | {100 * r.miou_mean:.2f} ± {100 * r.miou_std:.2f} | "
             f"{r.img_per_s:.0f} | {r.img_per_s / dense.img_per_s:.2f}x |"
         )
     return "\n".join(lines)

@@ -277,7 +277,7 @@ def test_segmentation_benchmark_quick_run_writes_rows_and_a_picture(tmp_path, mo
     assert run(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["dense", "CAIT one-shot", *segmentation_bench.FINE_TUNED[1:]]
-    assert all(set(r) == {"method", "flops_ratio", "miou_mean", "miou_std", "img_per_s"} for r in rows)
+    assert all(set(r) == {"method", "gflops", "flops_ratio", "miou_mean", "miou_std", "img_per_s"} for r in rows)
     assert rows[0]["flops_ratio"] == 1 and all(0.5 < r["flops_ratio"] < 0.75 for r in rows[1:])
     assert Image.open(picture).width > 48 * 4
     assert "| CAIT (fine-tuned) |" in capsys.readouterr().out

@@ -15,12 +15,20 @@ STYLES = ("outline", "mean")
 BORDER = (255, 220, 0)
 
 
+def _compressed(model):
+    """The :class:`cait.CompressedViT` of ``model`` (itself, or a segmentation model's backbone)."""
+    from .model import CompressedViT
+
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, CompressedViT):
+        raise TypeError(f"visualize needs a model made by cait.compress (or a Segmenter on one), got {type(model).__name__}")
+    return backbone
+
+
 def merge_owners(model, images: torch.Tensor) -> list[torch.Tensor]:
     """``owner`` ``(B, Hp, Wp)`` (the spatial token holding each cell) after every block of a
     :class:`cait.CompressedViT` (or a segmentation model on one), for images ``(B, C, H, W)``."""
-    backbone = getattr(model, "backbone", model)
-    if not hasattr(backbone, "embed") or not hasattr(backbone, "blocks"):
-        raise TypeError(f"visualize needs a model made by cait.compress (or a Segmenter on one), got {type(model).__name__}")
+    backbone = _compressed(model)
     owners = []
     with torch.no_grad():
         state = backbone.embed(images)
@@ -102,7 +110,8 @@ def visualize(model, image, blocks: int | str = -1, style: str = "outline", scal
         raise ValueError(f"scale must be a whole number >= 1, got {scale!r}")
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    depth = len(getattr(model, "backbone", model).blocks) if hasattr(getattr(model, "backbone", model), "blocks") else 0
+    backbone = _compressed(model)
+    depth = len(backbone.blocks)
     if blocks != "all" and (isinstance(blocks, bool) or not isinstance(blocks, int) or not -depth <= blocks < depth):
         raise ValueError(f"blocks must be 'all' or a block index in [-{depth}, {depth}), got {blocks!r}")
     images, picture = _input_and_picture(model, image)
@@ -110,7 +119,6 @@ def visualize(model, image, blocks: int | str = -1, style: str = "outline", scal
     picture = picture.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     if blocks != "all":
         return Image.fromarray(regions_picture(picture, owners[blocks], style).numpy())
-    backbone = getattr(model, "backbone", model)
     panels, labels = [picture], ["input"]
     for i, (block, owner) in enumerate(zip(backbone.blocks, owners)):
         if block.r:

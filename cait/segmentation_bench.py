@@ -18,6 +18,7 @@ CPU images/s (batch 64, median of interleaved repeats).
 
 from __future__ import annotations
 
+import copy
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -107,22 +108,19 @@ def compressed_models(dense, x, y, finetune_epochs: int, seed: int, progress=Non
 
     def token_method(name: str):
         fast = compress_baseline(dense.backbone, name, ratio)
-        return Student(segmentation.Segmenter(fast, teacher_of(dense.head).train()), None)
+        return Student(segmentation.Segmenter(fast, copy.deepcopy(dense.head).train()), None)
 
     students = dict(
         zip(
             FINE_TUNED,
             (
-                Student(teacher_of(dense).train(), None),
+                Student(copy.deepcopy(dense).train(), None),
                 segmentation.make_student(dense, MERGE, PRUNE, warmup),
                 token_method("tome"),
                 token_method("evit"),
             ),
         )
     )
-    for student in students.values():
-        for p in student.parameters():
-            p.requires_grad_(True)
     models = {name: fine_tune(student, teacher, x, y, finetune_epochs, seed, progress) for name, student in students.items()}
     return {"dense": models.pop("dense"), "CAIT one-shot": one_shot, **models}
 

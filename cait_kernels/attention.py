@@ -97,11 +97,19 @@ def pruned_attention_reference(qkv, *, heads, d_qk, d_v, scale, size=None, idx_q
     B, N, _ = qkv.shape
     if head_dim is not None:
         qkv = qkv.index_select(-1, gather_columns(heads, head_dim, idx_qk, idx_v, qkv.device))
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1))
-    bias = None if size is None else size.log().to(qkv.dtype)[:, None, None, :]
-    if d_qk != d_v and qkv.device.type == "cpu":
-        # torch's fused CPU kernel needs equal widths (else a much slower path): zero channels
-        # change no logit, and zero v channels only add output columns that are dropped.
-        q, k, v = (F.pad(t, (0, max(d_qk, d_v) - t.shape[-1])) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(scale))[..., :d_v]
+    bias = None if size is None else size.log().to(qkv.dtype).view(B, 1, 1, N)
+    if d_qk < d_v and qkv.device.type == "cpu":
+        # torch's fused CPU kernel needs equal widths (else a 2x slower path): zero q/k channels
+        # change no logit. One zero-filled buffer and one copy for both.
+        qk = qkv.new_zeros(B, N, 2, heads, d_v)
+        qk.narrow(-1, 0, d_qk).copy_(qkv.narrow(-1, 0, 2 * heads * d_qk).view(B, N, 2, heads, d_qk))
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        v = qkv.narrow(-1, 2 * heads * d_qk, heads * d_v).view(B, N, heads, d_v).transpose(1, 2)
+    else:
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1))
+        if d_v < d_qk and qkv.device.type == "cpu":  # zero v channels only add output columns, dropped below
+            v = F.pad(v, (0, d_qk - d_v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=float(scale))
+    if out.shape[-1] != d_v:
+        out = out.narrow(-1, 0, d_v)
     return out.transpose(1, 2).reshape(B, N, heads * d_v)

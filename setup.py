@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cait", "cait.*", "cait_kernels", "cait_kernels.*"]),
+    package_data={"cait_kernels": ["csrc/*.cpp"]},  # the CPU kernels, compiled on first use
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",  # torch.library.custom_op registers the Triton ops
@@ -14,6 +15,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "tqdm",
+        "ninja",  # torch.utils.cpp_extension builds the C++ CPU kernels with it
     ],
     entry_points={"console_scripts": ["cait = cait.cli:main"]},
     extras_require={

@@ -2,10 +2,13 @@
 
 Backends (pick one for a ``with`` block: ``with cait_kernels.backend("reference"): ...``):
 
-- ``auto`` (the default): CUDA tensors run the Triton kernels, CPU tensors the PyTorch reference;
-  any other device raises (never a silent fallback on an accelerator). The kernels are inference
-  kernels (no backward): while autograd records (an input requires grad, grad mode on), the ops run
-  the differentiable reference on every device, so training and fine-tuning work on a GPU;
+- ``auto`` (the default): CUDA tensors run the Triton kernels; CPU tensors run the fused C++ ATME
+  step (:mod:`cait_kernels.cpu_atme`, built on first use; where it cannot be built a warning says
+  why, once, and the reference runs: same results, slower) and the PyTorch reference of the other
+  ops (already one fused torch op each on CPU); any other device raises (never a silent fallback on
+  an accelerator). The kernels are inference kernels (no backward): while autograd records (an
+  input requires grad, grad mode on), the ops run the differentiable reference on every device, so
+  training and fine-tuning work anywhere;
 - ``reference``: the PyTorch reference on any device;
 - ``triton``: the Triton kernels on any device; on CPU only under the interpreter
   (``TRITON_INTERPRET=1`` set before import), which is how the tests run them; refused while
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import triton_atme, triton_attention, triton_unmerge
+from . import cpu_atme, triton_atme, triton_attention, triton_unmerge
 from .atme import atme_step_reference, check_atme_inputs
 from .attention import check_attention_inputs, pruned_attention_reference
 from .unmerge import check_unmerge_inputs, unmerge_reference
@@ -47,11 +50,16 @@ def backend(name: str):
         _active = previous
 
 
+def _recording(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _use_triton(op: str, device: torch.device, *tensors: torch.Tensor | None) -> bool:
     """Whether ``op`` runs its Triton kernel for ``tensors`` on ``device`` under the active backend."""
     if _active == "reference":
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _recording(*tensors):
         if _active == "triton":
             raise RuntimeError(f"cait_kernels.{op}: the Triton kernels have no backward; run training on the reference ops")
         return False
@@ -126,6 +134,8 @@ def atme_step(x, metric, size, owner, *, r, grid, prefix, block=2):
         if r == 0:
             return x, size, owner
         return _atme_op(x, metric, size, owner, r, list(grid), prefix, block)
+    if _active == "auto" and x.device.type == "cpu" and not _recording(x) and cpu_atme.available():
+        return cpu_atme.atme_step_cpu(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
     return atme_step_reference(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
 
 

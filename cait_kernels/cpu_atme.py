@@ -1,0 +1,127 @@
+"""The ATME step as one fused C++ kernel for CPU tensors (``csrc/atme_cpu.cpp``).
+
+The PyTorch reference spends ~450 small torch ops per step (Kruskal over slots, label propagation,
+sorts); at batch 1 that host time costs more than the merge saves. This kernel does the same math
+in one pass per image (parallel over images) and returns the reference's result: the same owners
+and sizes, and features built in the same operation order.
+
+It is compiled on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ``ninja``,
+about 30 s once; cached by torch in ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and
+registered as ``torch.ops.cait_cpu.atme_step`` with a fake implementation, so ``torch.compile``
+traces through it. Inference only: it has no backward (the dispatcher runs the reference while
+autograd records).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .atme import check_atme_inputs
+
+SOURCE = Path(__file__).with_name("csrc") / "atme_cpu.cpp"
+NAME = "cait_cpu_kernels"
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def load() -> None:
+    """Build (first use on a machine) and load the C++ kernels; raise ``RuntimeError`` saying why they cannot be built."""
+    cpp_extension = _quiet_cpp_extension()
+    build_dir = cpp_extension._get_build_directory(NAME, verbose=False)
+    if not os.path.exists(os.path.join(build_dir, f"{NAME}.so")):
+        log.warning("cait_kernels: compiling the C++ CPU kernels (once per machine, about 30 s) into %s", build_dir)
+    _put_ninja_on_path()
+    try:
+        cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a failed build: say what to do
+        raise RuntimeError(
+            f"cait_kernels could not build its C++ CPU kernels ({type(error).__name__}: {error}). They need a C++ compiler and "
+            "`pip install ninja`; meanwhile `with cait_kernels.backend('reference'): ...` runs the PyTorch reference"
+        ) from error
+    _register_fake()
+
+
+def _quiet_cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its warning about a missing CUDA toolkit (CPU kernels need none)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the pip package's binary sits in a venv's bin, off PATH unless the venv is activated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def _register_fake() -> None:
+    """Shapes of ``cait_cpu::atme_step``'s outputs for ``torch.compile`` (once per process)."""
+
+    @torch.library.register_fake("cait_cpu::atme_step")
+    def _(x, metric, size, owner, r, grid, prefix, block):
+        batch, tokens, channels = x.shape
+        return x.new_empty(batch, tokens - r, channels), size.new_empty(batch, tokens - r), torch.empty_like(owner)
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks once while tracing, and does not trace the build
+def available() -> bool:
+    """Whether the C++ kernels load here; if not, warn once with the reason (the callers then run the reference)."""
+    global _available
+    if _available is None:
+        try:
+            load()
+            _available = True
+        except RuntimeError as error:
+            log.warning("%s", error)
+            _available = False
+    return _available
+
+
+_available: bool | None = None  # not tried yet
+
+
+def atme_step_cpu(x, metric, size, owner, *, r, grid, prefix, block=2, out=None):
+    """One ATME merge step by the fused C++ kernel; arguments and result as :func:`cait_kernels.atme.atme_step_reference`.
+
+    Args:
+        x: ``(B, P+N, C)`` CPU token features (fp16, bf16, fp32 or fp64).
+        metric: ``(B, P+N, Cm)`` similarity features (prefix rows ignored).
+        size: ``(B, P+N)`` cells per token.
+        owner: ``(B, H*W)`` int32 spatial token of every cell, values in ``0..N-1``.
+        r: tokens to remove per image; grid: ``(H, W)``; prefix: ``P``; block: 2 or 4.
+        out: optional ``(x, size, owner)`` contiguous tensors of the result's shapes and dtypes to
+            write into (``r > 0`` only).
+    Returns:
+        ``x (B, P+N-r, C)``, ``size (B, P+N-r)``, ``owner (B, H*W)`` int32.
+    """
+    check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
+    if x.device.type != "cpu":
+        raise ValueError(f"atme_step_cpu runs on CPU tensors, got {x.device.type} tensors")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("atme_step_cpu has no backward; run training on the reference (cait_kernels.atme_step does so by itself)")
+    if r == 0 and out is None:
+        return x, size, owner
+    if not available():
+        load()  # raises the reason
+    if out is None:
+        return torch.ops.cait_cpu.atme_step(x, metric, size, owner, r, list(grid), prefix, block)
+    x_out, size_out, owner_out = out
+    step = torch.ops.cait_cpu.atme_step.out
+    return step(x, metric, size, owner, r, list(grid), prefix, block, x_out=x_out, size_out=size_out, owner_out=owner_out)

@@ -90,17 +90,22 @@ class BaselineBlock(CompressedBlock):
 
     method: str
 
-    def forward(self, state: TokenState) -> TokenState:
-        x, size, owner = state
-        out, metric = self.attn(self.norm1(x), size=size if self.proportional else None, with_metric=self.r > 0 and self.method == "tome")
-        x = x + self.drop_path1(self.ls1(out))
-        if self.r and self.method == "tome":
-            x, size, owner = tome_step(x, metric, size, owner, r=self.r, prefix=self.prefix)
-        elif self.r:
-            scores = self._cls_attention(size)
-            x, size, owner = evit_step(x, scores, size, owner, r=self.r, prefix=self.prefix, grid=self.grid)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return TokenState(x, size, owner)
+    def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`CompressedBlock.attend`; the metric is ToMe's keys, or for EViT the class token's
+        attention ``(B, N)`` to each spatial token."""
+        tome = self.method == "tome"
+        out, metric = self.attn(self.norm1(state.x), size=state.size if self.proportional else None, with_metric=self.r > 0 and tome)
+        if self.r and not tome:
+            metric = self._cls_attention(state.size)
+        return state.x + self.drop_path1(self.ls1(out)), metric
+
+    def merge(self, state: TokenState, metric: torch.Tensor | None) -> TokenState:
+        """This block's ToMe merge or EViT-style pruning step (unchanged when ``r = 0``)."""
+        if not self.r:
+            return state
+        if self.method == "tome":
+            return TokenState(*tome_step(state.x, metric, state.size, state.owner, r=self.r, prefix=self.prefix))
+        return TokenState(*evit_step(state.x, metric, state.size, state.owner, r=self.r, prefix=self.prefix, grid=self.grid))
 
     def _cls_attention(self, size: torch.Tensor) -> torch.Tensor:
         """``(B, N)``: the class token's attention to each spatial token, averaged over heads, from the

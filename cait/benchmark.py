@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .cost import default_input_size, flops
+from .tokens import TokenState
 
 
 def machine() -> dict:
@@ -64,6 +65,7 @@ class Row:
     flops_ratio: float
     efficiency: float  # speedup x flops_ratio: 1.0 means the whole FLOPs saving shows up as speed
     baseline: str = "dense"
+    merge_share: float | None = None  # share of the forward spent in the token merge/prune steps (None: none, or not measurable)
 
 
 class ReferenceOps(nn.Module):
@@ -83,6 +85,38 @@ class ReferenceOps(nn.Module):
 GRAPH = " [graph]"
 
 
+def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float | None:
+    """Seconds per forward that ``model`` spends in its token merge (or pruning) steps, or None if it
+    has none: every merging block's step replayed on the exact state and metric it gets in a real
+    forward, all blocks in turn, median over ``repeats`` after a warm-up. Runs ``ReferenceOps``
+    models on the reference ops, as they are timed."""
+    from cait_kernels import backend
+
+    from .model import CompressedViT
+
+    reference = isinstance(model, ReferenceOps)
+    model = model.model if reference else model
+    if not isinstance(model, CompressedViT) or not any(model.schedule):
+        return None
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+    with torch.inference_mode(), backend("reference" if reference else "auto"):
+        steps, state = [], model.embed(images)
+        for block in model.blocks:
+            x, metric = block.attend(state)
+            if block.r:
+                steps.append((block, TokenState(x, state.size, state.owner), metric))
+            state = block(state)
+        seconds = []
+        for _ in range(repeats + 2):
+            sync()
+            start = time.perf_counter()
+            for block, before, metric in steps:
+                block.merge(before, metric)
+            sync()
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[2:])
+
+
 def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, graphs: bool = False, progress: bool = True) -> list[Row]:
     """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each.
     ``graphs``: also time each model captured in a CUDA graph (rows named ``<variant> [graph]``)."""
@@ -96,6 +130,7 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, g
     if graphs:
         runners.update({variant + GRAPH: cuda_graph(model, images) for variant, model in models.items()})
     seconds = time_interleaved(runners, images, repeats, progress=progress)
+    merging = {variant: merge_seconds(model, images, repeats) for variant, model in models.items()}
     counts = {variant: flops(m, size) for variant, m in models.items()}
     base_variant = next(iter(models))
     base_speed = batch / statistics.median(seconds[base_variant])
@@ -106,6 +141,7 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, g
         speed = batch / statistics.median(seconds[variant])
         ratio = counts[model_name] / counts[base_variant]
         params = sum(p.numel() for p in model.parameters()) / 1e6
+        merge = merging[variant] if variant in merging else None  # not replayable inside a CUDA graph
         rows.append(
             Row(
                 name,
@@ -118,6 +154,7 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, g
                 ratio,
                 speed / base_speed * ratio,
                 base_variant,
+                None if merge is None else merge / statistics.median(seconds[variant]),
             )
         )
     return rows
@@ -125,14 +162,19 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, g
 
 def table(rows: list[Row]) -> str:
     """Markdown table of benchmark rows."""
-    head = "| model | variant | batch | GFLOPs | params (M) | img/s | speedup | FLOPs ratio | speedup x FLOPs ratio |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| model | variant | batch | GFLOPs | params (M) | img/s | speedup | FLOPs ratio | speedup x FLOPs ratio | merge % |"
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.variant} | {r.batch} | {r.gflops:.2f} | {r.params_m:.1f} | {r.img_per_s:.1f} | "
-            f"{r.speedup:.2f}x | {r.flops_ratio:.3f} | {r.efficiency:.2f} |"
+            f"{r.speedup:.2f}x | {r.flops_ratio:.3f} | {r.efficiency:.2f} | {percent(r.merge_share)} |"
         )
     return "\n".join(lines)
+
+
+def percent(share: float | None) -> str:
+    """``0.034`` -> ``3.4``; None (nothing to measure) -> ``-``."""
+    return "-" if share is None else f"{100 * share:.1f}"
 
 
 def as_json(rows: list[Row]) -> list[dict]:

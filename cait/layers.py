@@ -72,12 +72,22 @@ class CompressedBlock(nn.Module):
         self.kept = {"qk": None, "v": None, "mlp": None}
 
     def forward(self, state: TokenState) -> TokenState:
-        x, size, owner = state
-        out, metric = self.attn(self.norm1(x), size=size if self.proportional else None, with_metric=self.r > 0)
-        x = x + self.drop_path1(self.ls1(out))
-        if self.r:
-            x, size, owner = atme_step(x, metric, size, owner, r=self.r, grid=self.grid, prefix=self.prefix, block=self.tile)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x, metric = self.attend(state)
+        state = self.merge(TokenState(x, state.size, state.owner), metric)
+        x = state.x + self.drop_path2(self.ls2(self.mlp(self.norm2(state.x))))
+        return TokenState(x, state.size, state.owner)
+
+    def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention half: ``x (B, T, C)`` after the attention residual, and the ATME metric
+        ``(B, T, d_qk)`` when this block merges (else None)."""
+        out, metric = self.attn(self.norm1(state.x), size=state.size if self.proportional else None, with_metric=self.r > 0)
+        return state.x + self.drop_path1(self.ls1(out)), metric
+
+    def merge(self, state: TokenState, metric: torch.Tensor | None) -> TokenState:
+        """This block's ATME step on ``state`` (``r`` tokens fewer; unchanged when ``r = 0``)."""
+        if not self.r:
+            return state
+        x, size, owner = atme_step(state.x, metric, state.size, state.owner, r=self.r, grid=self.grid, prefix=self.prefix, block=self.tile)
         return TokenState(x, size, owner)
 
     def extra_repr(self) -> str:

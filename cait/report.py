@@ -50,6 +50,7 @@ _MODEL_ROW = {
         "speedup": _NUMBER,
         "flops_ratio": _NUMBER,
         "efficiency": _NUMBER,
+        "merge_share": {"type": ["number", "null"], "minimum": 0},
     },
 }
 _READ_RESULT = {
@@ -156,6 +157,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def markdown(report: dict) -> str:
     """The report as Markdown: machine, model table, kernel table, accuracy and segmentation tables, plots."""
+    from .benchmark import percent
+
     m, s = report["machine"], report["settings"]
     where = f"{m['cpu']}, {m['threads']} threads" + (f", {m['gpu']}" if "gpu" in m else "")
     parts = [
@@ -164,10 +167,11 @@ def markdown(report: dict) -> str:
         f"Models on `{s['device']}` in {s['dtype']}, random weights, medians of {s['repeats']} interleaved repeats after warm-up"
         + (" (`--quick`: a smoke check, not for quoting)." if s["quick"] else "."),
         "GFLOPs per image (multiply-add = 2); speedup against dense in the same run; speedup x FLOPs ratio 1.0 means "
-        "the whole FLOPs saving shows up as speed.",
+        "the whole FLOPs saving shows up as speed; merge % is the share of the forward spent in the token merge steps "
+        "(each replayed on the inputs it gets in a real forward; - for models without merging and for CUDA-graph rows).",
         "## Models",
         _table(
-            report["models"],
+            [dict(r, merge=percent(r.get("merge_share"))) for r in report["models"]],
             [
                 ("model", "model", ""),
                 ("method", "method", ""),
@@ -179,6 +183,7 @@ def markdown(report: dict) -> str:
                 ("speedup", "speedup", ".2f"),
                 ("FLOPs ratio", "flops_ratio", ".3f"),
                 ("speedup x FLOPs", "efficiency", ".2f"),
+                ("merge %", "merge", ""),
             ],
         ),  # fmt: skip
         f"![throughput vs GFLOPs]({PLOTS[0]})",

@@ -8,6 +8,7 @@ import torch
 
 import cait
 from cait.baselines import compress_baseline, evit_step, tome_step
+from cait.tokens import TokenState
 from conftest import rel_err
 from models import build, images_for
 from test_cli import run
@@ -96,3 +97,19 @@ def test_accuracy_benchmark_quick_run(tmp_path, capsys):
     assert rows[0]["flops_ratio"] == 1 and all(0.45 < r["flops_ratio"] < 0.56 for r in rows[1:])
     assert all(0 <= r["top1_mean"] <= 1 and r["top1_std"] >= 0 and r["img_per_s"] > 0 for r in rows)
     assert "| CAIT (fine-tuned) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_merge_replays_what_the_forward_does(method):
+    """``attend`` then ``merge`` (what the benchmark replays to time merging) is the block's own token step."""
+    model = build("deit_tiny")
+    fast = compress_baseline(model, method, 0.6)
+    with torch.no_grad():
+        state = fast.embed(images_for(model, 2))
+        block = fast.blocks[1]
+        x, metric = block.attend(state)
+        merged = block.merge(TokenState(x, state.size, state.owner), metric)
+        again = block.merge(TokenState(x, state.size, state.owner), metric)
+        after = block(state)
+    assert merged.x.shape[1] == state.x.shape[1] - block.r and all(torch.equal(a, b) for a, b in zip(merged, again))
+    assert torch.equal(after.owner, merged.owner) and torch.equal(after.size, merged.size)

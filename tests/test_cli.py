@@ -81,7 +81,9 @@ def test_bench_writes_rows(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", "merge=0.8", "merge=0.8,prune=0.5/0.5/0.5"]
     assert rows[0]["speedup"] == 1.0 and 0.3 < rows[2]["flops_ratio"] < 0.6
-    assert "speedup x FLOPs ratio" in capsys.readouterr().out
+    assert rows[0]["merge_share"] is None and all(0 < r["merge_share"] < 1 for r in rows[1:])
+    text = capsys.readouterr().out
+    assert "speedup x FLOPs ratio | merge % |" in text and "| 1.00 | - |" in text
 
 
 def test_help_explains_every_flag():

@@ -51,6 +51,7 @@ def test_quick_report_writes_valid_json_markdown_and_plots(tmp_path, capsys, wit
         check_png(out / name)
     text = (out / "report.md").read_text()
     assert "| deit_tiny_patch16_224 | CAIT |" in text and "need a CUDA GPU" in text
+    assert all((r["merge_share"] is None) == (r["method"] == "dense") for r in data["models"])
     if with_results:
         assert data["accuracy"]["rows"][1]["method"] == "CAIT (fine-tuned)" and "96.00 ± 2.00" in text
         assert "measured on test CPU" in text

@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from .atme import check_atme_inputs
 
 SOURCE = Path(__file__).with_name("csrc") / "atme_cpu.cpp"
 NAME = "cait_cpu_kernels"
+# at::parallel_for is OpenMP in the header on Linux builds of torch: without the flag it runs serially.
+# The kernel then shares torch's libgomp (same soname, already loaded), so one thread pool serves both.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +42,9 @@ def load() -> None:
         log.warning("cait_kernels: compiling the C++ CPU kernels (once per machine, about 30 s) into %s", build_dir)
     _put_ninja_on_path()
     try:
-        cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+        cpp_extension.load(
+            name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", *OPENMP], extra_ldflags=OPENMP, is_python_module=False, verbose=False
+        )
     except Exception as error:  # no compiler, no ninja, a failed build: say what to do
         raise RuntimeError(
             f"cait_kernels could not build its C++ CPU kernels ({type(error).__name__}: {error}). They need a C++ compiler and "

@@ -70,23 +70,34 @@ struct Grid {
   int64_t height, width, block, tokens;
 };
 
+// Float64 dot product with independent partial sums (the compiler vectorizes them). The summation
+// order differs from torch's, which moves a float64 result by an ulp or so: the similarities are
+// rounded to float32, so implementations agree on them (the DESIGN's reason for float64).
+double dot(const double* u, const double* v, int64_t len) {
+  constexpr int kLanes = 8;
+  double partial[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= len; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) partial[k] += u[c + k] * v[c + k];
+  double sum = 0.0;
+  for (; c < len; ++c) sum += u[c] * v[c];
+  for (int k = 0; k < kLanes; ++k) sum += partial[k];
+  return sum;
+}
+
 // Phase 1 for one image: labels[i] = smallest token index of token i's group after merging r.
 // metric: (N, channels) rows of the spatial tokens; owner: (H*W,) token of every cell.
 template <typename metric_t>
 void select_groups(const metric_t* metric, int64_t channels, const int32_t* owner, const Grid& g, int64_t r, int64_t* labels) {
   const int64_t n = g.tokens, b = g.block;
+  const std::vector<double> rows(metric, metric + n * channels);  // float64 copy of the metric
   std::vector<double> norm(n);
   for (int64_t i = 0; i < n; ++i) {
-    const metric_t* row = metric + i * channels;
-    double sum = 0.0;
-    for (int64_t c = 0; c < channels; ++c) sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
-    norm[i] = std::max(std::sqrt(sum), kNormEps);
+    const double* row = rows.data() + i * channels;
+    norm[i] = std::max(std::sqrt(dot(row, row, channels)), kNormEps);
   }
   auto cosine = [&](int64_t lo, int64_t hi) {
-    const metric_t *u = metric + lo * channels, *v = metric + hi * channels;
-    double dot = 0.0;
-    for (int64_t c = 0; c < channels; ++c) dot += static_cast<double>(u[c]) * static_cast<double>(v[c]);
-    return static_cast<float>(dot / (norm[lo] * norm[hi]));
+    return static_cast<float>(dot(rows.data() + lo * channels, rows.data() + hi * channels, channels) / (norm[lo] * norm[hi]));
   };
 
   std::vector<int64_t> parent(n);

@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="time dense vs compressed models on this machine",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time timm models dense and compressed side by side (interleaved repeats, medians after warm-up, random weights) "
-        "and print a table: GFLOPs per image (multiply-add = 2), params, img/s, speedup, and speedup x FLOPs ratio "
-        "(1.0 means the whole FLOPs saving shows up as speed).",
+        "and print a table: GFLOPs per image (multiply-add = 2), params, img/s, speedup, speedup x FLOPs ratio "
+        "(1.0 means the whole FLOPs saving shows up as speed), and merge % (the share of the forward spent in the token "
+        "merge steps, each replayed on the inputs it gets in a real forward).",
     )
     b.add_argument(
         "--all",

@@ -3,10 +3,10 @@
 The PyTorch reference spends ~450 small torch ops per step (Kruskal over slots, label propagation,
 sorts); at batch 1 that host time costs more than the merge saves. This kernel does the same math
 in one pass per image (parallel over images) and returns the reference's result: the same owners
-and sizes, and features built in the same operation order.
+and sizes, fp32/fp64 features bit for bit (fp16/bf16 means are rounded once instead of per update).
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ``ninja``,
-about 30 s once; cached by torch in ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and
+10-30 s once; cached by torch in ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and
 registered as ``torch.ops.cait_cpu.atme_step`` with a fake implementation, so ``torch.compile``
 traces through it. Inference only: it has no backward (the dispatcher runs the reference while
 autograd records).
@@ -39,7 +39,7 @@ def load() -> None:
     cpp_extension = _quiet_cpp_extension()
     build_dir = cpp_extension._get_build_directory(NAME, verbose=False)
     if not os.path.exists(os.path.join(build_dir, f"{NAME}.so")):
-        log.warning("cait_kernels: compiling the C++ CPU kernels (once per machine, about 30 s) into %s", build_dir)
+        log.warning("cait_kernels: compiling the C++ CPU kernels (once per machine, 10-30 s) into %s", build_dir)
     _put_ninja_on_path()
     try:
         cpp_extension.load(

@@ -128,6 +128,9 @@ def test_the_op_itself_refuses_what_would_read_out_of_bounds():
         torch.ops.cait_cpu.atme_step(x, x, size, owner.clone().fill_(16), 3, [4, 4], 1, 2)
     with pytest.raises(ValueError, match="r must lie in"):
         torch.ops.cait_cpu.atme_step(x, x, size, owner, 13, [4, 4], 1, 2)
+    orphans = (torch.arange(16, dtype=torch.int32) // 2).expand(2, -1).contiguous()  # tokens 8..15 hold no cell
+    with pytest.raises(ValueError, match="only 4 merges are possible, not r = 5"):
+        atme_step_cpu(x, x, size, orphans, r=5, grid=(4, 4), prefix=1)
     outputs = poisoned_outputs(x, size, owner, 3)
     with pytest.raises(ValueError, match="x_out must be"):
         atme_step_cpu(x, x, size, owner, r=3, grid=(4, 4), prefix=1, out=(outputs[0][:, 1:], *outputs[1:]))

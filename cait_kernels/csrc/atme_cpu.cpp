@@ -130,7 +130,10 @@ void select_groups(const metric_t* metric, int64_t channels, const int32_t* owne
     }
   }
 
-  // Every block's tokens are connected, so the forest has N - blocks >= r edges.
+  // A valid state (every token holds cells, all inside one block) has N - blocks >= r forest edges.
+  const int64_t possible = static_cast<int64_t>(forest.size());
+  TORCH_CHECK_VALUE(possible >= r, "cait_cpu::atme_step: owner leaves some of the ", n, " tokens without cells, so only ", possible,
+                    " merges are possible, not r = ", r);
   std::nth_element(forest.begin(), forest.begin() + r, forest.end(), stronger);
   std::iota(parent.begin(), parent.end(), 0);
   for (int64_t k = 0; k < r; ++k) join(parent, forest[k].lo, forest[k].hi);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -33,15 +34,21 @@ def machine() -> dict:
 def time_interleaved(
     models: dict[str, nn.Module], images: torch.Tensor, repeats: int, warmup: int = 2, progress: bool = True
 ) -> dict[str, list[float]]:
-    """Seconds per forward of each model. Every repeat runs each model once in turn, so drifts in
-    clock speed or load hit all of them alike; warm-up runs come first and are not kept."""
+    """Seconds per forward of each model. Every repeat runs each model once, so drifts in clock
+    speed or load hit all of them alike, in a fresh random order (fixed seed), so no model always
+    runs after the same one: a predecessor with a large working set leaves the caches cold (a fixed
+    order cost the model timed right after dense DeiT-T about 4% here). Warm-up runs come first and
+    are not kept."""
     from tqdm.auto import tqdm
 
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     seconds: dict[str, list[float]] = {name: [] for name in models}
+    order, shuffle = list(models), random.Random(0).shuffle
     with torch.inference_mode():
         for rep in tqdm(range(warmup + repeats), desc="timing", disable=not progress, leave=False):
-            for name, model in models.items():
+            shuffle(order)
+            for name in order:
+                model = models[name]
                 sync()
                 start = time.perf_counter()
                 model(images)

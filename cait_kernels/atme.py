@@ -37,8 +37,10 @@ def block_count(grid: tuple[int, int], block: int) -> int:
     return math.ceil(grid[0] / block) * math.ceil(grid[1] / block)
 
 
-def check_atme_inputs(x, metric, size, owner, *, r, grid, prefix, block) -> None:
-    """Validate the arguments of :func:`atme_step`; raise a clear error before any work."""
+def check_atme_inputs(x, metric, size, owner, *, r, grid, prefix, block, owner_values: bool = True) -> None:
+    """Validate the arguments of :func:`atme_step`; raise a clear error before any work.
+    ``owner_values=False`` leaves the range of ``owner``'s values to the caller (the C++ kernel checks
+    them while it reads them, which saves a reduction and two host reads per step)."""
     check_tensor("x", x, 3, FLOAT_DTYPES)
     check_tensor("metric", metric, 3, FLOAT_DTYPES)
     check_tensor("size", size, 2, FLOAT_DTYPES)
@@ -66,7 +68,8 @@ def check_atme_inputs(x, metric, size, owner, *, r, grid, prefix, block) -> None
             f"r={r} merges too much: {n_tokens} tokens in {n_blocks} blocks of {block}x{block} "
             f"can lose at most {n_tokens - n_blocks} (one token must stay per block)"
         )
-    check_index_range("owner", owner, n_tokens, "N")
+    if owner_values:
+        check_index_range("owner", owner, n_tokens, "N")
 
 
 @functools.lru_cache(maxsize=64)

@@ -117,7 +117,7 @@ def atme_step_cpu(x, metric, size, owner, *, r, grid, prefix, block=2, out=None)
     Returns:
         ``x (B, P+N-r, C)``, ``size (B, P+N-r)``, ``owner (B, H*W)`` int32.
     """
-    check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
+    check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block, owner_values=False)  # the kernel checks owner
     if x.device.type != "cpu":
         raise ValueError(f"atme_step_cpu runs on CPU tensors, got {x.device.type} tensors")
     if torch.is_grad_enabled() and x.requires_grad:

@@ -224,8 +224,8 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> atme_step_out(const at::Tensor
 
   const at::Tensor x = x_in.contiguous(), metric = metric_in.contiguous(), size = size_in.contiguous(), owner = owner_in.contiguous();
   const int32_t* owner_data = owner.const_data_ptr<int32_t>();
-  for (int64_t k = 0; k < batch * cells; ++k)
-    TORCH_CHECK_VALUE(0 <= owner_data[k] && owner_data[k] < n, "cait_cpu::atme_step: owner values must lie in [0, N)");
+  const auto [low, high] = std::minmax_element(owner_data, owner_data + batch * cells);
+  TORCH_CHECK_VALUE(*low >= 0 && *high < n, "owner values must lie in [0, N) = [0, ", n, "), got min ", *low, " and max ", *high);
 
   std::vector<int64_t> labels(batch * n);
   const Grid g{grid[0], grid[1], block, n};

@@ -47,16 +47,27 @@ def test_matches_bruteforce(grid, block, batch, prefix, steps, r):
     assert rel_err(out[0], ref[0]) < 1e-12
 
 
-@pytest.mark.parametrize("grid, block", [((6, 6), 2), ((7, 9), 2), ((8, 8), 4), ((6, 7), 4)])
-@pytest.mark.parametrize("kind", ["constant", "few_values"])
-def test_ties_break_by_block_then_token_index(grid, block, kind):
-    x, size, owner = identity_state(2, grid, 5, 1)
-    if kind == "constant":  # every similarity is exactly 1: only the tie rule decides
-        metric = torch.ones(x.shape[0], x.shape[1], 3, dtype=torch.float64)
-    else:  # small integer vectors: many exact ties among different similarities
-        metric = torch.randint(-1, 2, (x.shape[0], x.shape[1], 2)).double()
+TIE_GRIDS = [((6, 6), 2), ((7, 9), 2), ((8, 8), 4), ((6, 7), 4)]
+TIE_KINDS = ["constant", "few_values"]
+
+
+def tie_case(grid, block, kind, dtype=torch.float64):
+    """A state with exact ties: ``(x, size, owner, metric, r)`` with half the possible merges.
+    ``constant``: every similarity is exactly 1, only the tie rule decides; ``few_values``: small
+    integer vectors, many exact ties among different similarities."""
+    x, size, owner = identity_state(2, grid, 5, 1, dtype)
+    if kind == "constant":
+        metric = torch.ones(x.shape[0], x.shape[1], 3, dtype=dtype)
+    else:
+        metric = torch.randint(-1, 2, (x.shape[0], x.shape[1], 2)).to(dtype)
         metric[metric.norm(dim=-1) == 0] = 1.0
-    r = (grid[0] * grid[1] - block_count(grid, block)) // 2
+    return x, size, owner, metric, (grid[0] * grid[1] - block_count(grid, block)) // 2
+
+
+@pytest.mark.parametrize("grid, block", TIE_GRIDS)
+@pytest.mark.parametrize("kind", TIE_KINDS)
+def test_ties_break_by_block_then_token_index(grid, block, kind):
+    x, size, owner, metric, r = tie_case(grid, block, kind)
     out = atme_step_reference(x, metric, size, owner, r=r, grid=grid, prefix=1, block=block)
     ref = atme_bruteforce(x, metric, size, owner, r=r, grid=grid, prefix=1, block=block)
     assert torch.equal(out[2], ref[2]) and torch.equal(out[1], ref[1].float())

@@ -5,9 +5,9 @@ import torch
 
 import test_atme
 from atme_bruteforce import atme_bruteforce
-from cait_kernels import atme_step, atme_step_reference, atme_step_triton, backend, block_count
+from cait_kernels import atme_step, atme_step_reference, atme_step_triton, backend
 from conftest import moved, rel_err
-from test_atme import CASES, identity_state, merged_state
+from test_atme import CASES, TIE_GRIDS, TIE_KINDS, identity_state, merged_state, tie_case
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -27,16 +27,10 @@ def test_matches_reference_and_float64(grid, block, batch, prefix, steps, r, dty
     assert rel_err(out[0], exact[0]) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("grid, block", [((6, 6), 2), ((7, 9), 2), ((8, 8), 4), ((6, 7), 4)])
-@pytest.mark.parametrize("kind", ["constant", "few_values"])
+@pytest.mark.parametrize("grid, block", TIE_GRIDS)
+@pytest.mark.parametrize("kind", TIE_KINDS)
 def test_ties_break_like_the_reference(grid, block, kind, kernel_device):
-    x, size, owner = identity_state(2, grid, 5, 1, torch.float32)
-    if kind == "constant":
-        metric = torch.ones(x.shape[0], x.shape[1], 3)
-    else:
-        metric = torch.randint(-1, 2, (x.shape[0], x.shape[1], 2)).float()
-        metric[metric.norm(dim=-1) == 0] = 1.0
-    r = (grid[0] * grid[1] - block_count(grid, block)) // 2
+    x, size, owner, metric, r = tie_case(grid, block, kind, torch.float32)
     out = [
         t.cpu()
         for t in atme_step_triton(

@@ -113,7 +113,7 @@ def atme_step_cpu(x, metric, size, owner, *, r, grid, prefix, block=2, out=None)
         owner: ``(B, H*W)`` int32 spatial token of every cell, values in ``0..N-1``.
         r: tokens to remove per image; grid: ``(H, W)``; prefix: ``P``; block: 2 or 4.
         out: optional ``(x, size, owner)`` contiguous tensors of the result's shapes and dtypes to
-            write into (``r > 0`` only).
+            write into (then written even for ``r = 0``).
     Returns:
         ``x (B, P+N-r, C)``, ``size (B, P+N-r)``, ``owner (B, H*W)`` int32.
     """

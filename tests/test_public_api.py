@@ -59,7 +59,12 @@ def test_every_command_has_help(command, capsys):
 
 def test_help_does_not_import_torch():
     """``cait --help`` parses arguments only: torch, timm and the kernels load when a command runs."""
-    code = "import sys; from cait.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('torch', 'timm', 'cait_kernels') if m in sys.modules))"
+    code = (
+        "import sys; from cait.cli import main\n"
+        "try: main(['--help'])\n"
+        "except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'timm', 'cait_kernels') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]"), out
 

@@ -13,9 +13,9 @@ from PIL import Image
 
 import cait
 from cait import segmentation
+from cait.regions import BORDER, merge_owners, regions_picture
 from cait.segmentation.data import SegmentationFolder, digit_canvases, digit_glyphs
 from cait.train.finetune import Distillation, distillation_loss
-from cait.regions import BORDER, merge_owners, regions_picture
 from conftest import rel_err
 from models import build, images_for
 from test_cli import run

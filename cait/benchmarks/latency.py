@@ -192,10 +192,11 @@ DEFAULT_VARIANTS = ("merge=0.8", "merge=0.6", "prune=0.5/0.75/0.75", "merge=0.7,
 
 
 def parse_variant(text: str):
-    """``merge=F`` (ATME FLOPs target), ``prune=QK/V/MLP`` (CDCP keep ratios) and ``block=2|4``, comma
+    """``merge=F`` (ATME FLOPs target), ``prune=QK/V/MLP`` (CDCP keep ratios), ``align=N`` or
+    ``align=HEAD/MLP`` (CDCP multiples, default :data:`cait.cdcp.ALIGN`) and ``block=2|4``, comma
     separated, e.g. ``merge=0.7,prune=0.5/0.75/0.75`` -> ``(ATME | None, CDCP | None)``; or ``tome=F``,
     the ToMe baseline (:mod:`cait.baselines`) at FLOPs ratio ``F`` -> ``("tome", F)``."""
-    from ..cdcp import CDCP
+    from ..cdcp import ALIGN, CDCP
     from ..schedule import ATME
 
     if text.startswith("tome="):
@@ -204,16 +205,21 @@ def parse_variant(text: str):
         except ValueError:
             raise ValueError(f"variant {text!r} must look like tome=0.6 (a FLOPs ratio)") from None
     fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
-    if not fields or set(fields) - {"merge", "prune", "block"} or text.count("=") != len(fields):
-        raise ValueError(f"variant {text!r} must look like merge=0.7,prune=0.5/0.75/0.75[,block=2]")
+    if not fields or set(fields) - {"merge", "prune", "block", "align"} or text.count("=") != len(fields):
+        raise ValueError(f"variant {text!r} must look like merge=0.7,prune=0.5/0.75/0.75[,align=8][,block=2]")
+    if "align" in fields and "prune" not in fields:
+        raise ValueError(f"variant {text!r}: align applies to pruning, give prune= too")
     try:
         merge = ATME(flops=float(fields["merge"]), block=int(fields.get("block", 2))) if "merge" in fields else None
         ratios = [float(v) for v in fields["prune"].split("/")] if "prune" in fields else None
+        align = tuple(int(v) for v in fields["align"].split("/")) if "align" in fields else (ALIGN,)
     except ValueError as error:
         raise ValueError(f"variant {text!r}: {error}") from error
     if ratios is not None and len(ratios) != 3:
         raise ValueError(f"variant {text!r}: prune takes three keep ratios QK/V/MLP")
-    return merge, None if ratios is None else CDCP(*ratios)
+    if len(align) > 2:
+        raise ValueError(f"variant {text!r}: align takes one multiple or two (HEAD/MLP)")
+    return merge, None if ratios is None else CDCP(*ratios, align=align[0] if len(align) == 1 else align)
 
 
 def build_variant(dense: nn.Module, spec):

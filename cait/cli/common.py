@@ -63,6 +63,14 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-v", type=float, default=1.0, metavar="V", help="CDCP: share of v channels kept per head (default: 1)")
     p.add_argument("--keep-mlp", type=float, default=1.0, metavar="M", help="CDCP: share of MLP hidden units kept (default: 1)")
     p.add_argument(
+        "--align",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="CDCP: kept counts are multiples of N (one N for every group, or two: per-head channels, MLP units); "
+        "1 keeps the exact ratios (default: 8, what GPU tensor cores need)",
+    )
+    p.add_argument(
         "--importance",
         choices=("weight", "activation"),
         help="CDCP channel ranking: weight norms, or activations on --calibration images (default: activation if --calibration is given)",
@@ -123,8 +131,21 @@ def compression(args, model, calibration_folder: str | None):
     prune = None
     if prune_requested:
         calibration = load_images(calibration_folder, model, args.calibration_images) if importance == "activation" else None
-        prune = cait.CDCP(qk=args.keep_qk, v=args.keep_v, mlp=args.keep_mlp, method=importance, calibration=calibration)
+        prune = cait.CDCP(
+            qk=args.keep_qk, v=args.keep_v, mlp=args.keep_mlp, method=importance, calibration=calibration, align=_align(args.align)
+        )
     return merge, prune
+
+
+def _align(values: list[int] | None):
+    """``--align`` values -> ``CDCP(align=...)`` (the default where not given)."""
+    from cait.cdcp import ALIGN
+
+    if values is None:
+        return ALIGN
+    if len(values) > 2:
+        raise ValueError("--align takes one number (every group) or two (per-head channels, MLP units)")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def describe(fast, dense) -> None:

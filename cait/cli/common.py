@@ -14,7 +14,9 @@ EXAMPLES = """examples:
   cait compress --model deit_small_patch16_224 --checkpoint deit_s.pth \\
       --merge-flops 0.7 --keep-qk 0.5 --keep-v 0.75 --keep-mlp 0.75 --out deit_s_cait.safetensors
   cait info deit_s_cait.safetensors
+  cait export deit_s_cait.safetensors --format onnx --dynamic-batch   # also pt2 (torch.export), aoti (AOTInductor)
   cait bench --models deit_small_patch16_224 --batch 8 --variant merge=0.7,prune=0.5/0.75/0.75
+  cait bench --models deit_small_patch16_224 --batch 1 --runtime eager compile onnxruntime
   cait bench --device cuda --dtype fp16 --batch 1 64 256 --cuda-graph --out models-gpu.json
   cait bench --kernels --out kernels.json
   cait bench --all                                   # every number: JSON, Markdown report and plots

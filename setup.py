@@ -19,7 +19,9 @@ setup(
     ],
     entry_points={"console_scripts": ["cait = cait.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema"],
-        "bench": ["pytest-benchmark", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema", "onnx>=1.23", "onnxscript>=0.7.2", "onnxruntime>=1.31"],
+        "bench": ["pytest-benchmark", "scikit-learn", "matplotlib", "onnx>=1.23", "onnxscript>=0.7.2", "onnxruntime>=1.31"],
+        # cait.export(format="onnx") and the onnxruntime benchmark runtime; floors = the versions tested
+        "export": ["onnx>=1.23", "onnxscript>=0.7.2", "onnxruntime>=1.31"],
     },
 )

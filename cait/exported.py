@@ -64,6 +64,11 @@ def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
     return op.TopK(self, count, axis=dim, largest=descending, sorted=True)
 
 
+def onnx_translations() -> dict:
+    """What the dynamo ONNX exporter needs beyond its own table to export the reference ops."""
+    return {torch.ops.aten.sort.stable: _sort_stable}
+
+
 def _check_arguments(model, path, format, batch, dynamic_batch) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -113,7 +118,7 @@ def _write(model: nn.Module, path: str, format: str, example: torch.Tensor, dyna
                 dynamo=True,
                 dynamic_shapes=shapes,
                 input_names=["images"],
-                custom_translation_table={torch.ops.aten.sort.stable: _sort_stable},
+                custom_translation_table=onnx_translations(),
                 verbose=False,
             )
         program.save(path)
@@ -188,7 +193,8 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "pt2", ba
             (``.pt2``, ``.onnx``, ``.aoti.pt2``).
         format: ``pt2``, ``onnx`` or ``aoti``.
         batch: the batch size traced (and the only one the file takes without ``dynamic_batch``).
-        dynamic_batch: the file takes any batch size >= 1 (not for ``aoti``).
+        dynamic_batch: the file takes any batch size >= 1 (not for ``aoti``); traced at ``max(batch, 2)``
+            (``torch.export`` would specialize a batch of 1), checked at ``batch`` and ``batch + 1``.
 
     Returns:
         :class:`Exported`.
@@ -203,7 +209,8 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "pt2", ba
     weight = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     size = default_input_size(model)
-    example = torch.randn(batch, *size, generator=generator).to(weight)
+    # torch.export specializes a batch of 1 (and 0): a dynamic batch is traced at 2 at least
+    example = torch.randn(max(batch, 2) if dynamic_batch else batch, *size, generator=generator).to(weight)
     probes = [torch.randn(batch, *size, generator=generator).to(weight)]
     if dynamic_batch:
         probes.append(torch.randn(batch + 1, *size, generator=generator).to(weight))
@@ -224,7 +231,11 @@ def _check(model: nn.Module, path: str, probes: list[torch.Tensor]) -> float:
     with torch.inference_mode():
         for images in probes:
             expected = model(images)
-            error = relative_error(runner(images), expected)
+            try:
+                out = runner(images)
+            except Exception as error:  # the runtime's own error types (onnxruntime, AOTInductor)
+                raise RuntimeError(f"the exported file {path} fails on a batch of {images.shape[0]}: {error}") from error
+            error = relative_error(out, expected)
             tolerance = TOLERANCE.get(expected.dtype, 1e-4)
             if not error <= tolerance:  # NaN fails too
                 raise RuntimeError(

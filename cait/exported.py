@@ -130,11 +130,11 @@ def _write(model: nn.Module, path: str, format: str, example: torch.Tensor, dyna
         torch._inductor.aoti_compile_and_package(program, package_path=path)
 
 
-def load_exported(path: str | os.PathLike, *, threads: int | None = None):
+def load_exported(path: str | os.PathLike, *, threads: int | None = None, spinning: bool = True):
     """A file written by :func:`export`, loaded as a deployment would: a callable ``images -> output``
     (torch tensors in and out). The format is read off the suffix (``.pt2`` ExportedProgram, ``.onnx``,
-    ``.aoti.pt2`` AOTInductor package; what :func:`default_path` gives). ``threads``: onnxruntime's
-    intra-op threads (default: its own choice); the torch formats use torch's thread setting."""
+    ``.aoti.pt2`` AOTInductor package; what :func:`default_path` gives). ``threads``, ``spinning``: see
+    :class:`OnnxRunner` (ONNX only; the torch formats use torch's thread setting)."""
     path = os.fspath(path)
     format = _format_of(path)
     if format is None:
@@ -142,7 +142,7 @@ def load_exported(path: str | os.PathLike, *, threads: int | None = None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     if format == "onnx":
-        return OnnxRunner(path, threads)
+        return OnnxRunner(path, threads, spinning)
     if format == "aoti":
         return torch._inductor.aoti_load_package(path)
     return torch.export.load(path).module()
@@ -155,9 +155,12 @@ def _format_of(path: str) -> str | None:
 
 class OnnxRunner:
     """An ONNX file in an onnxruntime CPU session, called like the model: ``runner(images)`` -> the
-    first output as a torch tensor. ``threads``: intra-op threads (None: onnxruntime's choice)."""
+    first output as a torch tensor. ``threads``: intra-op threads (None: onnxruntime's choice).
+    ``spinning``: whether idle onnxruntime threads busy-wait for the next run (its default; turn it
+    off when other thread pools share the cores, e.g. torch's while benchmarking side by side: with
+    2 cores, spinning threads of one runtime slowed the other's OpenMP barriers a hundredfold)."""
 
-    def __init__(self, path: str, threads: int | None = None):
+    def __init__(self, path: str, threads: int | None = None, spinning: bool = True):
         try:
             import onnxruntime
         except ImportError:
@@ -166,6 +169,8 @@ class OnnxRunner:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
@@ -226,7 +231,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "pt2", ba
 
 def _check(model: nn.Module, path: str, probes: list[torch.Tensor]) -> float:
     """Largest relative error of the file at ``path``, loaded afresh, against eager on ``probes``."""
-    runner = load_exported(path)
+    runner = load_exported(path, spinning=False)
     worst = 0.0
     with torch.inference_mode():
         for images in probes:

@@ -6,6 +6,7 @@ import torch
 import cait
 from cait.cdcp import kept_count
 from cait.cost import cost_model
+from cait_kernels.attention import EXPLICIT_LOGITS
 from conftest import rel_err
 from models import build, images_for
 
@@ -85,13 +86,17 @@ def test_merging_and_pruning_multiply():
 
 
 def test_counted_flops_include_the_cpu_padding_of_narrow_qk():
-    """On CPU, q and k narrower than v run zero-padded to v's width (torch's fused kernel needs equal
-    widths); the counter sees those executed FLOPs: 2 * heads * N^2 * (d_v - d_qk) per block."""
+    """On CPU, attention with more than EXPLICIT_LOGITS logits runs torch's fused kernel, which needs
+    equal widths: q and k narrower than v are zero-padded to v's width, and the counter sees those
+    executed FLOPs, 2 * heads * N^2 * (d_v - d_qk) per block. Smaller attention (DeiT-S at 224, one
+    image: 6 * 197^2 logits) is multiplied out unpadded, so the count equals the cost model's."""
     model = timm.create_model("deit_small_patch16_224", depth=3)
     fast = cait.compress(model, merge=cait.ATME(r=[20, 10, 0]), prune=cait.CDCP(qk=0.5, v=0.75))
-    tokens = [197, 177, 167]
-    padding = sum(2 * 6 * n * n * (48 - 32) for n in tokens)
-    assert cait.flops(fast) == cost_model(fast).flops(fast.schedule) + padding
+    assert 6 * 197**2 <= EXPLICIT_LOGITS and cait.flops(fast) == cost_model(fast).flops(fast.schedule)
+    large = timm.create_model("deit_small_patch16_224", img_size=384, depth=1)
+    large = cait.compress(large, merge=cait.ATME(r=20), prune=cait.CDCP(qk=0.5, v=0.75))
+    assert 6 * 577**2 > EXPLICIT_LOGITS
+    assert cait.flops(large) == cost_model(large).flops(large.schedule) + 2 * 6 * 577**2 * (48 - 32)
 
 
 def test_qk_norm_models_refuse_only_qk_pruning():

@@ -2,9 +2,10 @@
 
 Runtimes (:data:`cait.benchmarks.latency.RUNTIMES`): ``eager`` (PyTorch as is), ``compile``
 (:func:`cait.optimize`: inductor with weight freezing) and ``onnxruntime`` (:func:`cait.export` to
-ONNX, run by onnxruntime with as many intra-op threads as torch). Every row's speedup is against
-dense in the same runtime and thread count (compiled vs compiled), all runners of one model and
-thread count timed interleaved in one process. Compile and export seconds are reported next to them.
+ONNX, run by onnxruntime with as many intra-op threads as torch, not spinning). Every row's speedup
+is against dense in the same runtime and thread count (compiled vs compiled): the models of one
+runtime are timed interleaved, the runtimes one after the other, in one process. Compile and export
+seconds are reported next to them.
 
 Inductor bakes the thread count into its C++ kernels, so each thread count compiles again; the
 ONNX file of a model is exported once and reused.

@@ -102,7 +102,8 @@ def prepare(model: nn.Module, images: torch.Tensor, runtime: str, exports: dict)
     took (None for eager). ``compile``: :func:`cait.optimize`; ``onnxruntime``: :func:`cait.export` to
     ONNX (reference ops, checked), run by onnxruntime on torch's thread count; ``cuda graph``:
     :func:`cait.cuda_graph`. ``exports``: ``{"folder": DIR}`` where ONNX files go; it also remembers
-    them (path -> export seconds), so timing the same model again (e.g. on other threads) reuses the file."""
+    them (path -> export seconds), so timing the same model again (e.g. on other threads) reuses the file.
+    onnxruntime runs without spinning threads (see :class:`cait.exported.OnnxRunner`)."""
     from ..compiled import Optimized
     from ..exported import OnnxRunner, export
     from ..graphs import cuda_graph
@@ -120,7 +121,7 @@ def prepare(model: nn.Module, images: torch.Tensor, runtime: str, exports: dict)
     if path not in exports:
         export(model, path, format="onnx", batch=images.shape[0])
         exports[path] = time.perf_counter() - start
-    return OnnxRunner(path, threads=torch.get_num_threads()), exports[path]
+    return OnnxRunner(path, threads=torch.get_num_threads(), spinning=False), exports[path]
 
 
 def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float | None:
@@ -166,7 +167,8 @@ def compare(
 ) -> list[Row]:
     """Time ``models`` (the first one is the baseline) on one random batch in every runtime of
     ``runtimes`` (:data:`RUNTIMES`); one :class:`Row` per (runtime, model), each against the baseline
-    in its own runtime. All runners are timed interleaved, in one :func:`time_interleaved` call.
+    in its own runtime. The models of one runtime are timed interleaved (:func:`time_interleaved`),
+    the runtimes one after the other (each runtime's thread pool then has the cores to itself).
     ``exports``: see :func:`prepare` (default: a temporary folder for this call)."""
     import tempfile
 
@@ -180,7 +182,10 @@ def compare(
         for runtime in runtimes:
             for variant, model in models.items():
                 runners[runtime, variant], setup[runtime, variant] = prepare(model, images, runtime, exports)
-        seconds = time_interleaved(runners, images, repeats, progress=progress)
+        seconds = {}
+        for runtime in runtimes:
+            mine = {key: runner for key, runner in runners.items() if key[0] == runtime}
+            seconds.update(time_interleaved(mine, images, repeats, progress=progress))
     merging = {variant: merge_seconds(model, images, repeats) for variant, model in models.items()}
     counts = {variant: flops(m, size) for variant, m in models.items()}
     base_variant = next(iter(models))

@@ -252,7 +252,7 @@ def deployment_section(report: dict) -> list[str]:
         "## Batch-1 deployment (CPU)",
         "Batch 1, fp32: eager PyTorch, `compile` (`cait.optimize`: inductor with weight freezing) and `onnxruntime` "
         "(`cait.export` to ONNX); each speedup is against dense in the same runtime and thread count (compiled vs "
-        "compiled), all runtimes of a model and thread count timed interleaved; setup s = compile or export seconds.",
+        "compiled), dense and compressed timed interleaved in each runtime; setup s = compile or export seconds.",
         _table(
             shown,
             [

@@ -177,6 +177,8 @@ def compare(
     size = default_input_size(first)
     images = torch.randn(batch, *size, device=weight.device, dtype=weight.dtype)
     runners, setup = {}, {}
+    if "compile" in runtimes:  # compiled runners of earlier calls are gone: free dynamo's entries (8 per forward at most)
+        torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as folder:
         exports = exports if exports is not None else {"folder": folder}
         for runtime in runtimes:

@@ -13,7 +13,8 @@ way a deployment loads it and must reproduce the eager model's output on random 
   (the ATME tie rule) become ``TopK``, whose ties ONNX breaks by the lower index, as a stable sort does.
   Checked in ``onnxruntime``.
 - ``aoti``: an AOTInductor package (``torch._inductor.aoti_compile_and_package``): the model
-  compiled ahead of time to a shared library, loaded with ``torch._inductor.aoti_load_package``.
+  compiled ahead of time to a shared library (inductor with weight freezing, as
+  :func:`cait.optimize`), loaded with ``torch._inductor.aoti_load_package``.
   On CPU it calls the C++ ATME step through the op registry, so the loading process imports
   ``cait_kernels`` first.
 
@@ -126,8 +127,9 @@ def _write(model: nn.Module, path: str, format: str, example: torch.Tensor, dyna
     program = _program(model, example, dynamic_batch)
     if format == "pt2":
         torch.export.save(program, path)
-    else:
-        torch._inductor.aoti_compile_and_package(program, package_path=path)
+    else:  # compiled as cait.optimize compiles: inductor with the weights frozen into constants
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            torch._inductor.aoti_compile_and_package(program, package_path=path)
 
 
 def load_exported(path: str | os.PathLike, *, threads: int | None = None, spinning: bool = True):

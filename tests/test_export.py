@@ -105,7 +105,7 @@ def onnxruntime_step(tmp_path, x, metric, size, owner, **args):
     return [torch.from_numpy(t) for t in session.run(None, feeds)]
 
 
-@pytest.mark.parametrize("grid, block", TIE_GRIDS)
+@pytest.mark.parametrize("grid, block", [TIE_GRIDS[1], TIE_GRIDS[3]])  # odd grids, 2x2 and 4x4 tiles
 @pytest.mark.parametrize("kind", TIE_KINDS)
 def test_onnx_breaks_exact_ties_like_the_reference(grid, block, kind, tmp_path):
     """Every similarity tied (or few distinct values): only the tie rule decides, through ONNX TopK."""

@@ -62,7 +62,13 @@ class CompressedViT(nn.Module):
         return (self.vit.patch_embed.proj.in_channels, *self.vit.patch_embed.img_size)
 
     def embed(self, images: torch.Tensor) -> TokenState:
-        """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per cell)."""
+        """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per cell).
+        Refuses ``torch.jit.trace`` (and the TorchScript ONNX exporter): see :func:`cait.export`."""
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "torch.jit.trace cannot record a compressed model (its merge step is a custom op with data-dependent "
+                "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
+            )
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_size:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, self.input_size))}), got {tuple(images.shape)}")
         x = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(images)))

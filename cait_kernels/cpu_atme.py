@@ -2,8 +2,8 @@
 
 The PyTorch reference spends ~450 small torch ops per step (Kruskal over slots, label propagation,
 sorts); at batch 1 that host time costs more than the merge saves. This kernel does the same math
-in one pass per image (parallel over images) and returns the reference's result: the same owners
-and sizes, fp32/fp64 features bit for bit (fp16/bf16 means are rounded once instead of per update).
+in one pass per image (parallel over images) and returns the reference's result bit for bit: the
+same owners and sizes, and features summed in the same order in at least fp32, rounded once.
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ``ninja``,
 10-30 s once; cached by torch in ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and

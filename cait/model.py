@@ -91,7 +91,7 @@ class CompressedViT(nn.Module):
             if x.shape[1] != self.num_prefix_tokens + len(self.cell_index):
                 raise ValueError("average pooling of merged tokens needs their cell counts: pass size=state.size")
             return self.vit.forward_head(x, pre_logits)
-        if not getattr(self.vit, "pool_include_prefix", False):
+        if not getattr(self.vit, "pool_include_prefix", False):  # timm < 1.0.16 never pools prefix tokens
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         weight = size.to(x.dtype)[..., None]
         pooled = (x * weight).sum(1) / weight.sum(1)

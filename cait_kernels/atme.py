@@ -187,7 +187,8 @@ def _merge_groups(x, size, cells, labels, prefix, r, acc):
     absorbed_size = size[:, prefix:].gather(1, absorbed).to(count)
     new_size = size.gather(1, rows).to(count).scatter_add(1, into, absorbed_size)
 
-    share = (absorbed_size / new_size.gather(1, into)).to(acc)[..., None]
+    wide = torch.promote_types(acc, count)  # fp64 features keep fp64 shares even with fp32 sizes
+    share = (absorbed_size.to(wide) / new_size.gather(1, into).to(wide)).to(acc)[..., None]
     roots = labels.gather(1, absorbed)
     update = share * (take_rows(x, absorbed + prefix).to(acc) - take_rows(x, roots + prefix).to(acc))
     new_x = take_rows(x, rows).to(acc).scatter_add_(1, into[..., None].expand(-1, -1, channels), update)

@@ -30,20 +30,32 @@ NAME = "cait_cpu_kernels"
 # at::parallel_for is OpenMP in the header on Linux builds of torch: without the flag it runs serially.
 # The kernel then shares torch's libgomp (same soname, already loaded), so one thread pool serves both.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+# CAIT_KERNELS_SANITIZE=1 (read at import; `make sanitize`): build a separate copy under AddressSanitizer and
+# UndefinedBehaviorSanitizer, every report fatal. Python must start with the ASan runtime preloaded (the Makefile says how).
+SANITIZE = os.environ.get("CAIT_KERNELS_SANITIZE") == "1"
+SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 log = logging.getLogger(__name__)
+
+
+def build_options() -> tuple[str, list[str], list[str]]:
+    """``(name, cflags, ldflags)`` of the extension: optimised, or sanitized under :data:`SANITIZE`."""
+    if SANITIZE:
+        return f"{NAME}_sanitized", ["-O1", "-g", "-fno-omit-frame-pointer", *SANITIZERS, *OPENMP], [*SANITIZERS, *OPENMP]
+    return NAME, ["-O3", *OPENMP], OPENMP
 
 
 @functools.cache
 def load() -> None:
     """Build (first use on a machine) and load the C++ kernels; raise ``RuntimeError`` saying why they cannot be built."""
     cpp_extension = _quiet_cpp_extension()
-    build_dir = cpp_extension._get_build_directory(NAME, verbose=False)
-    if not os.path.exists(os.path.join(build_dir, f"{NAME}.so")):
+    name, cflags, ldflags = build_options()
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
         log.warning("cait_kernels: compiling the C++ CPU kernels (once per machine, 10-30 s) into %s", build_dir)
     _put_ninja_on_path()
     try:
         cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", *OPENMP], extra_ldflags=OPENMP, is_python_module=False, verbose=False
+            name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False, verbose=False
         )
     except Exception as error:  # no compiler, no ninja, a failed build: say what to do
         raise RuntimeError(

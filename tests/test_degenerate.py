@@ -54,7 +54,7 @@ def limit(grid, block):
 @pytest.mark.parametrize("block, prefix", [(2, 1), (4, 0)])
 def test_atme_empty_batch(name, block, prefix, kernel_device, poisoned):
     grid = (5, 7)
-    x, size, owner = identity_state(0, grid, 6, prefix, torch.float32)
+    x, size, owner = torch.randn(0, prefix + 35, 6), torch.ones(0, prefix + 35), torch.zeros(0, 35, dtype=torch.int32)  # no storage
     r = limit(grid, block)
     out = call(ATME, name, kernel_device, x=x, metric=x, size=size, owner=owner, r=r, grid=grid, prefix=prefix, block=block)
     assert [tuple(t.shape) for t in out] == [(0, prefix + 35 - r, 6), (0, prefix + 35 - r), (0, 35)]
@@ -62,7 +62,7 @@ def test_atme_empty_batch(name, block, prefix, kernel_device, poisoned):
 
 
 def test_atme_cpu_empty_batch_into_given_outputs():
-    x, size, owner = identity_state(0, (4, 4), 3, 1, torch.float16)
+    x, size, owner = torch.randn(0, 17, 3, dtype=torch.float16), torch.ones(0, 17), torch.zeros(0, 16, dtype=torch.int32)
     out = (torch.empty(0, 14, 3, dtype=torch.float16), torch.empty(0, 14), torch.empty(0, 16, dtype=torch.int32))
     assert atme_step_cpu(x, x, size, owner, r=3, grid=(4, 4), prefix=1, out=out) == out
 

@@ -149,6 +149,7 @@ void merge_groups(const scalar_t* x, const count_t* size, const int32_t* owner, 
                   int64_t channels, int64_t cells, scalar_t* x_out, count_t* size_out, int32_t* owner_out, int64_t* scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   using count_acc_t = at::opmath_type<count_t>;
+  using share_t = decltype(acc_t() + count_acc_t());  // the wider: fp64 features keep fp64 shares even with fp32 sizes
   int64_t *target = scratch, *next = scratch + n, *tail = scratch + 2 * n;  // new index; each group's members as a chain
   for (int64_t i = 0; i < n; ++i) {
     next[i] = -1;
@@ -179,7 +180,7 @@ void merge_groups(const scalar_t* x, const count_t* size, const int32_t* owner, 
     } else {
       for (int64_t c = 0; c < channels; ++c) mean[c] = static_cast<acc_t>(root[c]);
       for (int64_t a = next[i]; a >= 0; a = next[a]) {
-        const acc_t share = static_cast<acc_t>(static_cast<count_acc_t>(size[prefix + a]) / total);
+        const acc_t share = static_cast<acc_t>(static_cast<share_t>(size[prefix + a]) / static_cast<share_t>(total));
         const scalar_t* absorbed = x + (prefix + a) * channels;
         for (int64_t c = 0; c < channels; ++c) mean[c] += share * (static_cast<acc_t>(absorbed[c]) - static_cast<acc_t>(root[c]));
       }

@@ -1,5 +1,5 @@
 """Accuracy benchmark: a small ViT trained from scratch on scikit-learn's digits, compressed to about
-0.5x FLOPs by every method (see cait/accuracy_bench.py). CPU, about 20 minutes on 2 cores.
+0.5x FLOPs by every method (see cait/benchmarks/accuracy.py). CPU, about 20 minutes on 2 cores.
 
 Same as `cait bench --accuracy`; see `cait bench --help`.
     python bench/accuracy.py --out bench/results/accuracy-digits.json

@@ -1,6 +1,6 @@
 """Every benchmark number in one run: the model table (and the kernel table on a GPU), the accuracy
 and segmentation results read from bench/results, as report.json, report.md and PNG plots
-(see cait/report.py).
+(see cait/benchmarks/report.py).
 
 Same as `cait bench --all` / `make bench`; see `cait bench --help`.
     python bench/report.py [--device cuda] [--quick] [--out DIR]

@@ -1,5 +1,5 @@
 """Segmentation benchmark: digit canvases, dense vs CAIT vs ToMe with unmerge vs token pruning, all
-fine-tuned alike (see cait/segmentation_bench.py). CPU, about 21 minutes on 2 cores.
+fine-tuned alike (see cait/benchmarks/segmentation.py). CPU, about 21 minutes on 2 cores.
 
 Same as `cait bench --segmentation`; see `cait bench --help`.
     python bench/segmentation.py --out bench/results/segmentation-digits.json --picture bench/results/segmentation-regions.png

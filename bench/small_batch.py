@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cait.benchmark import build_variant, machine, parse_variant, time_interleaved  # noqa: E402
+from cait.benchmarks.latency import build_variant, machine, parse_variant, time_interleaved  # noqa: E402
 from cait.tokens import TokenState  # noqa: E402
 
 ROWS = (197, 150, 100, 64, 50)

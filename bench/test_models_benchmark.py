@@ -9,7 +9,7 @@ import timm
 import torch
 
 import cait
-from cait.benchmark import DEFAULT_VARIANTS, build_variant, parse_variant
+from cait.benchmarks.latency import DEFAULT_VARIANTS, build_variant, parse_variant
 
 CASES = [("deit_small_patch16_224", 8), ("deit_tiny_patch16_224", 1)]
 

@@ -23,23 +23,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import triton_atme, triton_attention, triton_unmerge
+from ._builds import Build
+
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one program may use (A100, H100)
-
-
-class Build(NamedTuple):
-    """One kernel configuration: the kernel, its argument types, its compile-time constants.
-
-    ``hot``: on the inference hot path (it must not spill registers).
-    """
-
-    label: str
-    kernel: object
-    signature: dict
-    constants: dict
-    num_warps: int
-    num_stages: int
-    hot: bool
 
 
 class Resources(NamedTuple):
@@ -92,8 +80,6 @@ def _run(*command) -> str:
 
 def all_builds() -> list[Build]:
     """Every configuration the dispatcher can pick, from each kernel module's ``aot_builds``."""
-    from . import triton_atme, triton_attention, triton_unmerge
-
     return [*triton_attention.aot_builds(), *triton_atme.aot_builds(), *triton_unmerge.aot_builds()]
 
 

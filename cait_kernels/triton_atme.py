@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import Build
+from ._builds import Build
 from .atme import NORM_EPS, block_count, block_edges, check_atme_inputs
 
 # Tile sizes by block side, chosen so no kernel spills registers (see ``cait bench --kernels``):

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import Build
+from ._builds import Build
 from .attention import check_attention_inputs, gather_columns
 
 MAX_HEAD_DIM = 128

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import Build
+from ._builds import Build
 from .unmerge import check_unmerge_inputs
 
 BLOCK_ROWS = 32

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cait
-from cait.finetune import Distillation, make_student, teacher_of, train_epoch
+from cait.train.finetune import Distillation, make_student, teacher_of, train_epoch
 from models import build
 
 STEPS, BATCH = 3, 4

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cait
-from cait.finetune import Distillation, distillation_loss
+from cait.train.finetune import Distillation, distillation_loss
 from test_cli import run
 
 

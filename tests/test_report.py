@@ -6,8 +6,8 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from cait import report
-from cait.benchmark import method_of, parse_variant
+from cait.benchmarks import report
+from cait.benchmarks.latency import method_of, parse_variant
 from test_cli import run
 
 

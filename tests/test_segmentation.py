@@ -13,9 +13,9 @@ from PIL import Image
 
 import cait
 from cait import segmentation
-from cait.finetune import Distillation, distillation_loss
-from cait.segmentation_data import SegmentationFolder, digit_canvases, digit_glyphs
-from cait.visualize import BORDER, merge_owners, regions_picture
+from cait.regions import BORDER, merge_owners, regions_picture
+from cait.segmentation.data import SegmentationFolder, digit_canvases, digit_glyphs
+from cait.train.finetune import Distillation, distillation_loss
 from conftest import rel_err
 from models import build, images_for
 from test_cli import run
@@ -255,7 +255,7 @@ def test_regions_picture_mean_style_and_bad_arguments():
 
 
 def test_segmentation_benchmark_quick_run_writes_rows_and_a_picture(tmp_path, monkeypatch, capsys):
-    from cait import segmentation_bench
+    from cait.benchmarks import segmentation as segmentation_bench
 
     monkeypatch.setattr(segmentation_bench, "TRAIN", 128)
     monkeypatch.setattr(segmentation_bench, "TEST", 64)

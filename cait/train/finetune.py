@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cdcp import CDCP
-from .gates import Gates, attach_gates
-from .model import compress
-from .schedule import ATME
+from ..cdcp import CDCP
+from ..gates import Gates, attach_gates
+from ..model import compress
+from ..schedule import ATME
 
 
 @dataclass(frozen=True)

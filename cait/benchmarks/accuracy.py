@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .baselines import compress_baseline
-from .cdcp import CDCP
-from .cost import flops
-from .finetune import Distillation, evaluate, make_student, teacher_of, train_epoch
-from .model import compress
-from .schedule import ATME
+from ..baselines import compress_baseline
+from ..cdcp import CDCP
+from ..cost import flops
+from ..model import compress
+from ..schedule import ATME
+from ..train.finetune import Distillation, evaluate, make_student, teacher_of, train_epoch
 
 TARGET = 0.5  # FLOPs ratio every method aims at
 MERGE, PRUNE = ATME(flops=0.7), CDCP(qk=0.5, v=0.75, mlp=0.75)  # together about 0.5x

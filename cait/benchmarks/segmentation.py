@@ -1,4 +1,4 @@
-"""Segmentation benchmark without a download: digit canvases (:func:`cait.segmentation_data.digit_canvases`).
+"""Segmentation benchmark without a download: digit canvases (:func:`cait.segmentation.data.digit_canvases`).
 
 Per seed: 48x48 canvases (1,536 for training, 256 for testing, made from disjoint digits), a ViT
 backbone (patch 4, a 12x12 grid, 6 blocks, width 64, 2 heads) with a linear head trained from scratch
@@ -24,16 +24,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import segmentation
-from .accuracy_bench import batches, train_dense
-from .baselines import compress_baseline
-from .benchmark import time_interleaved
-from .cdcp import CDCP
-from .cost import flops
-from .finetune import Distillation, Student, teacher_of, train_epoch
-from .model import compress
-from .schedule import ATME
-from .segmentation_data import DIGIT_CLASSES, digit_canvases, digit_glyphs
+from .. import segmentation
+from ..baselines import compress_baseline
+from ..cdcp import CDCP
+from ..cost import flops
+from ..model import compress
+from ..schedule import ATME
+from ..segmentation.data import DIGIT_CLASSES, digit_canvases, digit_glyphs
+from ..train.finetune import Distillation, Student, teacher_of, train_epoch
+from .accuracy import batches, train_dense
+from .latency import time_interleaved
 
 SIZE, TRAIN, TEST, BATCH = 48, 1536, 256, 64
 EPOCHS, FINETUNE_EPOCHS = 30, 6
@@ -161,7 +161,7 @@ def picture(result: SegmentationRun, count: int = 3, scale: int = 4):
     strip per canvas (a ``PIL.Image``)."""
     from PIL import Image
 
-    from .visualize import visualize
+    from ..regions import visualize
 
     strips = [visualize(result.models["CAIT (fine-tuned)"], image, blocks="all", scale=scale) for image in result.test_images[:count]]
     out = Image.new("RGB", (strips[0].width, sum(s.height for s in strips)), "white")

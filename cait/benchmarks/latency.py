@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .cost import default_input_size, flops
-from .tokens import TokenState
+from ..cost import default_input_size, flops
+from ..tokens import TokenState
 
 
 def machine() -> dict:
@@ -99,7 +99,7 @@ def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float
     models on the reference ops, as they are timed."""
     from cait_kernels import backend
 
-    from .model import CompressedViT
+    from ..model import CompressedViT
 
     reference = isinstance(model, ReferenceOps)
     model = model.model if reference else model
@@ -127,7 +127,7 @@ def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float
 def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, graphs: bool = False, progress: bool = True) -> list[Row]:
     """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each.
     ``graphs``: also time each model captured in a CUDA graph (rows named ``<variant> [graph]``)."""
-    from .graphs import cuda_graph
+    from ..graphs import cuda_graph
 
     first = next(iter(models.values()))
     weight = next(first.parameters())
@@ -195,8 +195,8 @@ def parse_variant(text: str):
     """``merge=F`` (ATME FLOPs target), ``prune=QK/V/MLP`` (CDCP keep ratios) and ``block=2|4``, comma
     separated, e.g. ``merge=0.7,prune=0.5/0.75/0.75`` -> ``(ATME | None, CDCP | None)``; or ``tome=F``,
     the ToMe baseline (:mod:`cait.baselines`) at FLOPs ratio ``F`` -> ``("tome", F)``."""
-    from .cdcp import CDCP
-    from .schedule import ATME
+    from ..cdcp import CDCP
+    from ..schedule import ATME
 
     if text.startswith("tome="):
         try:
@@ -218,8 +218,8 @@ def parse_variant(text: str):
 
 def build_variant(dense: nn.Module, spec):
     """The compressed copy of ``dense`` that a :func:`parse_variant` result describes."""
-    from .baselines import compress_baseline
-    from .model import compress
+    from ..baselines import compress_baseline
+    from ..model import compress
 
     if spec[0] == "tome":
         return compress_baseline(dense, "tome", spec[1])

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .segmentation import IGNORE
+from .model import IGNORE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 MASK_IGNORE = 255

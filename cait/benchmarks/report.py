@@ -88,7 +88,7 @@ def machine() -> dict:
     """The machine and software the numbers come from."""
     import triton
 
-    from .benchmark import machine as basics
+    from .latency import machine as basics
 
     return dict(basics(), cores=os.cpu_count(), python=platform.python_version(), triton=triton.__version__)
 
@@ -111,7 +111,7 @@ def collect(device: str, quick: bool, results: str, *, models=None, batches=None
     """Run the timed parts and gather the rest into the report dict (see :data:`SCHEMA`)."""
     import torch
 
-    from . import benchmark
+    from . import latency
 
     models = list(models or (MODELS[:2] if quick else MODELS))
     batches = list(batches or BATCHES[device][: 2 if quick else None])
@@ -119,7 +119,7 @@ def collect(device: str, quick: bool, results: str, *, models=None, batches=None
     repeats = repeats or (5 if quick else 15)
     dtype = torch.float16 if device == "cuda" else torch.float32
     graphs = device == "cuda"
-    rows = benchmark.run(models, batches, variants, repeats, device=device, dtype=dtype, graphs=graphs, progress=progress)
+    rows = latency.run(models, batches, variants, repeats, device=device, dtype=dtype, graphs=graphs, progress=progress)
     report = {
         "version": VERSION,
         "machine": machine(),
@@ -133,16 +133,16 @@ def collect(device: str, quick: bool, results: str, *, models=None, batches=None
             "repeats": repeats,
             "cuda_graph": graphs,
         },  # fmt: skip
-        "models": [dict(r, method=benchmark.method_of(r["variant"])) for r in benchmark.as_json(rows)],
+        "models": [dict(r, method=latency.method_of(r["variant"])) for r in latency.as_json(rows)],
         "kernels": [],
         "kernel_ceilings": None,
     }
     if device == "cuda":
-        from . import kernel_bench
+        from . import kernels
 
         cuda = torch.device("cuda")
-        peak = kernel_bench.ceilings(cuda)
-        report["kernels"] = kernel_bench.as_json(kernel_bench.attention_rows(peak, cuda) + kernel_bench.atme_rows(peak, cuda))
+        peak = kernels.ceilings(cuda)
+        report["kernels"] = kernels.as_json(kernels.attention_rows(peak, cuda) + kernels.atme_rows(peak, cuda))
         report["kernel_ceilings"] = peak
     report.update(read_results(results))
     return report
@@ -157,7 +157,7 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def markdown(report: dict) -> str:
     """The report as Markdown: machine, model table, kernel table, accuracy and segmentation tables, plots."""
-    from .benchmark import percent
+    from .latency import percent
 
     m, s = report["machine"], report["settings"]
     where = f"{m['cpu']}, {m['threads']} threads" + (f", {m['gpu']}" if "gpu" in m else "")

@@ -1,0 +1,216 @@
+"""``cait bench``: time dense vs compressed models; ``--all`` the whole report, ``--kernels`` the
+kernels, ``--accuracy`` / ``--segmentation`` the training benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .common import DTYPES, device_of, write_json
+
+
+def add_parser(commands) -> None:
+    b = commands.add_parser(
+        "bench",
+        help="time dense vs compressed models on this machine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time timm models dense and compressed side by side (interleaved repeats, medians after warm-up, random weights) "
+        "and print a table: GFLOPs per image (multiply-add = 2), params, img/s, speedup, speedup x FLOPs ratio "
+        "(1.0 means the whole FLOPs saving shows up as speed), and merge % (the share of the forward spent in the token "
+        "merge steps, each replayed on the inputs it gets in a real forward).",
+    )
+    b.add_argument(
+        "--all",
+        action="store_true",
+        help="reproduce every number: the model table (dense vs ToMe vs ATME/CDCP/CAIT at several FLOPs ratios; CPU fp32 "
+        "batch 1 and 8, GPU fp16 batch 1/64/256 eager and CUDA graph), the kernel table on a GPU, and the accuracy and "
+        "segmentation results read from --results; writes report.json, report.md and PNG plots to --out DIR "
+        "(default: bench/results/report-<device>). --models/--batch/--repeats override the defaults",
+    )
+    b.add_argument("--quick", action="store_true", help="--all: fewer models, variants and repeats (a smoke check, minutes on a CPU)")
+    b.add_argument(
+        "--results",
+        default="bench/results",
+        metavar="DIR",
+        help="--all: where the accuracy/segmentation JSON files are (default: bench/results)",
+    )
+    b.add_argument("--models", nargs="+", help="timm model names (default: DeiT-T/S/B at 224)")
+    b.add_argument(
+        "--variant",
+        action="append",
+        metavar="SPEC",
+        help="a compressed variant, repeatable: merge=F (ATME FLOPs target), prune=QK/V/MLP (CDCP keep ratios), "
+        "block=2|4, comma separated, e.g. merge=0.7,prune=0.5/0.75/0.75 (default: merge=0.8, merge=0.6, "
+        "prune=0.5/0.75/0.75 and merge=0.7,prune=0.5/0.75/0.75)",
+    )
+    b.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 1 8)")
+    b.add_argument("--repeats", type=int, help="timed repeats per model after 2 warm-up runs (default: 15)")
+    b.add_argument("--checkpoint", metavar="FILE", help="weights for the (single) model in --models")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="where to run (default: cuda when a GPU is visible, else cpu). On cuda every compressed variant "
+        "is also timed on the PyTorch reference ops, as '<variant> [reference ops]'",
+    )
+    b.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
+    b.add_argument("--cuda-graph", action="store_true", help="also time every model captured in one CUDA graph (cuda only)")
+    b.add_argument(
+        "--kernels",
+        action="store_true",
+        help="benchmark the Triton kernels instead of models: on a GPU, attention vs scaled_dot_product_attention at "
+        "DeiT shapes and the ATME step / unmerge vs their references, with FLOP and byte floors and the measured "
+        "peaks; on any machine, the ahead-of-time compile report (registers, spills, shared memory, tensor-core "
+        "instructions) of every kernel configuration for sm_80 and sm_90",
+    )
+    b.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="run the accuracy benchmark instead of timing models: a small ViT trained from scratch on scikit-learn's digits, "
+        "then dense vs ATME / CDCP / both (one-shot and fine-tuned with distillation) vs ToMe and EViT-style pruning "
+        "at about 0.5x FLOPs: top-1 over --seeds, FLOPs ratio, CPU img/s (about 20 minutes on 2 cores)",
+    )
+    b.add_argument(
+        "--segmentation",
+        action="store_true",
+        help="run the segmentation benchmark: a small ViT with a linear head trained from scratch on digit canvases "
+        "(background + 10 digit classes per pixel), then dense vs CAIT (one-shot and fine-tuned) vs ToMe with unmerge vs "
+        "EViT-style token pruning (dropped cells filled from the nearest kept token), all fine-tuned alike: mIoU over "
+        "--seeds, FLOPs ratio, CPU img/s (about 21 minutes on 2 cores)",
+    )
+    b.add_argument("--seeds", type=int, default=3, help="--accuracy/--segmentation: seeds (default: 3)")
+    b.add_argument("--epochs", type=int, help="--accuracy/--segmentation: epochs of dense training (default: 40 / 30)")
+    b.add_argument("--finetune-epochs", type=int, help="--accuracy/--segmentation: epochs of fine-tuning (default: 15 / 6)")
+    b.add_argument("--picture", metavar="PNG", help="--segmentation: also draw CAIT's merged regions on test canvases to this file")
+    b.add_argument(
+        "--out", metavar="FILE", help="also write the rows and the machine description to this JSON file (--all: the report folder)"
+    )
+    b.set_defaults(run=run)
+
+
+def run(args) -> None:
+    import torch
+
+    from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, machine, parse_variant, run, table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.kernels:
+        return bench_kernels(args)
+    if args.accuracy:
+        return bench_accuracy(args)
+    if args.segmentation:
+        return bench_segmentation(args)
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    if args.all:
+        return bench_all(args)
+    args.models = args.models or ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+    args.batch, args.repeats = args.batch or [1, 8], args.repeats or 15
+    variants = args.variant or list(DEFAULT_VARIANTS)
+    for text in variants:
+        parse_variant(text)  # refuse a bad spec before any timing
+    if args.checkpoint and len(args.models) != 1:
+        raise ValueError("--checkpoint needs exactly one model in --models")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    if args.cuda_graph and device != "cuda":
+        raise ValueError("--cuda-graph needs --device cuda")
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
+    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, args.cuda_graph)
+    info = dict(machine(), device=device, dtype=str(dtype).removeprefix("torch."))
+    print(table(rows))
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    write_json(args.out, {"machine": info, "repeats": args.repeats, "rows": as_json(rows)})
+
+
+def bench_all(args) -> None:
+    """``cait bench --all``: the report (:mod:`cait.benchmarks.report`)."""
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import report
+
+    if args.variant or args.checkpoint or args.dtype or args.cuda_graph:
+        raise ValueError("--all picks variants, dtype and graphs itself (random weights): drop --variant/--checkpoint/--dtype/--cuda-graph")
+    device = device_of(args.device).type
+    models = args.models or list(report.MODELS[:2] if args.quick else report.MODELS)
+    batches = args.batch or list(report.BATCHES[device][: 2 if args.quick else None])
+    folder = args.out or os.path.join("bench", "results", f"report-{device}")
+    with tqdm(total=len(models) * len(batches), desc=f"timing models on {device}") as bar:
+        result = report.collect(device, args.quick, args.results, models=models, batches=batches, repeats=args.repeats, progress=bar)
+    report.write(result, folder)
+    print(report.markdown(result))
+    print(f"wrote {folder}/report.json, report.md, {', '.join(report.PLOTS)}")
+
+
+def bench_kernels(args) -> None:
+    """``cait bench --kernels``: kernel timings on a GPU, the compile report everywhere."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import kernels
+    from cait.benchmarks.latency import machine
+    from cait_kernels import aot
+
+    result = {"machine": machine()}
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        peak = kernels.ceilings(device)
+        rows = kernels.attention_rows(peak, device, progress=lambda cases: tqdm(cases, desc="attention cases", leave=False))
+        rows += kernels.atme_rows(peak, device)
+        print(kernels.table(rows, peak), "\n")
+        result.update(ceilings=peak, rows=kernels.as_json(rows))
+    else:
+        print("kernel timings need a CUDA GPU and this machine has none: printing the ahead-of-time compile report only.\n")
+    resources = aot.report(progress=lambda jobs, total: tqdm(jobs, total=total, desc="compiling for sm_80/sm_90", leave=False))
+    print(aot.table(resources))
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}")
+    write_json(args.out, dict(result, compile_report=[r._asdict() for r in resources]))
+
+
+def bench_accuracy(args) -> None:
+    """``cait bench --accuracy``: the digits benchmark (:mod:`cait.benchmarks.accuracy`)."""
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import accuracy
+    from cait.benchmarks.latency import machine
+
+    seeds, epochs, finetune_epochs = _training_settings(args, epochs=40, finetune_epochs=15)
+    with tqdm(total=len(seeds) * (epochs + finetune_epochs), desc="training (dense, then fine-tuning)") as bar:
+        rows = accuracy.run(seeds, epochs, finetune_epochs, progress=bar)
+    print(accuracy.table(rows, len(seeds)))
+    info = machine()
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs}
+    write_json(args.out, {"machine": info, "settings": settings, "rows": accuracy.as_json(rows)})
+
+
+def _training_settings(args, epochs: int, finetune_epochs: int):
+    """``(seeds, epochs, finetune_epochs)`` of a training benchmark, the defaults where not given."""
+    epochs = args.epochs if args.epochs is not None else epochs
+    finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else finetune_epochs
+    if args.seeds < 1 or epochs < 1 or finetune_epochs < 1:
+        raise ValueError("--seeds, --epochs and --finetune-epochs must be at least 1")
+    return list(range(args.seeds)), epochs, finetune_epochs
+
+
+def bench_segmentation(args) -> None:
+    """``cait bench --segmentation``: the digit-canvas benchmark (:mod:`cait.benchmarks.segmentation`)."""
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import segmentation
+    from cait.benchmarks.latency import machine
+
+    seeds, epochs, finetune_epochs = _training_settings(args, segmentation.EPOCHS, segmentation.FINETUNE_EPOCHS)
+    methods = len(segmentation.FINE_TUNED)
+    with tqdm(total=len(seeds) * (epochs + methods * finetune_epochs), desc="training (dense, then each method)") as bar:
+        result = segmentation.run(seeds, epochs, finetune_epochs, progress=bar)
+    print(segmentation.table(result.rows, len(seeds)))
+    info = machine()
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs}
+    write_json(args.out, {"machine": info, "settings": settings, "rows": segmentation.as_json(result.rows)})
+    if args.picture:
+        segmentation.picture(result).save(args.picture)
+        print(f"wrote {args.picture}")

@@ -1,0 +1,190 @@
+"""What the ``cait`` commands share: model and compression arguments, building the timm model and the
+compression spec from them, describing a compressed model, data folders, JSON output.
+
+Heavy modules (torch, timm, cait) are imported inside the functions, so ``cait --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+EXAMPLES = """examples:
+  cait compress --model deit_small_patch16_224 --checkpoint deit_s.pth \\
+      --merge-flops 0.7 --keep-qk 0.5 --keep-v 0.75 --keep-mlp 0.75 --out deit_s_cait.safetensors
+  cait info deit_s_cait.safetensors
+  cait bench --models deit_small_patch16_224 --batch 8 --variant merge=0.7,prune=0.5/0.75/0.75
+  cait bench --device cuda --dtype fp16 --batch 1 64 256 --cuda-graph --out models-gpu.json
+  cait bench --kernels --out kernels.json
+  cait bench --all                                   # every number: JSON, Markdown report and plots
+  cait bench --segmentation --out segmentation.json  # digit canvases: dense vs CAIT vs ToMe vs token pruning
+  cait visualize --model deit_s_cait.safetensors cat.jpg --scale 2 --out regions.png
+"""
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, model_help: str = "") -> None:
+    p.add_argument("--model", required=required, help=model_help or "timm model name, e.g. deit_small_patch16_224")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights for the timm model (a timm/PyTorch checkpoint); random init without it")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights instead (needs network access)")
+    p.add_argument(
+        "--img-size", type=int, nargs="+", metavar="PX", help="input size: one number for square images or H W (default: the model's)"
+    )
+    p.add_argument("--num-classes", type=int, metavar="K", help="classifier outputs (default: the model's)")
+
+
+def add_compression_arguments(p: argparse.ArgumentParser) -> None:
+    merge = p.add_mutually_exclusive_group()
+    merge.add_argument(
+        "--merge-flops",
+        type=float,
+        metavar="F",
+        help="ATME: merge until the FLOPs are F times those of the unmerged (pruned) model, F in (0, 1]",
+    )
+    merge.add_argument(
+        "--merge-r", type=_counts, metavar="R[,R...]", help="ATME: tokens merged away per block, one count for every block or one per block"
+    )
+    p.add_argument(
+        "--block", type=int, choices=(2, 4), default=2, help="ATME tile side: tokens only merge inside aligned tiles (default: 2)"
+    )
+    p.add_argument(
+        "--keep-qk", type=float, default=1.0, metavar="Q", help="CDCP: share of q/k channels kept per head, shared by q and k (default: 1)"
+    )
+    p.add_argument("--keep-v", type=float, default=1.0, metavar="V", help="CDCP: share of v channels kept per head (default: 1)")
+    p.add_argument("--keep-mlp", type=float, default=1.0, metavar="M", help="CDCP: share of MLP hidden units kept (default: 1)")
+    p.add_argument(
+        "--importance",
+        choices=("weight", "activation"),
+        help="CDCP channel ranking: weight norms, or activations on --calibration images (default: activation if --calibration is given)",
+    )
+    p.add_argument("--calibration", metavar="DIR", help="folder of images (searched recursively) for activation importance")
+    p.add_argument("--calibration-images", type=int, default=64, metavar="N", help="how many calibration images to use (default: 64)")
+
+
+def load_images(folder: str, model, count: int):
+    """Up to ``count`` images from ``folder`` (sorted paths), preprocessed as the model expects: ``(B, C, H, W)``."""
+    import timm.data
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"--calibration {folder!r} is not a folder")
+    paths = sorted(
+        os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.lower().endswith(IMAGE_SUFFIXES)
+    )
+    if not paths:
+        raise ValueError(f"--calibration {folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    config = timm.data.resolve_model_data_config(model)
+    config["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    config["crop_pct"] = 1.0
+    transform = timm.data.create_transform(**config)
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in tqdm(paths[:count], desc="calibration images", leave=False)])
+
+
+def build_model(args):
+    """The timm model the arguments name, in eval mode."""
+    import timm
+
+    if args.img_size and len(args.img_size) > 2:
+        raise ValueError("--img-size takes one number or two (H W)")
+    overrides = {}
+    if args.img_size:
+        overrides["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    if args.num_classes is not None:
+        overrides["num_classes"] = args.num_classes
+    return timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or "", **overrides).eval()
+
+
+def compression(args, model, calibration_folder: str | None):
+    """``(ATME | None, CDCP | None)`` from the compression arguments; activation importance reads
+    calibration images from ``calibration_folder``."""
+    import cait
+
+    prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
+    importance = args.importance or ("activation" if args.calibration else "weight")
+    if importance == "activation" and not calibration_folder:
+        raise ValueError("--importance activation needs --calibration DIR")
+    merge = None
+    if args.merge_flops is not None:
+        merge = cait.ATME(flops=args.merge_flops, block=args.block)
+    elif args.merge_r is not None:
+        merge = cait.ATME(r=args.merge_r[0] if len(args.merge_r) == 1 else args.merge_r, block=args.block)
+    prune = None
+    if prune_requested:
+        calibration = load_images(calibration_folder, model, args.calibration_images) if importance == "activation" else None
+        prune = cait.CDCP(qk=args.keep_qk, v=args.keep_v, mlp=args.keep_mlp, method=importance, calibration=calibration)
+    return merge, prune
+
+
+def describe(fast, dense) -> None:
+    """Print what a compressed model keeps, next to its dense original."""
+    import cait
+
+    spec = fast.source
+    grid = fast.grid
+    tokens = fast.num_prefix_tokens + grid[0] * grid[1]
+    print(
+        f"model     {spec['name']}  ({spec['kwargs']['img_size'][0]}x{spec['kwargs']['img_size'][1]} px, "
+        f"{grid[0]}x{grid[1]} patches, {len(fast.blocks)} blocks, {fast.blocks[0].attn.heads} heads)"
+    )
+    print(f"tiles     {fast.tile}x{fast.tile}, merged {sum(fast.schedule)} tokens in all")
+    print("\nblock  merged  tokens(attn->mlp)  qk/head  v/head  mlp")
+    for i, block in enumerate(fast.blocks):
+        attn, hidden = block.attn, block.mlp.fc1.out_features
+        print(f"{i:5d}  {block.r:6d}  {tokens:6d} -> {tokens - block.r:<6d}  {attn.d_qk:7d}  {attn.d_v:6d}  {hidden:4d}")
+        tokens -= block.r
+    dense_flops, flops = cait.flops(dense), cait.flops(fast)
+    dense_params, params = (sum(p.numel() for p in m.parameters()) for m in (dense, fast))
+    print(f"\nGFLOPs    {flops / 1e9:.2f}  ({flops / dense_flops:.3f} of dense {dense_flops / 1e9:.2f}; per image, multiply-add = 2)")
+    print(f"params    {params / 1e6:.1f} M  ({params / dense_params:.3f} of dense {dense_params / 1e6:.1f} M)")
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
+
+
+def image_folder(root: str, split: str, model, training: bool):
+    """``root/split`` as a torchvision ImageFolder with timm's transforms for ``model``'s input size."""
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--data {root!r} has no {split}/ folder (an ImageFolder root holds train/ and val/)")
+    config = timm.data.resolve_model_data_config(model)
+    config["input_size"] = tuple(model.input_size) if hasattr(model, "input_size") else (3, *model.patch_embed.img_size)
+    return ImageFolder(folder, transform=timm.data.create_transform(**config, is_training=training))
+
+
+def segmentation_folder(root: str, split: str, model, training: bool = False):
+    """``root/split`` as a :class:`cait.segmentation.SegmentationFolder` for the segmentation ``model``."""
+    import timm.data
+
+    from cait.cost import default_input_size
+    from cait.segmentation import SegmentationFolder
+
+    config = timm.data.resolve_model_data_config(getattr(model.backbone, "vit", model.backbone))
+    return SegmentationFolder(root, split, default_input_size(model), config["mean"], config["std"], training=training)
+
+
+def device_of(name: str | None):
+    import torch
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    return torch.device(device)

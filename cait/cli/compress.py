@@ -1,0 +1,36 @@
+"""``cait compress``: build a timm model, merge and/or prune it, save the compressed model."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import EXAMPLES, add_compression_arguments, add_model_arguments, build_model, compression, describe
+
+
+def add_parser(commands) -> None:
+    c = commands.add_parser(
+        "compress",
+        help="compress a timm model and save it",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build a timm model, merge tokens and/or prune channels, and save the compressed model "
+        "(weights and config in one .safetensors file that `cait.load` reads without the original weights).",
+    )
+    add_model_arguments(c)
+    add_compression_arguments(c)
+    c.add_argument("--out", required=True, metavar="FILE", help="where to write the compressed model (.safetensors)")
+    c.set_defaults(run=run)
+
+
+def run(args) -> None:
+    import cait
+
+    prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
+    if args.merge_flops is None and args.merge_r is None and not prune_requested:
+        raise ValueError("nothing to compress: give --merge-flops or --merge-r, and/or --keep-qk/--keep-v/--keep-mlp below 1")
+    model = build_model(args)
+    merge, prune = compression(args, model, args.calibration)
+    fast = cait.compress(model, merge=merge, prune=prune)
+    cait.save(fast, args.out)
+    print(f"wrote {args.out}\n")
+    describe(fast, dense=model)

@@ -1,0 +1,30 @@
+"""``cait info``: describe a saved compressed model next to its dense original."""
+
+from __future__ import annotations
+
+from .common import describe
+
+
+def add_parser(commands) -> None:
+    i = commands.add_parser(
+        "info",
+        help="describe a saved compressed model",
+        description="Print the architecture, merge schedule, "
+        "kept channels, FLOPs and parameters of a model saved by `cait compress` or `cait.save`.",
+    )
+    i.add_argument("file", help="a .safetensors file written by cait")
+    i.set_defaults(run=run)
+
+
+def run(args) -> None:
+    import timm
+
+    import cait
+    from cait.segmentation import Segmenter, head_kind
+
+    model = cait.load(args.file)
+    fast = model.backbone if isinstance(model, Segmenter) else model
+    describe(fast, dense=timm.create_model(fast.source["name"], **fast.source["kwargs"]).eval())
+    if fast is not model:
+        params = sum(p.numel() for p in model.head.parameters())
+        print(f"head      {head_kind(model.head)} segmentation head, {model.num_classes} classes, {params / 1e6:.2f} M params")

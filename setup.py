@@ -13,16 +13,17 @@ setup(
     package_data={"cait_kernels": ["csrc/*.cpp"]},  # the CPU kernels, compiled on first use
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",  # torch.library.custom_op registers the Triton ops
-        "timm>=1.0",
-        "triton>=3.0; platform_system == 'Linux'",
+        # The floors are what `make compat` runs the whole suite with (README, "Tested versions").
+        "torch>=2.11",
+        "timm>=1.0.7",
+        "triton>=3.6; platform_system == 'Linux'",
         "safetensors>=0.4",
         "tqdm",
         "ninja",  # torch.utils.cpp_extension builds the C++ CPU kernels with it
     ],
     entry_points={"console_scripts": ["cait = cait.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema", *EXPORT],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema", "hypothesis>=6.170", *EXPORT],
         "bench": ["pytest-benchmark", "scikit-learn", "matplotlib", *EXPORT],
         "export": EXPORT,
     },

@@ -176,7 +176,7 @@ def check_prunable(model, prune: CDCP) -> None:
                 f"block {i} normalizes q and k over the head dimension (qk_norm), which pruning would change: "
                 f"use qk=1 (v and mlp pruning still work)"
             )
-        if prune.v < 1 and not isinstance(attn.norm, nn.Identity):
+        if prune.v < 1 and not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
             raise NotImplementedError(f"block {i} normalizes the attention output over all v channels: use v=1")
         if prune.mlp < 1 and (type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity)):
             raise NotImplementedError(f"block {i} has a {type(block.mlp).__name__} MLP: only timm's plain Mlp can be pruned, use mlp=1")

@@ -19,7 +19,8 @@ class CompressedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module):
         super().__init__()
-        self.qkv, self.q_norm, self.k_norm, self.norm = attn.qkv, attn.q_norm, attn.k_norm, attn.norm
+        self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
+        self.norm = getattr(attn, "norm", nn.Identity())  # timm < 1.0.16 has no scale norm
         self.gate = getattr(attn, "gate", None)  # timm >= 1.0.26 only
         self.proj, self.proj_drop = attn.proj, attn.proj_drop
         self.heads, self.d_qk, self.d_v = attn.num_heads, attn.head_dim, attn.head_dim

@@ -90,20 +90,21 @@ class CompressedViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None):
         """timm's ``forward_head``. ``size (B, P+N')`` weights average pooling by the cells each token
-        holds, so it equals the unmerged mean; it is required for avg pooling of merged tokens."""
-        if self.global_pool not in ("avg", "avgmax"):
+        holds, so it equals the unmerged mean; it is required for avg pooling of merged tokens. The
+        weighted mean accumulates in fp32 and rounds once (in fp16, a sum of ``size * x`` over 196 tokens
+        overflows once a channel passes ~330, and real ViTs carry such channels). With one token per
+        cell (nothing merged) timm's own head runs."""
+        unmerged = x.shape[1] == self.num_prefix_tokens + len(self.cell_index)
+        if self.global_pool not in ("avg", "avgmax") or unmerged:
             return self.vit.forward_head(x, pre_logits)  # token, max and no pooling are exact on merged tokens
         if size is None:
-            if x.shape[1] != self.num_prefix_tokens + len(self.cell_index):
-                raise ValueError("average pooling of merged tokens needs their cell counts: pass size=state.size")
-            return self.vit.forward_head(x, pre_logits)
-        if not self.vit.pool_include_prefix:
+            raise ValueError("average pooling of merged tokens needs their cell counts: pass size=state.size")
+        if not getattr(self.vit, "pool_include_prefix", False):  # timm < 1.0.16 never pools prefix tokens
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
-        weight = size.to(x.dtype)[..., None]
-        pooled = (x * weight).sum(1) / weight.sum(1)
+        pooled = size_weighted_mean(x, size)
         if self.global_pool == "avgmax":
-            pooled = 0.5 * (pooled + x.amax(dim=1))
-        pooled = self.vit.head_drop(self.vit.fc_norm(pooled))
+            pooled = 0.5 * (pooled + x.amax(dim=1).to(pooled.dtype))
+        pooled = self.vit.head_drop(self.vit.fc_norm(pooled.to(x.dtype)))
         return pooled if pre_logits else self.vit.head(pooled)
 
     def forward(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False):
@@ -128,6 +129,14 @@ class CompressedViT(nn.Module):
         state = self.forward_tokens(images)
         cells = unmerge(state.x, state.owner, prefix=self.num_prefix_tokens)
         return cells.transpose(1, 2).reshape(cells.shape[0], cells.shape[2], *self.grid)
+
+
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """``x (B, T, C)``, ``size (B, T)`` -> ``sum_t size_t x_t / sum_t size_t``, ``(B, C)`` in at least fp32.
+    Elementwise, not a matrix product: pooling is left out of the FLOP counts, as timm's mean is."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    weight = size.to(acc)[..., None]
+    return (x.to(acc) * weight).sum(1) / weight.sum(1)
 
 
 def _refuse_masks(attn_mask, is_causal: bool) -> None:

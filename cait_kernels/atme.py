@@ -153,7 +153,7 @@ def atme_step_reference(x, metric, size, owner, *, r, grid, prefix, block=2):
         r: tokens to remove per image, ``0 <= r <= N - blocks``.
         grid: ``(H, W)`` patch grid; prefix: ``P``; block: 2 or 4.
     Returns:
-        ``x (B, P+N-r, C)`` in the dtype of ``x`` (means accumulated in at least fp32),
+        ``x (B, P+N-r, C)`` in the dtype of ``x`` (means accumulated in at least fp32, rounded once),
         ``size (B, P+N-r)``, ``owner (B, H*W)`` int32.
     """
     check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
@@ -185,8 +185,9 @@ def _merge_groups(x, size, cells, labels, prefix, r, acc):
     """Collapse every group of ``labels`` (smallest token index of the group) into one token.
 
     A merged token is ``sum(s_i x_i) / sum(s_i)``, written as ``x_root + sum_a (s_a / S) (x_a - x_root)``
-    over the absorbed tokens ``a``: one gather copies prefix and surviving rows, and only the absorbed
-    rows are read again, in ``acc`` precision. Returns ``(x, size, owner)`` as :func:`atme_step`.
+    over the absorbed tokens ``a`` in increasing index: one gather copies prefix and surviving rows, and
+    only the absorbed rows are read again. Features accumulate in ``acc`` (at least fp32), sizes in at
+    least fp32, and both are rounded once. Returns ``(x, size, owner)`` as :func:`atme_step`.
     """
     batch, total, channels = x.shape
     n = total - prefix
@@ -194,14 +195,14 @@ def _merge_groups(x, size, cells, labels, prefix, r, acc):
     target = (survivor.cumsum(1) - 1).gather(1, labels)
     kept, absorbed = (~survivor).to(torch.uint8).argsort(dim=1, stable=True).split([n - r, r], dim=1)
     rows = torch.cat([torch.arange(prefix, device=x.device).expand(batch, -1), kept + prefix], dim=1)
-    new_x = take_rows(x, rows)
-    new_size = size.gather(1, rows)
     into = target.gather(1, absorbed) + prefix
-    absorbed_size = size[:, prefix:].gather(1, absorbed)
-    new_size.scatter_add_(1, into, absorbed_size)
+    count = torch.promote_types(size.dtype, torch.float32)
+    absorbed_size = size[:, prefix:].gather(1, absorbed).to(count)
+    new_size = size.gather(1, rows).to(count).scatter_add(1, into, absorbed_size)
 
-    share = (absorbed_size / new_size.gather(1, into)).to(acc)[..., None]
+    wide = torch.promote_types(acc, count)  # fp64 features keep fp64 shares even with fp32 sizes
+    share = (absorbed_size.to(wide) / new_size.gather(1, into).to(wide)).to(acc)[..., None]
     roots = labels.gather(1, absorbed)
     update = share * (take_rows(x, absorbed + prefix).to(acc) - take_rows(x, roots + prefix).to(acc))
-    new_x.scatter_add_(1, into[..., None].expand(-1, -1, channels), update.to(x.dtype))
-    return new_x, new_size, target.gather(1, cells).to(torch.int32)
+    new_x = take_rows(x, rows).to(acc).scatter_add_(1, into[..., None].expand(-1, -1, channels), update)
+    return new_x.to(x.dtype), new_size.to(size.dtype), target.gather(1, cells).to(torch.int32)

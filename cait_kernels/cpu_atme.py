@@ -2,8 +2,8 @@
 
 The PyTorch reference spends ~450 small torch ops per step (Kruskal over slots, label propagation,
 sorts); at batch 1 that host time costs more than the merge saves. This kernel does the same math
-in one pass per image (parallel over images) and returns the reference's result: the same owners
-and sizes, fp32/fp64 features bit for bit (fp16/bf16 means are rounded once instead of per update).
+in one pass per image (parallel over images) and returns the reference's result bit for bit: the
+same owners and sizes, and features summed in the same order in at least fp32, rounded once.
 
 The op ``torch.ops.cait_cpu.atme_step`` (and ``.out``) is defined here, with a fake implementation,
 when ``cait_kernels`` is imported, so ``torch.compile`` traces through it and a saved
@@ -33,6 +33,10 @@ NAME = "cait_cpu_kernels"
 # at::parallel_for is OpenMP in the header on Linux builds of torch: without the flag it runs serially.
 # The kernel then shares torch's libgomp (same soname, already loaded), so one thread pool serves both.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+# CAIT_KERNELS_SANITIZE=1 (read at import; `make sanitize`): build a separate copy under AddressSanitizer and
+# UndefinedBehaviorSanitizer, every report fatal. Python must start with the ASan runtime preloaded (the Makefile says how).
+SANITIZE = os.environ.get("CAIT_KERNELS_SANITIZE") == "1"
+SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 log = logging.getLogger(__name__)
 SCHEMAS = (
     "atme_step(Tensor x, Tensor metric, Tensor size, Tensor owner, int r, int[] grid, int prefix, int block) -> (Tensor, Tensor, Tensor)",
@@ -44,17 +48,25 @@ for _schema in SCHEMAS:
     _library.define(_schema)
 
 
+def build_options() -> tuple[str, list[str], list[str]]:
+    """``(name, cflags, ldflags)`` of the extension: optimised, or sanitized under :data:`SANITIZE`."""
+    if SANITIZE:
+        return f"{NAME}_sanitized", ["-O1", "-g", "-fno-omit-frame-pointer", *SANITIZERS, *OPENMP], [*SANITIZERS, *OPENMP]
+    return NAME, ["-O3", *OPENMP], OPENMP
+
+
 @functools.cache
 def load() -> None:
     """Build (first use on a machine) and load the C++ kernels; raise ``RuntimeError`` saying why they cannot be built."""
     cpp_extension = _quiet_cpp_extension()
-    build_dir = cpp_extension._get_build_directory(NAME, verbose=False)
-    if not os.path.exists(os.path.join(build_dir, f"{NAME}.so")):
+    name, cflags, ldflags = build_options()
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
         log.warning("cait_kernels: compiling the C++ CPU kernels (once per machine, 10-30 s) into %s", build_dir)
     _put_ninja_on_path()
     try:
         cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", *OPENMP], extra_ldflags=OPENMP, is_python_module=False, verbose=False
+            name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False, verbose=False
         )
     except Exception as error:  # no compiler, no ninja, a failed build: say what to do
         raise RuntimeError(

@@ -14,6 +14,10 @@ Backends (pick one for a ``with`` block: ``with cait_kernels.backend("reference"
   (``TRITON_INTERPRET=1`` set before import), which is how the tests run them; refused while
   autograd records.
 
+Wherever the Triton kernels run, an input whose channels are strided (a timm model without a class
+token feeds the transposed view of its patch embedding into the blocks) is copied first: the kernels
+read unit-stride channels, the ``*_triton`` functions refuse anything else.
+
 The Triton implementations are the custom ops ``torch.ops.cait.pruned_attention``, ``.atme_step``
 and ``.unmerge`` with fake (shape-only) implementations, so ``torch.compile`` traces a compressed
 model in one graph and a CUDA graph captures its whole forward. The references are plain torch code
@@ -117,10 +121,17 @@ def _(x, owner, prefix):
     return x.new_empty(x.shape[0], owner.shape[1], x.shape[2])
 
 
+def _channels_contiguous(t):
+    """The Triton kernels read channels with unit stride (any batch/token strides): copy only when they are not.
+    A timm model without a class token feeds its patch embedding's transposed view straight into the blocks."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def pruned_attention(qkv, *, heads, d_qk, d_v, scale, size=None, idx_qk=None, idx_v=None):
     """Pruned-head attention; see :func:`cait_kernels.attention.pruned_attention_reference`."""
     if _use_triton("pruned_attention", qkv.device, qkv):
         check_attention_inputs(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
+        qkv = _channels_contiguous(qkv)
         triton_attention.check_kernel_inputs(qkv, d_qk, d_v)
         return _attention_op(qkv, heads, d_qk, d_v, float(scale), size, idx_qk, idx_v)
     return pruned_attention_reference(qkv, heads=heads, d_qk=d_qk, d_v=d_v, scale=scale, size=size, idx_qk=idx_qk, idx_v=idx_v)
@@ -130,10 +141,11 @@ def atme_step(x, metric, size, owner, *, r, grid, prefix, block=2):
     """One ATME merge step; see :func:`cait_kernels.atme.atme_step_reference`. ``r = 0`` returns the inputs."""
     if _use_triton("atme_step", x.device, x):
         check_atme_inputs(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
-        triton_atme.check_kernel_inputs(x, grid)
+        rows = _channels_contiguous(x)
+        triton_atme.check_kernel_inputs(rows, grid)
         if r == 0:
             return x, size, owner
-        return _atme_op(x, metric, size, owner, r, list(grid), prefix, block)
+        return _atme_op(rows, metric, size, owner, r, list(grid), prefix, block)
     if _active == "auto" and x.device.type == "cpu" and not _recording(x) and cpu_atme.available():
         return cpu_atme.atme_step_cpu(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
     return atme_step_reference(x, metric, size, owner, r=r, grid=grid, prefix=prefix, block=block)
@@ -143,6 +155,7 @@ def unmerge(x, owner, *, prefix):
     """Spatial tokens back on their cells; see :func:`cait_kernels.unmerge.unmerge_reference`."""
     if _use_triton("unmerge", x.device, x):
         check_unmerge_inputs(x, owner, prefix=prefix)
+        x = _channels_contiguous(x)
         triton_unmerge.check_kernel_inputs(x)
         return _unmerge_op(x, owner, prefix)
     return unmerge_reference(x, owner, prefix=prefix)

@@ -132,9 +132,11 @@ def forest_kernel(
     key = tl.where(slot[None, :] < SLOTS, key, n * n + 1)
     earlier = slot[None, None, :] < slot[None, :, None]
     canonical = tl.sum(((key[:, None, :] < key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & earlier)).to(tl.int32), 2)
-    # Kruskal order: real edges by similarity, descending, ties by canonical position.
-    tied = (sim[:, None, :] == sim[:, :, None]) & (canonical[:, None, :] < canonical[:, :, None])
-    stronger = (sim[:, None, :] > sim[:, :, None]) | tied
+    # Kruskal order: real edges by similarity, descending, NaN first (as torch's descending sort), ties by canonical position.
+    nan = sim != sim
+    tied = (sim[:, None, :] == sim[:, :, None]) | (nan[:, None, :] & nan[:, :, None])
+    tied = tied & (canonical[:, None, :] < canonical[:, :, None])
+    stronger = (sim[:, None, :] > sim[:, :, None]) | (nan[:, None, :] & ~nan[:, :, None]) | tied
     order = tl.where(edge, tl.sum((stronger & edge[:, None, :]).to(tl.int32), 2), SLOTS_PAD)
 
     cell = tl.load(cells + blocks[:, None] * CELLS + tl.arange(0, CELLS)[None, :], mask=blocks[:, None] < n_blocks, other=-1)
@@ -242,7 +244,8 @@ def merge_kernel(
     count = tl.sum(member.to(tl.int32), 1)
     rows = x + image.to(tl.int64) * stride_x_b + (prefix + token)[:, None] * stride_x_t + c[None, :]
     feats = tl.load(rows, mask=first[:, None] & (c[None, :] < channels), other=0.0)
-    weighted = tl.sum(tl.where(member, s[None, :], 0.0)[:, :, None] * feats.to(tl.float32)[None, :, :], 1)
+    # where, not a zero weight: 0 * NaN (or inf) of another group's token would leak into this one
+    weighted = tl.sum(tl.where(member[:, :, None], s[None, :, None] * feats.to(tl.float32)[None, :, :], 0.0), 1)
     mean = tl.where(count[:, None] == 1, feats.to(tl.float32), weighted / tl.where(total > 0, total, 1.0)[:, None])
     target = x_out + image.to(tl.int64) * stride_out_b + (prefix + to)[:, None] * stride_out_t + c[None, :]
     tl.store(target, mean.to(x_out.dtype.element_ty), mask=survivor[:, None] & (c[None, :] < channels))
@@ -277,6 +280,8 @@ def check_kernel_inputs(x, grid) -> None:
 def launch_atme(x, metric, size, owner, r, grid, prefix, block):
     """:func:`atme_step_triton` for ``r >= 1`` without the input checks (the caller ran them)."""
     batch, total, channels = x.shape
+    if batch == 0:  # nothing to launch
+        return x.new_empty(0, total - r, channels), size.new_empty(0, total - r), torch.empty_like(owner)
     n, blocks, cells_total = total - prefix, block_count(grid, block), grid[0] * grid[1]
     owner, size = owner.contiguous(), size.contiguous()
     first, second, valid, cells = block_tables(grid[0], grid[1], block, x.device)

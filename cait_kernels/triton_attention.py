@@ -137,6 +137,8 @@ def launch_attention(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v):
     B, N, W = qkv.shape
     head_dim = W // (3 * heads) if idx_qk is not None or idx_v is not None else None
     out = torch.empty(B, N, heads * d_v, dtype=qkv.dtype, device=qkv.device)
+    if out.numel() == 0:  # an empty batch or no tokens: nothing to launch
+        return out
     gather = head_dim is not None
     cols = gather_columns(heads, head_dim, idx_qk, idx_v, qkv.device).to(torch.int32) if gather else qkv
     sizes = size if size is not None else qkv

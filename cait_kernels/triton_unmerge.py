@@ -57,6 +57,8 @@ def launch_unmerge(x, owner, prefix):
     owner = owner.contiguous()
     cells = owner.shape[1]
     out = torch.empty(batch, cells, channels, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:  # an empty batch or no channels: nothing to launch
+        return out
     block_c = min(128, triton.next_power_of_2(channels))
     grid = (triton.cdiv(cells, BLOCK_ROWS), batch, triton.cdiv(channels, block_c))
     unmerge_kernel[grid](

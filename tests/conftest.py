@@ -9,8 +9,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+
+# Property tests: a fixed, bounded set of examples by default (repeatable, fast enough for CI); a long
+# exploration with fresh randomness on request: HYPOTHESIS_PROFILE=long pytest tests/test_properties.py
+SLOW_OK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("default", max_examples=30, derandomize=True, database=None, print_blob=True, **SLOW_OK)
+settings.register_profile("long", max_examples=1000, **SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):

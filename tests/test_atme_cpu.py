@@ -49,8 +49,7 @@ def test_matches_reference_and_float64(grid, block, batch, prefix, steps, r, dty
     exact = atme_bruteforce(x.double(), metric.double(), size.double(), owner, r=r, grid=grid, prefix=prefix, block=block)
     assert torch.equal(out[2], ref[2]) and torch.equal(out[1], ref[1])
     assert out[0].dtype == dtype and rel_err(out[0], exact[0]) < TOLERANCE[dtype]
-    if dtype == torch.float32:  # the same operations in the same order as the reference
-        assert torch.equal(out[0], ref[0])
+    assert torch.equal(out[0], ref[0])  # the same operations in the same order and precision as the reference
 
 
 @pytest.mark.parametrize("grid, block", TIE_GRIDS)

@@ -67,7 +67,7 @@ class EViTBlock(CompressedBlock):
         qkv, self.last_qkv = self.last_qkv, None
         q = qkv[:, :1, : attn.heads * attn.d_qk].unflatten(-1, (attn.heads, attn.d_qk))  # (B, 1, h, d)
         k = qkv[..., attn.heads * attn.d_qk : 2 * attn.heads * attn.d_qk].unflatten(-1, (attn.heads, attn.d_qk))
-        logits = torch.einsum("bqhd,bkhd->bhk", q, k) * attn.scale
+        logits = torch.einsum("bqhd,bkhd->bhk", q.float(), k.float()) * attn.scale  # fp32: q.k overflows fp16 past ~256 per channel
         if self.proportional:
             logits = logits + size.log()[:, None, :]
         return logits.softmax(-1).mean(1)[:, self.prefix :]

@@ -168,14 +168,16 @@ def compare(
     """Time ``models`` (the first one is the baseline) on one random batch in every runtime of
     ``runtimes`` (:data:`RUNTIMES`); one :class:`Row` per (runtime, model), each against the baseline
     in its own runtime. The models of one runtime are timed interleaved (:func:`time_interleaved`),
-    the runtimes one after the other (each runtime's thread pool then has the cores to itself).
-    ``exports``: see :func:`prepare` (default: a temporary folder for this call)."""
+    the runtimes one after the other (each runtime's thread pool then has the cores to itself). A model
+    that a runtime cannot prepare is left out with a printed line (the whole runtime when it is the
+    baseline); the other rows are still timed. ``exports``: see :func:`prepare` (default: a temporary folder for this call)."""
     import tempfile
 
     first = next(iter(models.values()))
     weight = next(first.parameters())
     size = default_input_size(first)
     images = torch.randn(batch, *size, device=weight.device, dtype=weight.dtype)
+    base_variant = next(iter(models))
     runners, setup = {}, {}
     if "compile" in runtimes:  # compiled runners of earlier calls are gone: free dynamo's entries (8 per forward at most)
         torch._dynamo.reset()
@@ -183,14 +185,19 @@ def compare(
         exports = exports if exports is not None else {"folder": folder}
         for runtime in runtimes:
             for variant, model in models.items():
-                runners[runtime, variant], setup[runtime, variant] = prepare(model, images, runtime, exports)
+                try:
+                    runners[runtime, variant], setup[runtime, variant] = prepare(model, images, runtime, exports)
+                except Exception as error:  # one runtime failing on one model leaves the other rows standing
+                    print(f"{variant} [{runtime}] not timed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+                    if variant == base_variant:
+                        break
+        runners = {key: runner for key, runner in runners.items() if (key[0], base_variant) in runners}
         seconds = {}
         for runtime in runtimes:
             mine = {key: runner for key, runner in runners.items() if key[0] == runtime}
-            seconds.update(time_interleaved(mine, images, repeats, progress=progress))
+            seconds.update(time_interleaved(mine, images, repeats, progress=progress) if mine else {})
     merging = {variant: merge_seconds(model, images, repeats) for variant, model in models.items()}
     counts = {variant: flops(m, size) for variant, m in models.items()}
-    base_variant = next(iter(models))
     rows = []
     for runtime, variant in runners:
         model = models[variant]
@@ -312,18 +319,21 @@ def run(
     dtype: torch.dtype = torch.float32,
     runtimes=("eager",),
     progress=None,
+    img_size: int | None = None,
 ) -> list[Row]:
     """The model table: each timm model dense and compressed per variant, timed side by side on
     ``device`` in ``dtype`` in every runtime of ``runtimes`` (:data:`RUNTIMES`; ``cuda graph`` rows
     for CUDA graphs). On a GPU every compressed variant also runs on the reference ops
-    (``<variant> [reference ops]``). ``progress``: a tqdm-like bar advanced once per (model, batch);
+    (``<variant> [reference ops]``). ``img_size``: build the models for square images of that many
+    pixels (default: the model's size). ``progress``: a tqdm-like bar advanced once per (model, batch);
     without one, each table is printed as it is done."""
     import timm
 
     specs = {text: parse_variant(text) for text in variants}
+    sizing = {} if img_size is None else {"img_size": img_size}
     rows: list[Row] = []
     for name in models:
-        dense = timm.create_model(name, checkpoint_path=checkpoint or "").eval()
+        dense = timm.create_model(name, checkpoint_path=checkpoint or "", **sizing).eval()
         contenders = {"dense": dense}
         contenders.update({text: build_variant(dense, spec) for text, spec in specs.items()})
         if device != "cpu":

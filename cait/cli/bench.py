@@ -77,6 +77,7 @@ def add_parser(commands) -> None:
     )
     b.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
     b.add_argument("--cuda-graph", action="store_true", help="also time every model captured in one CUDA graph (cuda only)")
+    b.add_argument("--img-size", type=int, metavar="PX", help="square input size of the timed models (default: the model's)")
     b.add_argument(
         "--kernels",
         action="store_true",
@@ -84,6 +85,12 @@ def add_parser(commands) -> None:
         "DeiT shapes and the ATME step / unmerge vs their references, with FLOP and byte floors and the measured "
         "peaks; on any machine, the ahead-of-time compile report (registers, spills, shared memory, tensor-core "
         "instructions) of every kernel configuration for sm_80 and sm_90",
+    )
+    b.add_argument(
+        "--tiny",
+        action="store_true",
+        help="--kernels: tiny shapes, seconds on any device (on a CPU the Triton kernels run through the interpreter, "
+        "TRITON_INTERPRET=1): a smoke run of the kernel table, no compile report",
     )
     b.add_argument(
         "--accuracy",
@@ -149,8 +156,10 @@ def run(args) -> None:
     if "onnxruntime" in runtimes and device != "cpu":
         raise ValueError("--runtime onnxruntime runs on the CPU: use --device cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError("--img-size must be a positive number of pixels")
     runtimes += ["cuda graph"] if args.cuda_graph else []
-    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, runtimes)
+    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, runtimes, img_size=args.img_size)
     info = dict(machine(), device=device, dtype=str(dtype).removeprefix("torch."))
     print(table(rows))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
@@ -187,8 +196,11 @@ def bench_all(args) -> None:
 
     from cait.benchmarks import report
 
-    if args.variant or args.checkpoint or args.dtype or args.cuda_graph:
-        raise ValueError("--all picks variants, dtype and graphs itself (random weights): drop --variant/--checkpoint/--dtype/--cuda-graph")
+    if args.variant or args.checkpoint or args.dtype or args.cuda_graph or args.compile or args.img_size:
+        raise ValueError(
+            "--all picks variants, dtype, sizes and graphs itself (random weights): "
+            "drop --variant/--checkpoint/--dtype/--cuda-graph/--compile/--img-size"
+        )
     device = device_of(args.device).type
     models = args.models or list(report.MODELS[:2] if args.quick else report.MODELS)
     batches = args.batch or list(report.BATCHES[device][: 2 if args.quick else None])
@@ -210,15 +222,22 @@ def bench_kernels(args) -> None:
     from cait_kernels import aot
 
     result = {"machine": machine()}
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        peak = kernels.ceilings(device)
-        rows = kernels.attention_rows(peak, device, progress=lambda cases: tqdm(cases, desc="attention cases", leave=False))
-        rows += kernels.atme_rows(peak, device)
+    shapes = kernels.TINY if args.tiny else kernels.FULL
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" or args.tiny:
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--tiny on a CPU runs the Triton kernels through the interpreter: set TRITON_INTERPRET=1")
+        peak = kernels.ceilings(device, tiny=args.tiny)
+        with torch.inference_mode():
+            rows = kernels.attention_rows(peak, device, shapes, progress=lambda cases: tqdm(cases, desc="attention cases", leave=False))
+            rows += kernels.atme_rows(peak, device, shapes)
         print(kernels.table(rows, peak), "\n")
-        result.update(ceilings=peak, rows=kernels.as_json(rows))
+        result.update(device=device.type, tiny=args.tiny, ceilings=peak, rows=kernels.as_json(rows))
+        write_json(args.out, result)  # kept even if the compile report below is cut short
     else:
         print("kernel timings need a CUDA GPU and this machine has none: printing the ahead-of-time compile report only.\n")
+    if args.tiny:
+        return
     resources = aot.report(progress=lambda jobs, total: tqdm(jobs, total=total, desc="compiling for sm_80/sm_90", leave=False))
     print(aot.table(resources))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}")

@@ -7,8 +7,8 @@
 // reference, candidates and selection use the reference's order (similarity high first; ties by
 // block raster index, smaller token, larger token, cell-edge slot), so owners and sizes equal the
 // reference's; merged features are built in the reference's operation order (root row, then the
-// absorbed tokens in increasing index), so fp32 and fp64 features equal it bit for bit (fp16/bf16
-// are rounded once instead of per update: within an ulp, and closer to the exact mean).
+// absorbed tokens in increasing index, accumulated in at least float32 and rounded once), so the
+// features equal it bit for bit in every dtype. An empty batch reads nothing.
 //
 // Phases, each parallel over images:
 //   1. select: per block, Kruskal's maximum spanning forest over neighbouring token pairs; per image
@@ -143,11 +143,13 @@ void select_groups(const metric_t* metric, int64_t channels, const int32_t* owne
 // Phase 2 for one image. x: (P+N, C); size: (P+N,); labels: (N,) from phase 1; scratch: (3N,).
 // Writes x_out (P+N-r, C), size_out (P+N-r,), owner_out (H*W,). A group's size is summed and its
 // mean built as root + sum_a (s_a / S) (x_a - root) over absorbed tokens in increasing index, as the
-// reference does; the mean accumulates in at least float32 and is rounded once.
+// reference does; sizes and means accumulate in at least float32 and are rounded once.
 template <typename scalar_t, typename count_t>
 void merge_groups(const scalar_t* x, const count_t* size, const int32_t* owner, const int64_t* labels, int64_t prefix, int64_t n,
                   int64_t channels, int64_t cells, scalar_t* x_out, count_t* size_out, int32_t* owner_out, int64_t* scratch) {
   using acc_t = at::opmath_type<scalar_t>;
+  using count_acc_t = at::opmath_type<count_t>;
+  using share_t = decltype(acc_t() + count_acc_t());  // the wider: fp64 features keep fp64 shares even with fp32 sizes
   int64_t *target = scratch, *next = scratch + n, *tail = scratch + 2 * n;  // new index; each group's members as a chain
   for (int64_t i = 0; i < n; ++i) {
     next[i] = -1;
@@ -170,15 +172,15 @@ void merge_groups(const scalar_t* x, const count_t* size, const int32_t* owner, 
     target[i] = kept;
     const scalar_t* root = x + (prefix + i) * channels;
     scalar_t* out = x_out + (prefix + kept) * channels;
-    count_t total = size[prefix + i];
-    for (int64_t a = next[i]; a >= 0; a = next[a]) total += size[prefix + a];
-    size_out[prefix + kept] = total;
+    count_acc_t total = static_cast<count_acc_t>(size[prefix + i]);
+    for (int64_t a = next[i]; a >= 0; a = next[a]) total += static_cast<count_acc_t>(size[prefix + a]);
+    size_out[prefix + kept] = static_cast<count_t>(total);
     if (next[i] < 0) {
       std::copy(root, root + channels, out);  // a lone token is copied bit for bit
     } else {
       for (int64_t c = 0; c < channels; ++c) mean[c] = static_cast<acc_t>(root[c]);
       for (int64_t a = next[i]; a >= 0; a = next[a]) {
-        const acc_t share = static_cast<acc_t>(count_t(size[prefix + a] / total));
+        const acc_t share = static_cast<acc_t>(static_cast<share_t>(size[prefix + a]) / static_cast<share_t>(total));
         const scalar_t* absorbed = x + (prefix + a) * channels;
         for (int64_t c = 0; c < channels; ++c) mean[c] += share * (static_cast<acc_t>(absorbed[c]) - static_cast<acc_t>(root[c]));
       }
@@ -222,6 +224,7 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> atme_step_out(const at::Tensor
   check_out(size_out, size_in, {batch, tokens - r}, "size_out");
   check_out(owner_out, owner_in, {batch, cells}, "owner_out");
 
+  if (batch == 0) return {x_out, size_out, owner_out};  // nothing to read: an empty batch has no owner values (and maybe no data pointers)
   const at::Tensor x = x_in.contiguous(), metric = metric_in.contiguous(), size = size_in.contiguous(), owner = owner_in.contiguous();
   const int32_t* owner_data = owner.const_data_ptr<int32_t>();
   const auto [low, high] = std::minmax_element(owner_data, owner_data + batch * cells);

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import DTYPES, device_of, write_json
+from .common import DTYPES, check_checkpoint, check_output, device_of, load_checkpoint, warn_random_weights, write_json
 
 
 def add_parser(commands) -> None:
@@ -34,7 +34,13 @@ def add_parser(commands) -> None:
         metavar="DIR",
         help="--all: where the accuracy/segmentation JSON files are (default: bench/results)",
     )
-    b.add_argument("--models", nargs="+", help="timm model names (default: DeiT-T/S/B at 224)")
+    b.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME|FILE",
+        help="timm model names and/or .safetensors files saved by cait (default: DeiT-T/S/B at 224). A file is timed as saved, "
+        "next to its architecture rebuilt from the file's config with random weights as the dense row; --variant applies to names",
+    )
     b.add_argument(
         "--variant",
         action="append",
@@ -90,9 +96,13 @@ def add_parser(commands) -> None:
 
 def run(args) -> None:
     import torch
+    from tqdm.auto import tqdm
 
-    from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, machine, parse_variant, run, table
+    from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, is_saved_model, machine, parse_variant, run, table
 
+    if not args.all:
+        check_output(args.out)
+    check_output(args.picture, "--picture")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.kernels:
@@ -110,19 +120,39 @@ def run(args) -> None:
     variants = args.variant or list(DEFAULT_VARIANTS)
     for text in variants:
         parse_variant(text)  # refuse a bad spec before any timing
-    if args.checkpoint and len(args.models) != 1:
-        raise ValueError("--checkpoint needs exactly one model in --models")
+    check_models(args.models)
+    if args.checkpoint and (len(args.models) != 1 or is_saved_model(args.models[0])):
+        raise ValueError("--checkpoint needs exactly one timm model name in --models (a saved file holds its own weights)")
+    check_checkpoint(args.checkpoint)
+    if not args.checkpoint and not all(is_saved_model(m) for m in args.models):
+        warn_random_weights("no --checkpoint: the timm models in --models have")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible")
     if args.cuda_graph and device != "cuda":
         raise ValueError("--cuda-graph needs --device cuda")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
-    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, args.cuda_graph)
+    with tqdm(total=len(args.models) * len(args.batch), desc=f"timing on {device}") as bar:
+        rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, args.cuda_graph, bar, load_checkpoint)
     info = dict(machine(), device=device, dtype=str(dtype).removeprefix("torch."))
     print(table(rows))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
     write_json(args.out, {"machine": info, "repeats": args.repeats, "rows": as_json(rows)})
+
+
+def check_models(entries: list[str]) -> None:
+    """Refuse, before any timing, an unknown timm name or a file that is not a classifier saved by cait."""
+    import timm
+
+    from cait.benchmarks.latency import is_saved_model
+    from cait.serialize import read_config
+
+    for entry in entries:
+        if is_saved_model(entry):
+            if "head" in read_config(entry):
+                raise ValueError(f"{entry} holds a segmentation model: cait bench times classifiers (see cait bench --segmentation)")
+        elif not timm.is_model(entry):
+            raise ValueError(f"--models {entry}: not a timm model name (see timm.list_models()) nor a .safetensors file saved by cait")
 
 
 def bench_all(args) -> None:
@@ -133,6 +163,8 @@ def bench_all(args) -> None:
 
     if args.variant or args.checkpoint or args.dtype or args.cuda_graph:
         raise ValueError("--all picks variants, dtype and graphs itself (random weights): drop --variant/--checkpoint/--dtype/--cuda-graph")
+    if args.models:
+        check_models(args.models)
     device = device_of(args.device).type
     models = args.models or list(report.MODELS[:2] if args.quick else report.MODELS)
     batches = args.batch or list(report.BATCHES[device][: 2 if args.quick else None])

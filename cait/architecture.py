@@ -42,14 +42,19 @@ def class_path(cls: type) -> str:
 
 
 def resolve(path: str, what: str) -> type:
-    """The class at ``module:Name``; only ``torch.nn`` and ``timm`` classes (ValueError otherwise)."""
+    """The module class at ``module:Name``, defined in ``torch.nn`` or ``timm`` (ValueError otherwise:
+    a saved file never makes cait import or call anything else)."""
     module, _, name = path.partition(":")
-    if not module.startswith(LAYER_PACKAGES) or not name:
-        raise ValueError(f"cannot rebuild {what} {path}: a saved model can only use layers from torch.nn and timm")
+    refusal = ValueError(f"cannot rebuild {what} {path}: a saved model can only use layers from torch.nn and timm")
+    if not module.startswith(LAYER_PACKAGES) or not name or any(part.startswith("_") for part in name.split(".")):
+        raise refusal
     try:
-        return functools.reduce(getattr, name.split("."), importlib.import_module(module))
+        cls = functools.reduce(getattr, name.split("."), importlib.import_module(module))
     except (ImportError, AttributeError) as error:
         raise ValueError(f"cannot rebuild {what}: {path} does not exist in the installed torch/timm ({error})") from error
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith(LAYER_PACKAGES)):
+        raise refusal
+    return cls
 
 
 def _simple(value) -> bool:
@@ -122,7 +127,7 @@ def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
         pre_norm=not isinstance(vit.norm_pre, nn.Identity),
         final_norm=final_norm,
         fc_norm=not isinstance(vit.fc_norm, nn.Identity),
-        pool_include_prefix=vit.pool_include_prefix,
+        pool_include_prefix=getattr(vit, "pool_include_prefix", False),  # timm < 1.0.16 has neither attribute nor setting
         dynamic_img_size=vit.dynamic_img_size,
         dynamic_img_pad=getattr(embed, "dynamic_img_pad", False),
         drop_rate=vit.head_drop.p,
@@ -155,8 +160,8 @@ def block_settings(blocks) -> dict:
         mlp_ratio=mlp_ratio,
         qkv_bias=attn.qkv.bias is not None,
         qk_norm=not isinstance(attn.q_norm, nn.Identity),
-        scale_attn_norm=not isinstance(attn.norm, nn.Identity),
-        scale_mlp_norm=not isinstance(mlp.norm, nn.Identity),
+        scale_attn_norm=not _absent(attn, "norm"),
+        scale_mlp_norm=not _absent(mlp, "norm"),
         proj_bias=attn.proj.bias is not None,
         init_values=getattr(block.ls1, "init_values", 1e-5) if not isinstance(block.ls1, nn.Identity) else None,
         proj_drop_rate=attn.proj_drop.p,
@@ -166,6 +171,11 @@ def block_settings(blocks) -> dict:
         mlp_layer=mlp_layer,
         attn_layer=attn_layer,
     )
+
+
+def _absent(module: nn.Module, name: str) -> bool:
+    """Whether ``module.name`` is an ``nn.Identity`` or missing (older timm builds no placeholder)."""
+    return isinstance(getattr(module, name, nn.Identity()), nn.Identity)
 
 
 def drop_path_rates(blocks) -> list[float]:

@@ -143,7 +143,7 @@ def check_prunable(model, prune: CDCP) -> None:
             raise Unsupported("v pruning with scale_attn_norm", f"block {i} normalizes the attention output over all v channels: use v=1")
         if prune.mlp < 1:
             mlp_layout(block.mlp)
-            if not isinstance(block.mlp.norm, nn.Identity):
+            if not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
                 raise Unsupported(
                     "mlp pruning with scale_mlp_norm",
                     f"block {i} normalizes the MLP hidden units (scale_mlp_norm), which pruning would change: use mlp=1",

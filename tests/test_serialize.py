@@ -217,6 +217,7 @@ def rewrite_config(path, target, change):
     (lambda c: c["timm"].pop("kwargs"), "lacks or mistypes timm.kwargs"),
     (lambda c: c["timm"].update({"class": "os:system"}), "only use layers from torch.nn and timm"),
     (lambda c: c["timm"]["kwargs"]["act_layer"].update({"class": "builtins:eval"}), "only use layers from torch.nn and timm"),
+    (lambda c: c["timm"]["kwargs"]["act_layer"].update({"class": "torch.nn.modules.module:torch.os.system"}), "only use layers from"),
     (lambda c: c["timm"]["kwargs"].update(embed_dim=96), "weights do not fit the rebuilt architecture"),
     (lambda c: c["timm"]["kwargs"].update(new_setting=3), "sets new_setting=3, which timm .* does not know"),
 ])

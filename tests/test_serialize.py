@@ -260,3 +260,18 @@ def test_copy_false_shares_every_weight_and_consumes_the_source():
             use()
     copied = cait.compress(tiny(), merge=cait.ATME(r=2))
     assert not {p.untyped_storage().data_ptr() for p in copied.parameters()} & storages
+
+
+def test_segmentation_heads_round_trip_with_their_options_and_others_are_refused(tmp_path):
+    from cait.segmentation import Segmenter, UpsamplingHead
+
+    fast = cait.compress(tiny(), merge=cait.ATME(r=2), prune=PRUNE)
+    seg = Segmenter(fast, UpsamplingHead(192, 5, hidden=24, stages=1)).eval()
+    cait.save(seg, tmp_path / "seg.safetensors")
+    assert read_config(tmp_path / "seg.safetensors")["head"] == {"kind": "upsample", "classes": 5, "hidden": 24, "stages": 1}
+    loaded = cait.load(tmp_path / "seg.safetensors")
+    images = images_for(fast.vit, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), seg(images))
+    with pytest.raises(ValueError, match="Conv2d head is not one of cait's segmentation heads"):
+        cait.save(Segmenter(fast, nn.Conv2d(192, 5, 1)), tmp_path / "other.safetensors")

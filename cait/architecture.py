@@ -19,7 +19,6 @@ The record is what :func:`cait.save` stores; :func:`first_difference` is how it 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import importlib
@@ -217,16 +216,27 @@ def _constructor_parameters(cls: type) -> dict:
     return {}
 
 
+# What a setting means in a timm that has no such constructor argument yet: its default when it came.
+LEGACY_DEFAULTS = {"final_norm": True, "pos_embed": "learn", "proj_bias": True}
+
+
+def _implicit(key: str, value) -> bool:
+    """Whether ``key=value`` is what a timm without that argument does anyway."""
+    if key == "attn_layer":
+        return set(value) == {"class"} and value["class"].endswith(":Attention")
+    return value == LEGACY_DEFAULTS[key] if key in LEGACY_DEFAULTS else value in (None, False, 0, "")
+
+
 def _timm_kwargs(arch: dict, cls: type) -> dict:
     """The record's kwargs as constructor arguments: layer specs become callables; a setting the
-    installed timm does not know is dropped when it is that constructor's default anyway, refused otherwise."""
+    installed timm does not know is dropped when an older timm does that anyway, refused otherwise."""
     import timm
 
     known = _constructor_parameters(cls)
     kwargs = {}
     for key, value in arch["kwargs"].items():
         if key not in known:
-            if value in (None, False, 0, 0.0, "") or (key == "pos_embed" and value == "learn"):
+            if _implicit(key, value):
                 continue
             raise ValueError(f"the saved model sets {key}={value!r}, which timm {timm.__version__} does not know: install a newer timm")
         if isinstance(value, dict):
@@ -247,8 +257,9 @@ def _layer(key: str, spec: dict):
 
 def build(arch: dict, device: str | torch.device | None = "meta") -> nn.Module:
     """The timm model a record describes, in eval mode. ``device="meta"`` (default) allocates no
-    weights: fill them with ``load_state_dict(..., assign=True)``; ``None`` builds random weights on
-    the default device. Raises ``ValueError`` when the installed torch/timm cannot build it."""
+    weights (fill them with ``load_state_dict(..., assign=True)``; a timm whose constructor cannot run
+    on the meta device, before 1.0.16 or so, builds random weights instead); ``None`` builds random
+    weights on the default device. Raises ``ValueError`` when the installed torch/timm cannot build it."""
     import timm
 
     cls = resolve(arch["class"], "model class")
@@ -258,13 +269,26 @@ def build(arch: dict, device: str | torch.device | None = "meta") -> nn.Module:
     attention = arch["kwargs"].get("attn_layer", {})
     if len(attention) > 1:  # settings timm's constructor cannot pass on (gated, attn_head_dim): attention rebuilt below
         kwargs.pop("attn_layer")
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        try:
-            model = timm.create_model(arch["name"], pretrained=False, **kwargs) if arch["name"] else cls(**kwargs)
-            if len(attention) > 1:
-                _rebuild_attention(model, attention, arch["kwargs"], kwargs["norm_layer"])
-        except (TypeError, AssertionError, RuntimeError) as error:
-            raise ValueError(f"timm {timm.__version__} cannot build the saved {arch['name'] or cls.__name__}: {error}") from error
+
+    def construct():
+        model = timm.create_model(arch["name"], pretrained=False, **kwargs) if arch["name"] else cls(**kwargs)
+        if len(attention) > 1:
+            _rebuild_attention(model, attention, arch["kwargs"], kwargs["norm_layer"])
+        return model
+
+    try:
+        if device is None:
+            model = construct()
+        else:
+            try:
+                with torch.device(device):
+                    model = construct()
+            except (RuntimeError, NotImplementedError) as error:
+                if "meta" not in str(error):
+                    raise
+                model = construct()  # e.g. Tensor.item() in an older timm's constructor
+    except (TypeError, AssertionError, RuntimeError) as error:
+        raise ValueError(f"timm {timm.__version__} cannot build the saved {arch['name'] or cls.__name__}: {error}") from error
     if type(model) is not cls:
         raise ValueError(f"timm builds {arch['name']} as a {type(model).__name__}, the saved model is a {cls.__name__}")
     from timm.layers import DropPath

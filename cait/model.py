@@ -122,6 +122,11 @@ class CompressedViT(TimmApi, nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_size:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, self.input_size))}), got {tuple(images.shape)}")
         x = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(images)))
+        if x.shape[1] != self.num_prefix_tokens + len(self.cell_index):
+            raise ValueError(
+                f"timm's embedding gave {x.shape[1]} tokens, not {self.num_prefix_tokens} prefix + {len(self.cell_index)} patch tokens "
+                f"(timm before 1.0.16 drops the class token when pos_embed='none'): upgrade timm"
+            )
         batch = x.shape[0]
         size = x.new_ones(batch, x.shape[1], dtype=torch.float32)
         return TokenState(x, size, self.cell_index.expand(batch, -1))
@@ -148,7 +153,7 @@ class CompressedViT(TimmApi, nn.Module):
             if x.shape[1] != self.num_prefix_tokens + len(self.cell_index):
                 raise ValueError("average pooling of merged tokens needs their cell counts: pass size=state.size")
             return self.vit.forward_head(x, pre_logits)
-        if not self.vit.pool_include_prefix:
+        if not getattr(self.vit, "pool_include_prefix", False):  # timm < 1.0.16 has no such setting
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         weight = size.to(x.dtype)[..., None]
         pooled = (x * weight).sum(1) / weight.sum(1)

@@ -92,15 +92,33 @@ def skeleton(config: dict) -> nn.Module:
     model = CompressedViT(architecture.build(config["timm"]), tile=config["tile"], source=config["timm"])
     if len(config["kept"]) != len(model.blocks):
         raise ValueError(f"the config lists kept channels for {len(config['kept'])} blocks, the architecture has {len(model.blocks)}")
-    for block, kept in zip(model.blocks, config["kept"]):
+    for i, (block, kept) in enumerate(zip(model.blocks, config["kept"])):
         if any(v is not None for v in kept.values()):
-            prune_block(block, {k: None if v is None else torch.tensor(v) for k, v in kept.items()})
+            prune_block(block, _kept_tensors(i, block, kept))
     model.set_schedule(config["schedule"])
     if "head" in config:
         head = dict(config["head"])
         with torch.device("meta"):
             model = Segmenter(model, make_head(head.pop("kind"), model.embed_dim, head.pop("classes"), **head))
     return model
+
+
+def _kept_tensors(i: int, block, kept: dict) -> dict:
+    """A block's kept channels as index tensors, checked against the unpruned block they index."""
+    sizes = {"qk": (block.attn.heads, block.attn.d_qk), "v": (block.attn.heads, block.attn.d_v), "mlp": (block.mlp.fc2.in_features,)}
+    if set(kept) != set(sizes):
+        raise ValueError(f"block {i}'s kept channels name {sorted(kept)}, not {sorted(sizes)}")
+    tensors = {}
+    for name, indices in kept.items():
+        if indices is None:
+            tensors[name] = None
+            continue
+        t, size = torch.tensor(indices), sizes[name]
+        in_range = t.numel() > 0 and 0 <= int(t.min()) and int(t.max()) < size[-1]
+        if t.dim() != len(size) or t.shape[:-1] != size[:-1] or not in_range:
+            raise ValueError(f"block {i}'s kept {name} channels do not fit the architecture ({sizes[name]} channels)")
+        tensors[name] = t
+    return tensors
 
 
 def fill(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:

@@ -57,20 +57,28 @@ def _create(name: str, device=None, **overrides):
             return timm.create_model(name, pretrained=False, **overrides)
 
 
+def _weightless(name: str, **overrides):
+    """``name`` on the meta device, or with random weights where timm's constructor cannot run there (timm < 1.0.16)."""
+    try:
+        return _create(name, "meta", **overrides)
+    except Exception:
+        return _create(name, **overrides)
+
+
 def small(name: str):
     """``(overrides, meta model)``: constructor overrides that build ``name`` small (depth 1, a GRID x
     GRID patch image), the first set timm accepts, and that model on the meta device (no weights);
     ``(None, None)`` when even the defaults fail."""
     for depth in ({"depth": 1}, {}):
         try:
-            meta = _create(name, "meta", **depth)
+            meta = _weightless(name, **depth)
         except Exception:
             continue
         patch = getattr(getattr(meta, "patch_embed", None), "patch_size", None)
         if patch is not None:
             sized = dict(depth, img_size=(GRID * patch[0], GRID * patch[1]))
             try:
-                return sized, _create(name, "meta", **sized)
+                return sized, _weightless(name, **sized)
             except Exception:
                 pass
         return depth, meta

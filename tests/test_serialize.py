@@ -1,6 +1,7 @@
 """cait.save / cait.load: every constructor setting round-trips bit for bit, what a file cannot hold is
 refused at save time by name, and old, foreign or damaged files are refused at load time."""
 import functools
+import inspect
 import json
 
 import pytest
@@ -18,9 +19,16 @@ PRUNE = cait.CDCP(qk=0.5, v=0.5, mlp=0.5)
 
 
 def tiny(**overrides):
-    """A 2-block ViT-Ti on a 4x4 grid with ``overrides``; head and LayerScale randomized so they matter."""
+    """A 2-block ViT-Ti on a 4x4 grid with ``overrides``; head and LayerScale randomized so they matter.
+    An older timm without the model or setting skips the test (the compat environment)."""
     torch.manual_seed(0)
-    model = timm.create_model(overrides.pop("name", "vit_tiny_patch16_224"), **{"depth": 2, "img_size": 64, **overrides}).eval()
+    name = overrides.pop("name", "vit_tiny_patch16_224")
+    try:
+        model = timm.create_model(name, **{"depth": 2, "img_size": 64, **overrides}).eval()
+    except (TypeError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "Unknown model" not in str(error):
+            raise
+        pytest.skip(f"timm {timm.__version__} cannot build {name} with {sorted(overrides)}: {error}")
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "gamma"):
@@ -38,8 +46,12 @@ def with_head(model, head):
 
 def with_attention(model, **settings):
     """timm's Block cannot pass these to its Attention: build it, then swap every block's attention."""
+    from timm.models.vision_transformer import Attention
+
+    if not set(settings) <= set(inspect.signature(Attention).parameters):
+        pytest.skip(f"timm {timm.__version__}'s Attention has no {sorted(settings)}")
     for block in model.blocks:
-        block.attn = timm.layers.Attention(192, num_heads=3, qkv_bias=True, **settings)
+        block.attn = Attention(192, num_heads=3, qkv_bias=True, **settings)
     return model
 
 
@@ -85,13 +97,16 @@ CONSTRUCTIONS = {  # id: (timm model, what is done to the compressed model befor
 def test_every_construction_round_trips_bit_for_bit(tmp_path, construction):
     make, change = CONSTRUCTIONS[construction]
     model = make()
+    images = images_for(model, 3)
+    with torch.no_grad():
+        if model.forward_features(images).shape[1] != model.num_prefix_tokens + model.patch_embed.num_patches:
+            pytest.skip(f"timm {timm.__version__} itself drops prefix tokens in this construction")
     qk = 1.0 if not isinstance(model.blocks[0].attn.q_norm, nn.Identity) else 0.5
     fast = cait.compress(model, merge=cait.ATME(r=2), prune=cait.CDCP(qk=qk, v=0.5, mlp=0.5)).eval()
     if change:
         change(fast)
     cait.save(fast, tmp_path / "m.safetensors")
     loaded = cait.load(tmp_path / "m.safetensors")
-    images = images_for(model, 3)
     with torch.no_grad():
         assert torch.equal(loaded(images), fast(images))
         assert torch.equal(loaded.forward_dense(images), fast.forward_dense(images))
@@ -139,7 +154,8 @@ def test_config_records_the_architecture_schedule_and_versions(tmp_path):
     arch = config["timm"]
     assert arch["name"] == "vit_tiny_patch16_224" and arch["class"] == "timm.models.vision_transformer:VisionTransformer"
     assert arch["kwargs"]["act_layer"] == {"class": "timm.layers.activations:QuickGELU"}
-    assert arch["kwargs"]["norm_layer"] == {"class": "timm.layers.norm:LayerNorm", "eps": 1e-6, "affine": True, "bias": True}
+    norm = arch["kwargs"]["norm_layer"]
+    assert norm["class"].endswith(":LayerNorm") and (norm["eps"], norm["affine"], norm["bias"]) == (1e-6, True, True)
     assert arch["kwargs"]["num_classes"] == 10 and arch["kwargs"]["depth"] == 2 and arch["pretrained_cfg"]["mean"] == [0.5] * 3
     assert config["schedule"] == [3, 3] and config["tile"] == 2
     assert len(config["kept"][0]["qk"]) == 3 and config["kept"][0]["v"] is None
@@ -218,7 +234,8 @@ def rewrite_config(path, target, change):
     (lambda c: c["timm"].update({"class": "os:system"}), "only use layers from torch.nn and timm"),
     (lambda c: c["timm"]["kwargs"]["act_layer"].update({"class": "builtins:eval"}), "only use layers from torch.nn and timm"),
     (lambda c: c["timm"]["kwargs"]["act_layer"].update({"class": "torch.nn.modules.module:torch.os.system"}), "only use layers from"),
-    (lambda c: c["timm"]["kwargs"].update(embed_dim=96), "weights do not fit the rebuilt architecture"),
+    (lambda c: c["timm"]["kwargs"].update(embed_dim=96), "weights do not fit the rebuilt architecture|kept .* do not fit"),
+    (lambda c: c["kept"][0].update(mlp=[0, 900]), "block 0's kept mlp channels do not fit the architecture"),
     (lambda c: c["timm"]["kwargs"].update(new_setting=3), "sets new_setting=3, which timm .* does not know"),
 ])
 def test_old_foreign_and_damaged_files_are_refused_at_load(tmp_path, change, message):

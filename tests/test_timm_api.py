@@ -1,6 +1,7 @@
 """timm's model API on compressed models: timm's results on the same weights with nothing merged,
 timm's meanings with merging (NCHW cells carry their token, NLC gives the merged tokens)."""
 import copy
+import inspect
 
 import pytest
 import timm
@@ -58,8 +59,11 @@ def test_forward_intermediates_equals_timms_with_nothing_merged(model_id):
     model = build(model_id)
     fast = cait.compress(model)
     images = images_for(model)
+    known = inspect.signature(model.forward_intermediates).parameters  # older timm lacks output_dict
     with torch.no_grad():
-        for kwargs in CALLS:
+        for kwargs in (call for call in CALLS if set(call) <= set(known)):
+            if kwargs.get("return_prefix_tokens") and not model.num_prefix_tokens and "output_dict" not in known:
+                continue  # timm < 1.0.16 fails there itself (UnboundLocalError)
             assert close(fast.forward_intermediates(images, **kwargs), model.forward_intermediates(images, **kwargs)), kwargs
         assert close(fast.get_intermediate_layers(images, n=2, reshape=True), model.get_intermediate_layers(images, n=2, reshape=True))
     assert fast.feature_info == model.feature_info
@@ -177,7 +181,8 @@ def test_reset_classifier_refuses_what_it_cannot_do(args, message):
 def test_prune_intermediate_layers_as_timm():
     model = build("registers_avg")
     fast = cait.compress(model)
-    assert fast.prune_intermediate_layers([0, 1], prune_norm=True) == model.prune_intermediate_layers([0, 1], prune_norm=True) == [0, 1]
+    ours, theirs = fast.prune_intermediate_layers([0, 1], prune_norm=True), model.prune_intermediate_layers([0, 1], prune_norm=True)
+    assert ours == sorted(theirs) == [0, 1]  # timm < 1.0.16 returns a set
     images = images_for(model)
     assert len(fast.blocks) == 2 and fast.num_classes == 0
     with torch.no_grad():

@@ -7,7 +7,7 @@ and ``fc2`` the columns of the kept MLP units. The softmax scale stays ``head_di
 
 Importance of a channel (higher is kept):
 - ``weight``: qk ``|W_q row| * |W_k row|``; v ``|W_v row| * |proj column|``; MLP ``|fc1 row| * |fc2 column|``
-  (rows include their bias).
+  (rows include their bias; a gated MLP multiplies its gate and value rows: ``|gate row| * |value row|``).
 - ``activation``: the same with the row norms replaced by the root-mean-square of the channel's
   activation over a calibration batch (q, k, v outputs of ``qkv``; the MLP hidden after its activation).
 """
@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from cait_kernels.attention import gather_columns
+
+from .support import Unsupported, mlp_layout
 
 METHODS = ("weight", "activation")
 ALIGN = 8  # default multiple of kept counts, per head (qk, v) and of MLP units; see CDCP
@@ -120,6 +122,15 @@ def _row_norms(linear: nn.Linear) -> torch.Tensor:
     return weight.norm(dim=1)
 
 
+def _hidden_norms(mlp: nn.Module) -> torch.Tensor:
+    """Weight norm of each hidden unit's input rows (a gated MLP: the product over its gate and value rows)."""
+    layout = mlp_layout(mlp)
+    norms = [_row_norms(getattr(mlp, name)) for name in layout.inputs]
+    if layout.packed:
+        norms = list(norms[0].view(2, -1))
+    return torch.stack(norms).prod(dim=0)
+
+
 def _out_norms(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().float().norm(dim=0)
 
@@ -132,7 +143,7 @@ def _scores(block, qkv_rms: torch.Tensor, hidden_rms: torch.Tensor) -> Scores:
 
 def weight_scores(model) -> list[Scores]:
     """Weight-norm importance of every block of an unpruned :class:`cait.CompressedViT`."""
-    return [_scores(b, _row_norms(b.attn.qkv), _row_norms(b.mlp.fc1)) for b in model.blocks]
+    return [_scores(b, _row_norms(b.attn.qkv), _hidden_norms(b.mlp)) for b in model.blocks]
 
 
 @torch.no_grad()
@@ -167,19 +178,23 @@ def top_channels(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 def check_prunable(model, prune: CDCP) -> None:
     """Refuse pruning that would change the math of a block instead of only dropping channels."""
-    from timm.layers import Mlp
-
     for i, block in enumerate(model.blocks):
         attn = block.attn
         if prune.qk < 1 and attn.qk_normed:
-            raise NotImplementedError(
+            raise Unsupported(
+                "qk pruning with qk_norm",
                 f"block {i} normalizes q and k over the head dimension (qk_norm), which pruning would change: "
                 f"use qk=1 (v and mlp pruning still work)"
             )
-        if prune.v < 1 and not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            raise NotImplementedError(f"block {i} normalizes the attention output over all v channels: use v=1")
-        if prune.mlp < 1 and (type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity)):
-            raise NotImplementedError(f"block {i} has a {type(block.mlp).__name__} MLP: only timm's plain Mlp can be pruned, use mlp=1")
+        if prune.v < 1 and not isinstance(attn.norm, nn.Identity):
+            raise Unsupported("v pruning with scale_attn_norm", f"block {i} normalizes the attention output over all v channels: use v=1")
+        if prune.mlp < 1:
+            mlp_layout(block.mlp)
+            if not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
+                raise Unsupported(
+                    "mlp pruning with scale_mlp_norm",
+                    f"block {i} normalizes the MLP hidden units (scale_mlp_norm), which pruning would change: use mlp=1",
+                )
 
 
 def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -217,16 +232,26 @@ def prune_block(block, kept: dict) -> None:
             attn.gate = sliced_linear(attn.gate, rows=v_columns)
         attn.d_qk, attn.d_v = idx_qk.shape[1], idx_v.shape[1]
     if kept["mlp"] is not None:
-        idx_mlp = kept["mlp"].to(mlp.fc1.weight.device)
-        mlp.fc1, mlp.fc2 = sliced_linear(mlp.fc1, rows=idx_mlp), sliced_linear(mlp.fc2, cols=idx_mlp)
+        prune_mlp(mlp, kept["mlp"].to(mlp.fc2.weight.device))
     block.kept = {name: None if idx is None else idx.tolist() for name, idx in kept.items()}
+
+
+def prune_mlp(mlp: nn.Module, kept: torch.Tensor) -> None:
+    """Keep the hidden units ``kept`` ``(hidden,)`` of a supported MLP, in place: their rows in every
+    input linear (both halves of a packed one, so gate and value keep the same units), their columns in ``fc2``."""
+    layout = mlp_layout(mlp)
+    hidden = mlp.fc2.in_features
+    rows = torch.cat([kept, kept + hidden]) if layout.packed else kept
+    for name in layout.inputs:
+        setattr(mlp, name, sliced_linear(getattr(mlp, name), rows=rows))
+    mlp.fc2 = sliced_linear(mlp.fc2, cols=kept)
 
 
 def apply_cdcp(model, prune: CDCP) -> None:
     """Rank and prune every block of an unpruned :class:`cait.CompressedViT` in place."""
     check_prunable(model, prune)
     attn = model.blocks[0].attn
-    counts = prune.counts(attn.d_qk, attn.d_v, model.blocks[0].mlp.fc1.out_features)
+    counts = prune.counts(attn.d_qk, attn.d_v, model.blocks[0].mlp.fc2.in_features)
     if prune.method == "activation":
         calibration = prune.calibration.to(next(model.parameters()))
         scores = activation_scores(model, calibration)

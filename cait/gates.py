@@ -70,7 +70,7 @@ class Gates(nn.Module):
         self.model_ref = [model]  # in a list, not a submodule: the gates' state_dict holds the scores only
         self.prune, self.warmup, self.steps = prune, warmup, 0
         self.blocks = nn.ModuleList(BlockGates(s) for s in importance)
-        attn, hidden = model.blocks[0].attn, model.blocks[0].mlp.fc1.out_features
+        attn, hidden = model.blocks[0].attn, model.blocks[0].mlp.fc2.in_features
         self.totals = {"qk": attn.d_qk, "v": attn.d_v, "mlp": hidden}
         self.targets = prune.counts(attn.d_qk, attn.d_v, hidden)  # what cait.compress keeps: the same aligned widths
         self.hooks = []

@@ -1,46 +1,102 @@
 """The compressed model: a timm ViT whose blocks merge tokens and pass the token state along."""
 from __future__ import annotations
 
-import copy
+import copy as copying
 
 import torch
 from torch import nn
 
-from cait_kernels import unmerge
-
+from . import architecture
 from .cdcp import CDCP, apply_cdcp
 from .cost import cost_model
 from .layers import CompressedBlock
 from .schedule import ATME
-from .support import check_supported, timm_spec
+from .support import check_supported
+from .timm_api import TimmApi, refuse_masks
 from .tokens import TokenState
 
+TAKEN_OVER = (
+    "the blocks of this timm model now live in a cait.CompressedViT (cait.compress(..., copy=False) consumes its source): "
+    "run the compressed model, or compress with copy=True to keep the timm model usable"
+)
 
-class CompressedViT(nn.Module):
+
+class BlocksTakenOver(nn.Module):
+    """Stands in for the blocks of a timm model that a :class:`CompressedViT` took over: running or
+    indexing them raises ``RuntimeError`` instead of silently skipping every block."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(TAKEN_OVER)
+
+    def __len__(self) -> int:
+        raise RuntimeError(TAKEN_OVER)
+
+    def __iter__(self):
+        raise RuntimeError(TAKEN_OVER)
+
+    def __getitem__(self, index):
+        raise RuntimeError(TAKEN_OVER)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class CompressedViT(TimmApi, nn.Module):
     """A timm ``VisionTransformer`` with ATME merging and CDCP channel pruning.
 
     ``vit`` is the timm model without its blocks: it keeps the patch and position embeddings, the
     final norm and the head, so their behaviour stays timm's. ``blocks`` are
     :class:`CompressedBlock` s; ``schedule[i]`` tokens are merged away in block ``i`` (none until
-    :meth:`set_schedule`); pruned blocks record their kept channels in ``block.kept``.
+    :meth:`set_schedule`); pruned blocks record their kept channels in ``block.kept``. ``source``:
+    the architecture record of the timm model it came from (:func:`cait.architecture.record`).
 
-    Same interface as the timm model (``forward``, ``forward_features``, ``forward_head``) plus
-    ``forward_tokens`` (the full :class:`TokenState`) and ``forward_dense`` (features on the grid).
+    Same interface as the timm model (``forward``, ``forward_features``, ``forward_head`` and timm's
+    model API, :class:`cait.timm_api.TimmApi`) plus ``forward_tokens`` (the full
+    :class:`TokenState`) and ``forward_dense`` (features on the grid). ``forward_features`` returns
+    the merged tokens ``(B, P+N', C)``.
     """
 
     def __init__(self, vit: nn.Module, tile: int = 2, source: dict | None = None):
         super().__init__()
-        self.source = source  # how to rebuild the timm architecture (cait.support.timm_spec), for saving
-        blocks, vit.blocks = vit.blocks, nn.Identity()
+        self.source = source
+        blocks, vit.blocks = vit.blocks, BlocksTakenOver()
         self.vit, self.tile = vit, tile
         self.grid = tuple(vit.patch_embed.grid_size)
         self.num_prefix_tokens = vit.num_prefix_tokens
-        self.num_classes, self.num_features, self.embed_dim = vit.num_classes, vit.num_features, vit.embed_dim
-        self.global_pool = vit.global_pool
+        self.num_features, self.embed_dim = vit.num_features, vit.embed_dim
         self.pretrained_cfg = self.default_cfg = getattr(vit, "pretrained_cfg", {})
         self.blocks = nn.ModuleList(CompressedBlock(b, grid=self.grid, prefix=self.num_prefix_tokens, tile=tile) for b in blocks)
         cells = torch.arange(self.grid[0] * self.grid[1], dtype=torch.int32)
         self.register_buffer("cell_index", cells, persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs (0: no head), as timm's ``num_classes``, read off the head itself."""
+        head = self.vit.head
+        return head.out_features if isinstance(head, nn.Linear) else self.vit.num_classes
+
+    @property
+    def global_pool(self) -> str:
+        """timm's pooling: ``token``, ``avg`` (weighted by the cells each token holds), ``max``, ``avgmax`` or ``""``."""
+        return self.vit.global_pool
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm's feature description: one entry per block (``module``, ``num_chs``, ``reduction``)."""
+        reduction = self.vit.patch_embed.patch_size[0]
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=reduction) for i in range(len(self.blocks))]
+
+    def architecture(self) -> dict:
+        """The architecture record of the timm model this one rebuilds to: the source's record with
+        everything around the blocks (head, pooling, norms) and the block count read off this model."""
+        if self.source is None:
+            raise ValueError("this CompressedViT has no architecture record: build it with cait.compress")
+        arch = copying.deepcopy(self.source)
+        arch["kwargs"].update(architecture.trunk_settings(self.vit), depth=len(self.blocks))
+        arch["drop_path"] = architecture.drop_path_rates(self.blocks)
+        if hasattr(self.vit, "distilled_training"):
+            arch["flags"]["distilled_training"] = self.vit.distilled_training
+        return arch
 
     @property
     def schedule(self) -> tuple[int, ...]:
@@ -72,6 +128,11 @@ class CompressedViT(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_size:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, self.input_size))}), got {tuple(images.shape)}")
         x = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(images)))
+        if x.shape[1] != self.num_prefix_tokens + len(self.cell_index):
+            raise ValueError(
+                f"timm's embedding gave {x.shape[1]} tokens, not {self.num_prefix_tokens} prefix + {len(self.cell_index)} patch tokens "
+                f"(timm before 1.0.16 drops the class token when pos_embed='none'): upgrade timm"
+            )
         batch = x.shape[0]
         size = x.new_ones(batch, x.shape[1], dtype=torch.float32)
         return TokenState(x, size, self.cell_index.expand(batch, -1))
@@ -80,12 +141,13 @@ class CompressedViT(nn.Module):
         """images ``(B, C, H, W)`` -> the final :class:`TokenState` (after the final norm)."""
         state = self.embed(images)
         for block in self.blocks:
-            state = block(state)
+            state = self.run_block(block, state)
         return state._replace(x=self.vit.norm(state.x))
 
     def forward_features(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        """images ``(B, C, H, W)`` -> tokens ``(B, P+N', C)`` after the final norm (timm's meaning)."""
-        _refuse_masks(attn_mask, is_causal)
+        """images ``(B, C, H, W)`` -> tokens ``(B, P+N', C)`` after the final norm: timm's meaning, with
+        ``N'`` the spatial tokens left after merging (:meth:`forward_dense` puts them back on the grid)."""
+        refuse_masks(attn_mask, is_causal)
         return self.forward_tokens(images).x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None):
@@ -109,26 +171,26 @@ class CompressedViT(nn.Module):
 
     def forward(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False):
         """images ``(B, C, H, W)`` -> logits ``(B, classes)``, as the timm model."""
-        _refuse_masks(attn_mask, is_causal)
+        refuse_masks(attn_mask, is_causal)
         state = self.forward_tokens(images)
         return self.forward_head(state.x, size=state.size)
 
     def timm_model(self) -> nn.Module:
-        """The plain timm model with these weights (merging dropped); unpruned models only."""
-        import timm
-
+        """The plain timm model with a copy of these weights (merging dropped), rebuilt from
+        :meth:`architecture` as :func:`cait.load` rebuilds; unpruned models only."""
         if any(v is not None for block in self.blocks for v in block.kept.values()):
             raise ValueError("the model is channel-pruned: its weights no longer fit the timm architecture")
-        model = timm.create_model(self.source["name"], pretrained=False, **self.source["kwargs"])
-        model.load_state_dict({name.removeprefix("vit."): t for name, t in self.state_dict().items()})
-        return model.to(self.cell_index.device).train(self.training)
+        model = architecture.build(self.architecture())
+        state = {name.removeprefix("vit."): t.detach().clone() for name, t in self.state_dict().items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.set_grad_checkpointing(self.grad_checkpointing)
+        return model.train(self.training)
 
     def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
         """images ``(B, C, H, W)`` -> final features ``(B, C, Hp, Wp)`` on the patch grid: each cell
         gets the feature of the token holding it (stride = patch size)."""
         state = self.forward_tokens(images)
-        cells = unmerge(state.x, state.owner, prefix=self.num_prefix_tokens)
-        return cells.transpose(1, 2).reshape(cells.shape[0], cells.shape[2], *self.grid)
+        return self.to_grid(state.x, state.owner)
 
 
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -139,29 +201,34 @@ def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     return (x.to(acc) * weight).sum(1) / weight.sum(1)
 
 
-def _refuse_masks(attn_mask, is_causal: bool) -> None:
-    if attn_mask is not None or is_causal:
-        raise NotImplementedError("attention masks and causal attention are not supported by compressed models")
-
-
-def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = None) -> CompressedViT:
-    """A compressed copy of a timm ViT; the original model is left untouched.
+def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = None, copy: bool = True) -> CompressedViT:
+    """A compressed timm ViT.
 
     Args:
-        model: a timm ``VisionTransformer`` (see :func:`cait.support.check_supported`).
+        model: a timm ``VisionTransformer`` (see :mod:`cait.support`; anything else raises
+            ``NotImplementedError`` naming the reason).
         merge: an :class:`ATME` schedule, or None for no token merging. A FLOPs target is solved on
             the pruned model, so ``ATME(flops=0.7)`` with pruning that keeps 0.7 of the FLOPs gives
             about 0.5 overall.
         prune: a :class:`CDCP` channel-pruning spec, or None.
+        copy: True (default) works on a deep copy and leaves ``model`` untouched (twice the memory
+            while compressing). False takes over ``model``'s modules without copying any weight:
+            ``model`` is consumed, its blocks move into the compressed model and running it raises
+            ``RuntimeError`` afterwards.
+
+    The source's training mode and ``grad_checkpointing`` carry over.
     """
     check_supported(model)
     if merge is not None and not isinstance(merge, ATME):
         raise TypeError(f"merge must be a cait.ATME schedule or None, got {type(merge).__name__}")
     if prune is not None and not isinstance(prune, CDCP):
         raise TypeError(f"prune must be a cait.CDCP spec or None, got {type(prune).__name__}")
-    fast = CompressedViT(copy.deepcopy(model), tile=merge.block if merge else 2, source=timm_spec(model))
+    source = architecture.record(model)
+    training, checkpointing = model.training, getattr(model, "grad_checkpointing", False)
+    fast = CompressedViT(copying.deepcopy(model) if copy else model, tile=merge.block if merge else 2, source=source)
     if prune is not None:
         apply_cdcp(fast, prune)
     if merge is not None:
         fast.set_schedule(merge.schedule(cost_model(fast)))
-    return fast.train(model.training)
+    fast.set_grad_checkpointing(checkpointing)
+    return fast.train(training)

@@ -1,76 +1,141 @@
-"""Which timm models cait can compress; everything else gets a clear error naming the reason."""
+"""What cait can compress, in one place; everything else gets one clear error naming the reason.
+
+Supported: timm ``VisionTransformer`` and ``VisionTransformerDistilled`` (ViT, DeiT, distilled DeiT,
+DeiT-3, CLIP/SigLIP/DINOv2-style ViTs, AIMv2, register tokens, LayerScale, qk-norm, gated
+attention) with timm's ``PatchEmbed`` (one fixed patch grid), timm's pre-norm ``Block`` and
+``Attention``, an MLP from :data:`MLP_LAYOUTS` (``Mlp``, ``SwiGLU``, ``GluMlp`` incl.
+``SwiGLUPacked``), and ``global_pool`` one of :data:`POOLS`.
+
+To support a new family, extend the tables here (model classes in :func:`model_classes`, blocks and
+attention in :func:`block_classes`, MLPs in :func:`mlp_layouts`), add its block adapter in
+:mod:`cait.layers`, and teach :mod:`cait.architecture` the constructor settings it reads and rebuilds.
+A refusal raises :class:`Unsupported` (a ``NotImplementedError``) whose ``feature`` names what is
+missing in a few words; the sweep (``tests/test_sweep.py``) counts refusals by it.
+"""
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 from torch import nn
 
 POOLS = ("", "token", "avg", "max", "avgmax")
 
+# Where non-timm vision transformers come from: the top-level package of the class -> the library's name.
+FOREIGN_LIBRARIES = {
+    "torchvision": "torchvision",
+    "transformers": "Hugging Face transformers",
+    "open_clip": "OpenCLIP",
+    "mmpretrain": "MMPretrain",
+    "mmcls": "MMClassification",
+    "vit_pytorch": "vit-pytorch",
+}
+
+
+class Unsupported(NotImplementedError):
+    """A model or setting cait cannot compress (yet). ``feature``: what, in a few words (e.g.
+    ``"block type"``, ``"attention pooling"``); the message says why and what to do instead."""
+
+    def __init__(self, feature: str, message: str):
+        super().__init__(message)
+        self.feature = feature
+
+
+class MlpLayout(NamedTuple):
+    """How an MLP holds its hidden units: ``inputs`` are the linears whose output rows are the
+    hidden units (each unit is one row of each), ``packed``: the single input linear holds two
+    halves ``[first | second]``, unit ``i`` in rows ``i`` and ``hidden + i`` (timm ``GluMlp``,
+    ``SwiGLUPacked``). ``fc2`` reads the hidden units as its input columns in every layout."""
+
+    inputs: tuple[str, ...]
+    packed: bool = False
+
+
+@functools.cache
+def model_classes() -> tuple[type, ...]:
+    """The timm model classes cait compresses (exact types; subclasses may change the forward)."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    return (VisionTransformer, VisionTransformerDistilled)
+
+
+@functools.cache
+def block_classes() -> dict[type, type]:
+    """Supported transformer block class -> the attention class it must hold."""
+    from timm.models.vision_transformer import Attention, Block
+
+    return {Block: Attention}
+
+
+@functools.cache
+def mlp_layouts() -> dict[type, MlpLayout]:
+    """Supported MLP classes and where their hidden units live (CDCP prunes them consistently)."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    return {Mlp: MlpLayout(("fc1",)), SwiGLU: MlpLayout(("fc1_g", "fc1_x")), GluMlp: MlpLayout(("fc1",), packed=True)}
+
+
+def mlp_layout(mlp: nn.Module) -> MlpLayout:
+    """The :class:`MlpLayout` of a supported MLP; :class:`Unsupported` for any other."""
+    layout = mlp_layouts().get(type(mlp))
+    if layout is None:
+        names = ", ".join(c.__name__ for c in mlp_layouts())
+        raise Unsupported("MLP type", f"{type(mlp).__name__} MLPs are not supported: cait knows timm's {names}")
+    if not all(isinstance(getattr(mlp, name, None), nn.Linear) for name in (*layout.inputs, "fc2")):
+        raise Unsupported("MLP type", f"this {type(mlp).__name__} uses convolutions (use_conv=True): cait needs nn.Linear layers")
+    return layout
+
 
 def check_supported(model: nn.Module) -> None:
-    """Raise ``NotImplementedError`` unless ``model`` is a timm ViT that cait knows how to compress.
-
-    Supported: timm ``VisionTransformer`` and its subclasses that keep its forward (DeiT, distilled
-    DeiT, DeiT-3, ViTs with register tokens, LayerScale, qk-norm, ``global_pool`` of token/avg/max/
-    avgmax/none) with a fixed patch grid and timm's pre-norm ``Block`` / ``Attention``.
-    """
+    """Raise :class:`Unsupported` (``NotImplementedError``) unless cait can compress ``model``
+    (see the module docstring), ``TypeError`` if it is not a module at all."""
     from timm.layers import PatchEmbed
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-    name = type(model).__name__
-    if not isinstance(model, VisionTransformer):
-        raise NotImplementedError(
-            f"{name} is not supported: cait compresses timm VisionTransformer models (ViT, DeiT, DeiT-3, "
-            f"ViTs with registers), which keep a fixed patch grid of plain transformer blocks"
-        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cait compresses torch modules (timm models), got {type(model).__name__}")
+    _check_model_class(model)
     if type(model.patch_embed) is not PatchEmbed:
-        raise NotImplementedError(
-            f"{name} embeds patches with {type(model.patch_embed).__name__}: hybrid CNN stems are not supported, "
-            f"cait needs timm's PatchEmbed for its patch grid"
+        raise Unsupported(
+            "patch embedding",
+            f"{type(model).__name__} embeds patches with {type(model.patch_embed).__name__}: hybrid CNN stems are not "
+            f"supported, cait needs timm's PatchEmbed for its patch grid",
         )
     if model.dynamic_img_size or getattr(model.patch_embed, "dynamic_img_pad", False):
-        raise NotImplementedError("dynamic_img_size models are not supported: the merge schedule is built for one fixed patch grid")
+        raise Unsupported("dynamic image size", "dynamic_img_size models are not supported: the merge schedule is built for one patch grid")
     if getattr(model, "attn_pool", None) is not None:
-        raise NotImplementedError(f"attention pooling (global_pool={model.global_pool!r}) is not supported; use token or avg pooling")
+        raise Unsupported(
+            "attention pooling", f"attention pooling (global_pool={model.global_pool!r}) is not supported; use token or avg pooling"
+        )
     if model.global_pool not in POOLS:
-        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported; use one of {POOLS}")
+        raise Unsupported("pooling", f"global_pool={model.global_pool!r} is not supported; use one of {POOLS}")
     if not isinstance(model.patch_drop, nn.Identity):
-        raise NotImplementedError("patch dropout is not supported: it breaks the patch grid that merging relies on")
+        raise Unsupported("patch dropout", "patch dropout is not supported: it breaks the patch grid that merging relies on")
+    blocks = block_classes()
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block:
-            raise NotImplementedError(f"block {i} is a {type(block).__name__}: only timm's pre-norm Block is supported")
-        if type(block.attn) is not Attention:
-            raise NotImplementedError(f"block {i} uses {type(block.attn).__name__}: only timm's Attention is supported")
+        if type(block) not in blocks:
+            raise Unsupported("block type", f"block {i} is a {type(block).__name__}: only timm's pre-norm Block is supported")
+        if type(block.attn) is not blocks[type(block)]:
+            raise Unsupported("attention type", f"block {i} uses {type(block.attn).__name__}: only timm's Attention is supported")
         if block.attn.attn_drop.p > 0:
-            raise NotImplementedError(f"block {i} has attention dropout {block.attn.attn_drop.p}: build the model with attn_drop_rate=0")
+            raise Unsupported(
+                "attention dropout", f"block {i} has attention dropout {block.attn.attn_drop.p}: build the model with attn_drop_rate=0"
+            )
+        mlp_layout(block.mlp)
 
 
-def timm_spec(model: nn.Module) -> dict:
-    """How to rebuild the architecture of ``model`` with ``timm.create_model(name, **kwargs)``.
-
-    timm does not record constructor overrides, so the ones that shape the weights are read off
-    the model itself; :func:`cait.load` checks that the rebuilt model has exactly the saved tensors.
-    """
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if not name:
-        raise ValueError(f"cannot tell which timm model this {type(model).__name__} is: build it with timm.create_model(name, ...)")
-    block = model.blocks[0]
-    kwargs = dict(
-        img_size=list(model.patch_embed.img_size),
-        patch_size=list(model.patch_embed.patch_size),
-        in_chans=model.patch_embed.proj.in_channels,
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
-        qkv_bias=block.attn.qkv.bias is not None,
-        qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
-        init_values=1e-5 if not isinstance(block.ls1, nn.Identity) else None,
-        class_token=model.cls_token is not None,
-        reg_tokens=model.num_reg_tokens,
-        no_embed_class=model.no_embed_class,
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        fc_norm=not isinstance(model.fc_norm, nn.Identity),
-    )
-    return {"name": name, "kwargs": kwargs}
+def _check_model_class(model: nn.Module) -> None:
+    cls = type(model)
+    if cls in model_classes():
+        return
+    library = cls.__module__.split(".")[0]
+    supported = "cait compresses timm's VisionTransformer family (ViT, DeiT, DeiT-3, CLIP/SigLIP/DINOv2-style ViTs)"
+    if library == "timm":
+        raise Unsupported("model class", f"timm's {cls.__name__} ({cls.__module__}) is not supported yet: {supported}")
+    if library in FOREIGN_LIBRARIES:
+        raise Unsupported(
+            "non-timm model",
+            f"this {cls.__name__} comes from {FOREIGN_LIBRARIES[library]}, not timm: {supported}; build the same architecture "
+            f"with timm.create_model (timm converts the common checkpoints) and compress that",
+        )
+    raise Unsupported("model class", f"{cls.__name__} ({cls.__module__}) is not supported: {supported}")

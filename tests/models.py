@@ -1,6 +1,7 @@
 """Small random-init timm models covering the families cait supports (fast enough for CPU tests)."""
 import timm
 import torch
+from timm.layers import SwiGLU, SwiGLUPacked
 
 SUPPORTED = {  # id: (timm name, constructor overrides)
     "deit_tiny": ("deit_tiny_patch16_224", {}),
@@ -16,6 +17,8 @@ SUPPORTED = {  # id: (timm name, constructor overrides)
     "non_square": ("deit_tiny_patch16_224", dict(img_size=(224, 160), depth=4)),
     "odd_grid": ("deit_tiny_patch16_224", dict(img_size=208, depth=4)),
     "qk_norm": ("vit_small_patch16_224", dict(depth=2, qk_norm=True)),
+    "swiglu": ("vit_small_patch16_224", dict(depth=2, img_size=128, mlp_layer=SwiGLU, act_layer="silu")),
+    "swiglu_packed": ("vit_small_patch16_224", dict(depth=2, img_size=128, mlp_layer=SwiGLUPacked, mlp_ratio=5.33, act_layer="silu")),
 }
 
 

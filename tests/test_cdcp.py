@@ -1,4 +1,5 @@
-"""CDCP: the materialized pruned model equals the dense model with those channels zeroed; consistency; errors."""
+"""CDCP: the materialized pruned model equals the dense model with those channels zeroed; consistency
+(q/k, heads, the gate and value halves of gated MLPs); errors."""
 import pytest
 import timm
 import torch
@@ -14,8 +15,8 @@ PRUNE = cait.CDCP(qk=0.5, v=0.625, mlp=0.7, align=1)  # exact counts: 32, 40 and
 
 
 def zero_pruned_channels(dense, fast):
-    """In ``dense``: zero the q and k rows (one channel set per head), the v rows and the MLP hidden
-    units that ``fast`` dropped. Their outputs then contribute exactly nothing."""
+    """In ``dense``: zero the q and k rows (one channel set per head), the v rows and the fc2 columns of
+    the MLP hidden units that ``fast`` dropped. Their outputs then contribute exactly nothing."""
     with torch.no_grad():
         for block, pruned in zip(dense.blocks, fast.blocks):
             heads, head_dim = block.attn.num_heads, block.attn.head_dim
@@ -27,13 +28,14 @@ def zero_pruned_channels(dense, fast):
             block.attn.qkv.weight[drop] = 0
             if block.attn.qkv.bias is not None:
                 block.attn.qkv.bias[drop] = 0
-            hidden = torch.ones(block.mlp.fc1.out_features, dtype=torch.bool)
+            hidden = torch.ones(block.mlp.fc2.in_features, dtype=torch.bool)
             hidden[pruned.kept["mlp"]] = False
-            block.mlp.fc1.weight[hidden] = 0
-            block.mlp.fc1.bias[hidden] = 0
+            block.mlp.fc2.weight[:, hidden] = 0
 
 
-@pytest.mark.parametrize("model_id", ["deit_tiny", "deit_distilled", "deit3_layerscale", "registers_avg", "odd_grid"])
+@pytest.mark.parametrize(
+    "model_id", ["deit_tiny", "deit_distilled", "deit3_layerscale", "registers_avg", "odd_grid", "swiglu", "swiglu_packed"]
+)
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_pruned_model_equals_dense_with_zeroed_channels(model_id, method):
     model = build(model_id)
@@ -60,6 +62,29 @@ def test_kept_channels_are_consistent_and_materialized():
             assert torch.equal(v_rows.view(3, 40, -1)[h], dense_rows[2, h, v[h]])
             assert torch.equal(pruned.attn.proj.weight.view(192, 3, 40)[:, h], block.attn.proj.weight.view(192, 3, 64)[:, h, v[h]])
         assert torch.equal(pruned.mlp.fc2.weight, block.mlp.fc2.weight[:, mlp])
+
+
+@pytest.mark.parametrize("model_id", ["swiglu", "swiglu_packed"])
+def test_gated_mlps_keep_the_same_units_in_gate_and_value(model_id):
+    model = build(model_id)
+    fast = cait.compress(model, prune=cait.CDCP(mlp=0.5))
+    dense_mlp, mlp = model.blocks[1].mlp, fast.blocks[1].mlp
+    kept = torch.tensor(fast.blocks[1].kept["mlp"])
+    hidden = dense_mlp.fc2.in_features
+    assert mlp.fc2.in_features == len(kept) == round(0.5 * hidden)
+    if model_id == "swiglu":
+        assert torch.equal(mlp.fc1_g.weight, dense_mlp.fc1_g.weight[kept]) and torch.equal(mlp.fc1_x.weight, dense_mlp.fc1_x.weight[kept])
+    else:  # one packed linear: gate half then value half, both cut to the same units
+        assert torch.equal(mlp.fc1.weight, dense_mlp.fc1.weight[torch.cat([kept, kept + hidden])])
+    assert cait.flops(fast) == cost_model(fast).flops(fast.schedule)
+
+
+def test_mlp_norm_refuses_only_mlp_pruning():
+    model = timm.create_model("vit_small_patch16_224", depth=1, img_size=64)
+    model.blocks[0].mlp.norm = torch.nn.LayerNorm(model.blocks[0].mlp.fc2.in_features)  # as scale_mlp_norm=True builds it
+    with pytest.raises(NotImplementedError, match="scale_mlp_norm"):
+        cait.compress(model, prune=cait.CDCP(mlp=0.5))
+    assert cait.compress(model, prune=cait.CDCP(qk=0.5, v=0.5)).blocks[0].kept["mlp"] is None
 
 
 def test_activation_and_weight_importance_differ_where_they_should():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -92,8 +93,9 @@ def test_bench_writes_rows(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["dense", "merge=0.8", "merge=0.8,prune=0.5/0.5/0.5"]
     assert rows[0]["speedup"] == 1.0 and 0.3 < rows[2]["flops_ratio"] < 0.6
     assert rows[0]["merge_share"] is None and all(0 < r["merge_share"] < 1 for r in rows[1:])
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
     assert "speedup x FLOPs ratio | merge % |" in text and "| 1.00 | - |" in text
+    assert text.count("| model | variant |") == 1 and "warning: no --checkpoint: the timm models in --models have random weights" in err
 
 
 def test_help_explains_every_flag():
@@ -126,7 +128,65 @@ def test_help_explains_every_flag():
 )
 def test_errors_are_one_clear_line(argv, message, capsys):
     assert run(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A compressed DeiT-Ti on a 4x4 grid saved by cait (1000 classes), and a 2-class image folder."""
+    folder = tmp_path_factory.mktemp("saved")
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2)
+    cait.save(cait.compress(model, merge=cait.ATME(r=2), prune=cait.CDCP(mlp=0.5)), folder / "m.safetensors")
+    seg = cait.segmentation.segmenter(cait.compress(model), classes=3)
+    cait.save(seg, folder / "seg.safetensors")
+    for label in ("cat", "dog"):
+        (folder / "data" / "val" / label).mkdir(parents=True)
+        Image.fromarray((np.random.rand(64, 64, 3) * 255).astype("uint8")).save(folder / "data" / "val" / label / "0.png")
+    torch.save(timm.create_model("deit_tiny_patch16_224", num_classes=10).state_dict(), folder / "ten_classes.pth")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "--model", "deit_tiny_patch16_224", "--checkpoint", "{dir}/no.pth", "--merge-r", "2", "--out", "x"], "no such file"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--checkpoint", "{dir}/m.safetensors", "--merge-r", "2", "--out", "{dir}/x"],
+         "is a compressed model saved by cait, not timm weights: pass it to `cait bench --models`"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--checkpoint", "{dir}/ten_classes.pth", "--merge-r", "2", "--out", "{dir}/x"],
+         "does not fit deit_tiny_patch16_224 as built here: 2 problems, first: size mismatch for head.weight"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "2", "--out", "{dir}/no/x.safetensors"], "/no does not exist"),
+        (["bench", "--models", "deit_tiny_patch16_224", "--out", "{dir}/no/rows.json"], "/no does not exist"),
+        (["bench", "--models", "deit_tiny_patch16_224", "--checkpoint", "{dir}/m.safetensors"], "is a compressed model saved by cait"),
+        (["bench", "--models", "{dir}/m.safetensors", "--checkpoint", "{dir}/ten_classes.pth"], "exactly one timm model name"),
+        (["bench", "--models", "deit_tiny_patch16_224", "no_such_vit"], "no_such_vit: not a timm model name"),
+        (["bench", "--models", "{dir}/seg.safetensors"], "holds a segmentation model"),
+        (["bench", "--models", "{dir}/none.safetensors"], "no such file"),
+        (["eval", "{dir}/m.safetensors", "--data", "{dir}/data", "--workers", "0"], "has 1000 classes but"),
+        (["visualize", "--model", "{dir}/m.safetensors", "{dir}/none.png", "--out", "{dir}/r.png"], "no such image"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_before_any_work(saved, argv, message, capsys):
+    assert run([a.format(dir=saved) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_bench_times_a_saved_file_and_prints_the_table_once(saved, capsys):
+    assert run(["bench", "--models", str(saved / "m.safetensors"), "--batch", "1", "--repeats", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("| model | variant |") == 1
+    assert "| saved |" in out and "| dense |" in out and "warning" not in err
+
+
+def test_random_weights_are_announced(capsys):
+    assert run(["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "200", "--out", "x.safetensors"]) == 2
+    assert "warning: no --checkpoint or --pretrained: deit_tiny_patch16_224 has random weights" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"cait {cait.__version__}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, --kernels times every kernel (bench/, not a test)")

@@ -95,9 +95,9 @@ def test_bad_calls_are_refused():
 
 
 UNSUPPORTED = {  # timm name, overrides, reason in the message
-    "swin": ("swin_tiny_patch4_window7_224", {}, "SwinTransformer is not supported"),
+    "swin": ("swin_tiny_patch4_window7_224", {}, "timm's SwinTransformer .* is not supported yet"),
     "hybrid": ("vit_base_r50_s16_224", dict(depth=1), "hybrid CNN stems"),
-    "eva": ("eva02_tiny_patch14_224", {}, "Eva is not supported"),
+    "eva": ("eva02_tiny_patch14_224", {}, "timm's Eva .* is not supported yet"),
     "map_pool": ("vit_base_patch16_siglip_224", dict(depth=1), "attention pooling"),
     "res_post": ("vit_base_patch16_rpn_224", dict(depth=1), "only timm's pre-norm Block"),
     "dynamic": ("deit_tiny_patch16_224", dict(dynamic_img_size=True), "dynamic_img_size"),
@@ -114,8 +114,20 @@ def test_unsupported_models_are_refused_by_name(model_id):
 
 
 def test_not_a_vit_is_refused():
-    with pytest.raises(NotImplementedError, match="Linear is not supported"):
+    with pytest.raises(NotImplementedError, match=r"Linear \(torch.nn.modules.linear\) is not supported"):
         cait.compress(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="torch modules"):
+        cait.compress("deit_tiny_patch16_224")
+
+
+def test_models_of_other_libraries_are_refused_naming_the_library():
+    import torchvision
+
+    with pytest.raises(NotImplementedError, match="comes from torchvision, not timm"):
+        cait.compress(torchvision.models.vit_b_16())
+    hugging_face = type("ViTModel", (torch.nn.Module,), {"__module__": "transformers.models.vit.modeling_vit"})
+    with pytest.raises(NotImplementedError, match="comes from Hugging Face transformers, not timm"):
+        cait.compress(hugging_face())
 
 
 def test_cuda_graph_refuses_a_cpu_input():

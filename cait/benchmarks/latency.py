@@ -297,16 +297,46 @@ def build_variant(dense: nn.Module, spec):
 
 def method_of(variant: str) -> str:
     """The method a variant name belongs to, for plots: ``dense``, ``ToMe``, ``CAIT`` (both axes),
-    ``ATME`` (merging only) or ``CDCP`` (pruning only); CUDA-graph and reference-op suffixes are kept."""
+    ``ATME`` (merging only), ``CDCP`` (pruning only) or ``saved file``; CUDA-graph and reference-op suffixes are kept."""
     suffix = variant[variant.index(" [") :] if " [" in variant else ""
     base = variant.removesuffix(suffix)
     if base == "dense":
         name = "dense"
     elif base.startswith("tome="):
         name = "ToMe"
+    elif base == "saved":
+        name = "saved file"
     else:
         name = {(True, True): "CAIT", (True, False): "ATME", (False, True): "CDCP"}[("merge=" in base, "prune=" in base)]
     return name + suffix
+
+
+def is_saved_model(entry: str) -> bool:
+    """Whether a ``--models`` entry names a file saved by :func:`cait.save` rather than a timm model."""
+    import os
+
+    return entry.endswith(".safetensors") or os.path.isfile(entry)
+
+
+def contenders_for(entry: str, specs: dict, checkpoint: str | None = None, load_weights=None, **kwargs) -> dict[str, nn.Module]:
+    """``{"dense": model, variant: compressed, ...}`` for one ``--models`` entry. A timm name: the model
+    (``checkpoint`` loaded by ``load_weights(model, path, name)``, timm's loader by default) and one
+    compressed copy per variant spec. A saved file: the model it holds, as ``"saved"``, next to the
+    same architecture rebuilt from the file's config with random weights as ``"dense"`` (variants
+    apply to timm names only). ``kwargs`` go to ``timm.create_model`` (timm names only)."""
+    import timm
+
+    from ..serialize import load
+
+    if is_saved_model(entry):
+        from ..architecture import build
+
+        saved = load(entry)
+        return {"dense": build(saved.architecture(), device=None), "saved": saved}
+    dense = timm.create_model(entry, **kwargs).eval()
+    if checkpoint:
+        (load_weights or (lambda model, path, name: timm.models.load_checkpoint(model, path)))(dense, checkpoint, entry)
+    return {"dense": dense, **{text: build_variant(dense, spec) for text, spec in specs.items()}}
 
 
 def run(
@@ -320,24 +350,23 @@ def run(
     runtimes=("eager",),
     progress=None,
     img_size: int | None = None,
+    load_weights=None,
 ) -> list[Row]:
-    """The model table: each timm model dense and compressed per variant, timed side by side on
-    ``device`` in ``dtype`` in every runtime of ``runtimes`` (:data:`RUNTIMES`; ``cuda graph`` rows
-    for CUDA graphs). On a GPU every compressed variant also runs on the reference ops
-    (``<variant> [reference ops]``). ``img_size``: build the models for square images of that many
-    pixels (default: the model's size). ``progress``: a tqdm-like bar advanced once per (model, batch);
-    without one, each table is printed as it is done."""
-    import timm
-
+    """The model table: each ``models`` entry (a timm name or a file saved by :func:`cait.save`, see
+    :func:`contenders_for`) dense and compressed, timed side by side on ``device`` in ``dtype`` in every
+    runtime of ``runtimes`` (:data:`RUNTIMES`; ``cuda graph`` rows for CUDA graphs). On a GPU every
+    compressed variant also runs on the reference ops (``<variant> [reference ops]``). ``img_size``:
+    build the timm models for square images of that many pixels (default: the model's size).
+    ``progress``: a tqdm-like bar advanced once per (model, batch); without one, each table is printed
+    as it is done."""
     specs = {text: parse_variant(text) for text in variants}
     sizing = {} if img_size is None else {"img_size": img_size}
     rows: list[Row] = []
     for name in models:
-        dense = timm.create_model(name, checkpoint_path=checkpoint or "", **sizing).eval()
-        contenders = {"dense": dense}
-        contenders.update({text: build_variant(dense, spec) for text, spec in specs.items()})
+        contenders = contenders_for(name, specs, checkpoint, load_weights, **sizing)
+        compressed = [text for text in contenders if text != "dense"]
         if device != "cpu":
-            contenders.update({f"{text} [reference ops]": ReferenceOps(contenders[text]) for text in specs})
+            contenders.update({f"{text} [reference ops]": ReferenceOps(contenders[text]) for text in compressed})
         contenders = {text: model.to(device=device, dtype=dtype) for text, model in contenders.items()}
         for batch in batches:
             rows += compare(name, contenders, batch, repeats, runtimes=runtimes, progress=progress is None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import __version__
 from . import bench, compress, eval, export, finetune, info, visualize
 from .common import EXAMPLES
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"cait {__version__}", help="print the version of cait and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(commands)

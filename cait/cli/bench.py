@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import DTYPES, device_of, write_json
+from .common import DTYPES, check_checkpoint, check_output, device_of, load_checkpoint, warn_random_weights, write_json
 
 
 def add_parser(commands) -> None:
@@ -34,7 +34,13 @@ def add_parser(commands) -> None:
         metavar="DIR",
         help="--all: where the accuracy/segmentation JSON files are (default: bench/results)",
     )
-    b.add_argument("--models", nargs="+", help="timm model names (default: DeiT-T/S/B at 224)")
+    b.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME|FILE",
+        help="timm model names and/or .safetensors files saved by cait (default: DeiT-T/S/B at 224). A file is timed as saved, "
+        "next to its architecture rebuilt from the file's config with random weights as the dense row; --variant applies to names",
+    )
     b.add_argument(
         "--variant",
         action="append",
@@ -119,13 +125,17 @@ def add_parser(commands) -> None:
 
 def run(args) -> None:
     import torch
+    from tqdm.auto import tqdm
 
-    from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, machine, parse_variant, run, table
+    from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, is_saved_model, machine, parse_variant, run, table
 
     if args.threads and (len(args.threads) > 1 and not args.deploy or min(args.threads) < 1):
         raise ValueError("--threads takes one count >= 1 (several only with --deploy)")
     if args.repeats is not None and args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
+    if not args.all:
+        check_output(args.out)
+    check_output(args.picture, "--picture")
     if args.deploy:
         return bench_deploy(args)
     if args.threads:
@@ -146,8 +156,12 @@ def run(args) -> None:
     variants = args.variant or list(DEFAULT_VARIANTS)
     for text in variants:
         parse_variant(text)  # refuse a bad spec before any timing
-    if args.checkpoint and len(args.models) != 1:
-        raise ValueError("--checkpoint needs exactly one model in --models")
+    check_models(args.models)
+    if args.checkpoint and (len(args.models) != 1 or is_saved_model(args.models[0])):
+        raise ValueError("--checkpoint needs exactly one timm model name in --models (a saved file holds its own weights)")
+    check_checkpoint(args.checkpoint)
+    if not args.checkpoint and not all(is_saved_model(m) for m in args.models):
+        warn_random_weights("no --checkpoint: the timm models in --models have")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible")
@@ -158,8 +172,12 @@ def run(args) -> None:
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
     if args.img_size is not None and args.img_size < 1:
         raise ValueError("--img-size must be a positive number of pixels")
+    if args.img_size is not None and any(is_saved_model(m) for m in args.models):
+        raise ValueError("--img-size builds timm models for another size: a saved file holds its own size")
     runtimes += ["cuda graph"] if args.cuda_graph else []
-    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, runtimes, img_size=args.img_size)
+    timing = dict(runtimes=runtimes, img_size=args.img_size, load_weights=load_checkpoint)
+    with tqdm(total=len(args.models) * len(args.batch), desc=f"timing on {device}") as bar:
+        rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, progress=bar, **timing)
     info = dict(machine(), device=device, dtype=str(dtype).removeprefix("torch."))
     print(table(rows))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
@@ -171,14 +189,18 @@ def bench_deploy(args) -> None:
     from tqdm.auto import tqdm
 
     from cait.benchmarks import deploy
-    from cait.benchmarks.latency import as_json, machine, table
+    from cait.benchmarks.latency import as_json, is_saved_model, machine, table
 
-    if args.all or args.kernels or args.accuracy or args.segmentation or args.cuda_graph or args.checkpoint or args.dtype:
+    if args.all or args.kernels or args.accuracy or args.segmentation or args.cuda_graph or args.checkpoint or args.dtype or args.img_size:
         raise ValueError("--deploy runs on its own (CPU, fp32, batch 1, random weights): drop the other mode flags")
     if args.batch and args.batch != [1]:
         raise ValueError("--deploy times batch 1 only: drop --batch")
     if args.device == "cuda":
         raise ValueError("--deploy is the CPU deployment table: drop --device cuda")
+    if args.models:
+        check_models(args.models)
+        if any(is_saved_model(m) for m in args.models):
+            raise ValueError("--deploy compresses timm models itself: time a saved file with --models FILE --runtime ...")
     models, threads = args.models or list(deploy.MODELS), args.threads or list(deploy.THREADS)
     runtimes = args.runtime or (["eager", "compile"] if args.compile else list(deploy.RUNTIMES))
     variants, repeats = args.variant or list(deploy.VARIANTS), args.repeats or 15
@@ -188,6 +210,21 @@ def bench_deploy(args) -> None:
     info = machine()
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
     write_json(args.out, {"machine": info, "repeats": repeats, "rows": as_json(rows)})
+
+
+def check_models(entries: list[str]) -> None:
+    """Refuse, before any timing, an unknown timm name or a file that is not a classifier saved by cait."""
+    import timm
+
+    from cait.benchmarks.latency import is_saved_model
+    from cait.serialize import read_config
+
+    for entry in entries:
+        if is_saved_model(entry):
+            if "head" in read_config(entry):
+                raise ValueError(f"{entry} holds a segmentation model: cait bench times classifiers (see cait bench --segmentation)")
+        elif not timm.is_model(entry):
+            raise ValueError(f"--models {entry}: not a timm model name (see timm.list_models()) nor a .safetensors file saved by cait")
 
 
 def bench_all(args) -> None:
@@ -201,6 +238,8 @@ def bench_all(args) -> None:
             "--all picks variants, dtype, sizes and graphs itself (random weights): "
             "drop --variant/--checkpoint/--dtype/--cuda-graph/--compile/--img-size"
         )
+    if args.models:
+        check_models(args.models)
     device = device_of(args.device).type
     models = args.models or list(report.MODELS[:2] if args.quick else report.MODELS)
     batches = args.batch or list(report.BATCHES[device][: 2 if args.quick else None])

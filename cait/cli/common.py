@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 EXAMPLES = """examples:
   cait compress --model deit_small_patch16_224 --checkpoint deit_s.pth \\
@@ -102,18 +103,69 @@ def load_images(folder: str, model, count: int):
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in tqdm(paths[:count], desc="calibration images", leave=False)])
 
 
+def check_output(path: str | None, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file whose folder does not exist."""
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist")
+
+
+def check_checkpoint(path: str | None) -> None:
+    """Refuse, before any work, a ``--checkpoint`` that is missing or is a model saved by cait."""
+    from cait.serialize import is_cait_file
+
+    if not path:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--checkpoint {path}: no such file")
+    if is_cait_file(path):
+        raise ValueError(
+            f"--checkpoint {path} is a compressed model saved by cait, not timm weights: pass it to `cait bench --models`, "
+            f"`cait eval`, `cait info` or cait.load"
+        )
+
+
+def warn_random_weights(subject: str) -> None:
+    """One line on stderr: ``subject`` has random weights, so only speed and shapes mean something."""
+    print(f"warning: {subject} random weights: timings and shapes hold, accuracy does not", file=sys.stderr)
+
+
+def _checkpoint_error(path: str, model: str, error: Exception) -> ValueError:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mismatches = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    detail = f"{len(mismatches)} problems, first: {mismatches[0]}" if mismatches else (lines[0] if lines else type(error).__name__)
+    return ValueError(f"--checkpoint {path} does not fit {model} as built here: {detail[:300]}")
+
+
 def build_model(args):
-    """The timm model the arguments name, in eval mode."""
+    """The timm model the arguments name, in eval mode (``--checkpoint`` checked first)."""
     import timm
 
     if args.img_size and len(args.img_size) > 2:
         raise ValueError("--img-size takes one number or two (H W)")
+    check_checkpoint(args.checkpoint)
     overrides = {}
     if args.img_size:
         overrides["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
-    return timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or "", **overrides).eval()
+    model = timm.create_model(args.model, pretrained=args.pretrained, **overrides)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint, args.model)
+    elif not args.pretrained:
+        warn_random_weights(f"no --checkpoint or --pretrained: {args.model} has")
+    return model.eval()
+
+
+def load_checkpoint(model, path: str, name: str) -> None:
+    """timm's ``load_checkpoint``, its many-line or empty errors turned into one ValueError line."""
+    from timm.models import load_checkpoint as timm_load
+
+    try:
+        timm_load(model, path)
+    except Exception as error:  # torch.load, safetensors and load_state_dict raise many kinds
+        raise _checkpoint_error(path, name, error) from error
 
 
 def compression(args, model, calibration_folder: str | None):
@@ -154,17 +206,17 @@ def describe(fast, dense) -> None:
     """Print what a compressed model keeps, next to its dense original."""
     import cait
 
-    spec = fast.source
+    spec = fast.architecture()
     grid = fast.grid
     tokens = fast.num_prefix_tokens + grid[0] * grid[1]
     print(
-        f"model     {spec['name']}  ({spec['kwargs']['img_size'][0]}x{spec['kwargs']['img_size'][1]} px, "
+        f"model     {spec['name'] or spec['class']}  ({spec['kwargs']['img_size'][0]}x{spec['kwargs']['img_size'][1]} px, "
         f"{grid[0]}x{grid[1]} patches, {len(fast.blocks)} blocks, {fast.blocks[0].attn.heads} heads)"
     )
     print(f"tiles     {fast.tile}x{fast.tile}, merged {sum(fast.schedule)} tokens in all")
     print("\nblock  merged  tokens(attn->mlp)  qk/head  v/head  mlp")
     for i, block in enumerate(fast.blocks):
-        attn, hidden = block.attn, block.mlp.fc1.out_features
+        attn, hidden = block.attn, block.mlp.fc2.in_features
         print(f"{i:5d}  {block.r:6d}  {tokens:6d} -> {tokens - block.r:<6d}  {attn.d_qk:7d}  {attn.d_v:6d}  {hidden:4d}")
         tokens -= block.r
     dense_flops, flops = cait.flops(dense), cait.flops(fast)

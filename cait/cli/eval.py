@@ -35,6 +35,11 @@ def run(args) -> None:
     model = cait.load(args.file, device=device_of(args.device))
     segmenting = isinstance(model, segmentation.Segmenter)
     data = segmentation_folder(args.data, args.split, model) if segmenting else image_folder(args.data, args.split, model, training=False)
+    if not segmenting and len(data.classes) != model.num_classes:
+        raise ValueError(
+            f"{args.file} has {model.num_classes} classes but {os.path.join(args.data, args.split)} holds {len(data.classes)} class "
+            f"folders: ImageFolder numbers the folders 0..{len(data.classes) - 1} in sorted order, which must be the model's classes"
+        )
     loader = DataLoader(data, args.batch_size, num_workers=args.workers)
     start = time.perf_counter()
     with tqdm(total=len(loader), desc="evaluating", leave=False) as bar:

@@ -17,14 +17,13 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> None:
-    import timm
-
     import cait
+    from cait import architecture
     from cait.segmentation import Segmenter, head_kind
 
     model = cait.load(args.file)
     fast = model.backbone if isinstance(model, Segmenter) else model
-    describe(fast, dense=timm.create_model(fast.source["name"], **fast.source["kwargs"]).eval())
+    describe(fast, dense=architecture.build(fast.architecture(), device=None))
     if fast is not model:
         params = sum(p.numel() for p in model.head.parameters())
         print(f"head      {head_kind(model.head)} segmentation head, {model.num_classes} classes, {params / 1e6:.2f} M params")

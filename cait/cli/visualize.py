@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import add_compression_arguments, add_model_arguments, build_model, compression
+from .common import add_compression_arguments, add_model_arguments, build_model, check_output, compression
 
 
 def add_parser(commands) -> None:
@@ -37,6 +37,9 @@ def run(args) -> None:
 
     import cait
 
+    check_output(args.out)
+    if not os.path.isfile(args.image):
+        raise FileNotFoundError(f"no such image: {args.image}")
     if os.path.isfile(args.model) and args.model.endswith(".safetensors"):
         model = cait.load(args.model)
     else:
@@ -47,8 +50,6 @@ def run(args) -> None:
         model = cait.compress(dense, merge=merge, prune=prune)
     if not any(block.r for block in getattr(model, "backbone", model).blocks):
         raise ValueError(f"{args.model} merges no tokens: there are no regions to draw")
-    if not os.path.isfile(args.image):
-        raise FileNotFoundError(f"no such image: {args.image}")
     blocks = "all" if args.layer is None else args.layer
     picture = cait.visualize(model, Image.open(args.image), blocks=blocks, style=args.style, scale=args.scale)
     picture.save(args.out)

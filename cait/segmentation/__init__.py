@@ -9,7 +9,7 @@
 """
 
 from .data import SegmentationFolder
-from .heads import HEADS, LinearHead, UpsamplingHead, head_kind, make_head
+from .heads import HEADS, LinearHead, UpsamplingHead, head_config, head_kind, make_head
 from .metrics import confusion, evaluate, scores
 from .model import IGNORE, Segmenter, patch_features, segmenter
 from .train import make_student
@@ -23,6 +23,7 @@ __all__ = [
     "UpsamplingHead",
     "confusion",
     "evaluate",
+    "head_config",
     "head_kind",
     "make_head",
     "make_student",

@@ -39,22 +39,37 @@ class UpsamplingHead(nn.Module):
             layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
         self.stages = nn.Sequential(*layers)
         self.classify = nn.Conv2d(hidden, classes, 1)
+        self.hidden, self.stage_count = hidden, stages
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classify(self.stages(features))
 
 
-def make_head(kind: str, channels: int, classes: int) -> nn.Module:
-    """``kind`` ``linear`` or ``upsample`` (see :data:`HEADS`)."""
+def make_head(kind: str, channels: int, classes: int, **options) -> nn.Module:
+    """``kind`` ``linear`` or ``upsample`` (see :data:`HEADS`); ``options``: ``hidden`` and ``stages``
+    of an upsampling head."""
     if classes < 2:
         raise ValueError(f"segmentation needs at least 2 classes, got {classes}")
-    if kind == "linear":
+    if kind == "linear" and not options:
         return LinearHead(channels, classes)
-    if kind == "upsample":
-        return UpsamplingHead(channels, classes)
+    if kind == "upsample" and set(options) <= {"hidden", "stages"}:
+        return UpsamplingHead(channels, classes, **options)
+    if kind in HEADS:
+        raise ValueError(f"a {kind} head takes no options {sorted(options)}")
     raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
 
 
 def head_kind(head: nn.Module) -> str:
-    """The :data:`HEADS` name of a head made by :func:`make_head`."""
-    return "upsample" if isinstance(head, UpsamplingHead) else "linear"
+    """The :data:`HEADS` name of a head made by :func:`make_head`; ValueError for any other head."""
+    kinds = {LinearHead: "linear", UpsamplingHead: "upsample"}
+    if type(head) not in kinds:
+        raise ValueError(f"a {type(head).__name__} head is not one of cait's segmentation heads {HEADS}: cait.save cannot rebuild it")
+    return kinds[type(head)]
+
+
+def head_config(head: nn.Module) -> dict:
+    """What :func:`make_head` needs to rebuild ``head``: ``kind``, ``classes`` and the options."""
+    config = {"kind": head_kind(head), "classes": head.classify.out_channels}
+    if isinstance(head, UpsamplingHead):
+        config.update(hidden=head.hidden, stages=head.stage_count)
+    return config

@@ -85,11 +85,8 @@ class CompressedBlock(nn.Module):
     def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention half: ``x (B, T, C)`` after the attention residual, and the ATME metric
         ``(B, T, d_qk)`` when this block merges (else None)."""
-        rope = None
-        positions = self.attn.positions
-        if positions is not None:
-            coords = positions.coords(state.owner, state.size, self.grid, state.x.shape[1] - self.prefix)
-            rope = positions.embed(coords, self.index)
+        positions, tokens = self.attn.positions, state.x.shape[1] - self.prefix
+        rope = None if positions is None else positions.embedding(state.owner, state.size, self.grid, tokens, self.index)
         out, metric = self.attn(self.norm1(state.x), size=state.size if self.proportional else None, with_metric=self.r > 0, rope=rope)
         return state.x + self.drop_path1(self.ls1(out)), metric
 

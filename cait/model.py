@@ -131,6 +131,8 @@ class CompressedViT(nn.Module):
         """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per
         cell); sets the blocks to the images' grid (:meth:`use_grid`)."""
         self.use_grid(self.grid_of(images))
+        if not len(images):  # timm's dynamic-size path cannot view an empty batch: embed one image, keep none
+            return TokenState(*(t[:0] for t in self.embed(images.new_zeros(1, *images.shape[1:]))))
         x = self.vit._pos_embed(self.vit.patch_embed(images))
         x = self.vit.norm_pre(x[0] if self.eva else x)  # Eva's _pos_embed also returns its rope table (None here)
         batch, cells = x.shape[0], self.grid[0] * self.grid[1]

@@ -58,8 +58,9 @@ class RotaryPositions:
     """The rotary embedding of a compressed model: positions of its (merged) tokens -> sin/cos.
 
     Not an ``nn.Module``: it refers to the model's timm rope module (registered in the model, so its
-    parameters are saved once) and every block shares it. Cell coordinates are cached per grid and
-    device; the embedding is computed per call (``mixed`` RoPE learns its frequencies).
+    parameters are saved once) and every block shares it. Cell coordinates, and the embedding of
+    every cell for fixed frequencies (``cat``, ``dinov3``), are cached per grid and device; the
+    anchor rule then gathers rows of that table. ``mixed`` RoPE learns its frequencies: computed per call.
 
     Args:
         rope: timm ``RotaryEmbeddingCat`` / ``RotaryEmbeddingDinoV3`` / ``RotaryEmbeddingMixed``.
@@ -73,28 +74,45 @@ class RotaryPositions:
         self.rope, self.rule, self.prefix = rope, rule, prefix
         self.kind, self.half = rope_kind(rope), rotate_half(rope)
         self._cells: dict = {}
+        self._tables: dict = {}
+
+    def embedding(self, owner: torch.Tensor, size: torch.Tensor, grid: tuple[int, int], tokens: int, block: int) -> torch.Tensor:
+        """sin/cos of the ``tokens`` spatial tokens of a token state (``owner``, ``size``) on ``grid``
+        for block ``block``: :meth:`embed` at :meth:`coords`, the same numbers by a cheaper path where
+        one exists (a row of the cell table for the anchor rule and for unmerged tokens)."""
+        cells = self.cells(grid, owner.device).shape[0]
+        if self.kind == "mixed" or (self.rule == "centroid" and tokens != cells):
+            return self.embed(self.coords(owner, size, grid, tokens), block)
+        key = (tuple(grid), str(owner.device))
+        if key not in self._tables:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode this first call runs in
+                self._tables[key] = self.embed(self.cells(grid, owner.device)[None], block)[0]  # (H*W, 1, 2*head_dim)
+        table = self._tables[key]
+        return table[None] if tokens == cells else table[self.anchors(owner, tokens)]
 
     def cells(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """Coordinates ``(H*W, 2)`` float32 of the grid's cells in raster order, as timm builds them."""
         key = (tuple(grid), str(device))
         if key not in self._cells:
-            from timm.layers.pos_embed_sincos import _build_grid
-
-            rope, shape = self.rope, [int(grid[0]), int(grid[1])]
-            if self.kind == "cat":
-                coords = _build_grid(
-                    shape, grid_type=rope.grid_type, ref_feat_shape=rope.ref_feat_shape, grid_offset=rope.grid_offset,
-                    grid_indexing=rope.grid_indexing, normalize_coords=rope.normalize_coords,
-                )
-            elif self.kind == "dinov3":
-                coords = _build_grid(
-                    shape, grid_type="centered", grid_offset=rope.grid_offset, grid_indexing=rope.grid_indexing,
-                    normalize_coords=rope.normalize_coords,
-                )
-            else:
-                coords = _build_grid(shape, grid_indexing=rope.grid_indexing)
-            self._cells[key] = coords.reshape(-1, 2).float().to(device)
+            with torch.inference_mode(False):  # a plain tensor, whatever mode this first call runs in
+                self._cells[key] = self._grid(grid).reshape(-1, 2).float().to(device)
         return self._cells[key]
+
+    def _grid(self, grid: tuple[int, int]) -> torch.Tensor:
+        from timm.layers.pos_embed_sincos import _build_grid
+
+        rope, shape = self.rope, [int(grid[0]), int(grid[1])]
+        if self.kind == "cat":
+            return _build_grid(
+                shape, grid_type=rope.grid_type, ref_feat_shape=rope.ref_feat_shape, grid_offset=rope.grid_offset,
+                grid_indexing=rope.grid_indexing, normalize_coords=rope.normalize_coords,
+            )
+        if self.kind == "dinov3":
+            return _build_grid(
+                shape, grid_type="centered", grid_offset=rope.grid_offset, grid_indexing=rope.grid_indexing,
+                normalize_coords=rope.normalize_coords,
+            )
+        return _build_grid(shape, grid_indexing=rope.grid_indexing)
 
     def coords(self, owner: torch.Tensor, size: torch.Tensor, grid: tuple[int, int], tokens: int) -> torch.Tensor:
         """Coordinates ``(B or 1, N, 2)`` of the ``tokens`` (N) spatial tokens under the rule.
@@ -105,18 +123,22 @@ class RotaryPositions:
         cells = self.cells(grid, owner.device)
         if tokens == cells.shape[0]:
             return cells[None]
-        index = owner.long()
-        batch = owner.shape[0]
         if self.rule == "anchor":
-            raster = torch.arange(cells.shape[0], device=owner.device).expand(batch, -1)
-            anchor = torch.full((batch, tokens), cells.shape[0], dtype=torch.long, device=owner.device)
-            anchor = anchor.scatter_reduce(1, index, raster, reduce="amin")
-            return cells[anchor]
+            return cells[self.anchors(owner, tokens)]
+        index, batch = owner.long(), owner.shape[0]
         # Sums of float32 coordinates of at most 16 cells are exact in float64 (a bounded exponent
         # range), so the scatter's order cannot change them: deterministic on every device.
         sums = cells.new_zeros(batch, tokens, 2, dtype=torch.float64)
         sums = sums.scatter_add(1, index[..., None].expand(-1, -1, 2), cells.double().expand(batch, -1, -1))
         return (sums / size[:, self.prefix :, None].double()).float()
+
+    @staticmethod
+    def anchors(owner: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The anchor cell (smallest raster index) of each of the ``tokens`` spatial tokens, ``(B, N)`` int64."""
+        cells = owner.shape[1]
+        raster = torch.arange(cells, device=owner.device).expand(owner.shape[0], -1)
+        anchor = torch.full((owner.shape[0], tokens), cells, dtype=torch.long, device=owner.device)
+        return anchor.scatter_reduce(1, owner.long(), raster, reduce="amin")
 
     def embed(self, coords: torch.Tensor, block: int) -> torch.Tensor:
         """sin/cos ``(B or 1, N, heads or 1, 2*head_dim)`` (``[sin | cos]``, timm's layout) at ``coords``

@@ -215,3 +215,66 @@ def test_unsupported_settings_are_refused_by_name(model_id):
 def test_bad_position_rule_is_refused():
     with pytest.raises(ValueError, match="position must be one of"):
         cait.ATME(r=1, position="middle")
+
+
+@pytest.mark.parametrize("rule", ["anchor", "centroid"])
+def test_pruned_merged_rope_model_compiles_to_one_graph(rule):
+    model = build("rope_mixed")  # per-block learned frequencies
+    images = images_for(model, 2)
+    fast = cait.compress(model, merge=cait.ATME(r=[3, 2], position=rule), prune=cait.CDCP(qk=0.5))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = fast(images)
+        graph = torch.compile(fast, backend="aot_eager", fullgraph=True)(images)
+    assert rel_err(graph, eager) < 1e-6
+
+
+@pytest.mark.parametrize("model_id", ["eva02", "eva02_separate_qkv", "dinov3_qkvb_token", "rope_mixed"])
+def test_timm_model_gets_the_packed_weights_back_under_timm_names(model_id):
+    model = build(model_id)
+    fast = cait.compress(model, merge=cait.ATME(r=[2, 1]))
+    back = fast.timm_model()
+    expected = model.state_dict()
+    assert sorted(back.state_dict()) == sorted(expected)
+    assert all(torch.equal(t, expected[name]) for name, t in back.state_dict().items())
+    if model_id == "rope_mixed":
+        return  # AttentionRope has a k bias of its own
+    with torch.no_grad():
+        fast.blocks[0].attn.qkv.bias[fast.blocks[0].attn.qkv.out_features // 2] = 1.0  # a k bias, which timm's Eva has not
+    with pytest.raises(ValueError, match="nonzero entries where timm's EvaAttention has no bias"):
+        fast.timm_model()
+
+
+def test_a_first_call_under_inference_mode_leaves_training_working():
+    """The cell tables RoPE caches are plain tensors even when the first call runs in inference mode."""
+    model = build("dinov3")
+    fast = cait.compress(model, merge=cait.ATME(r=[3, 2])).train()
+    images = images_for(model, 2)
+    with torch.inference_mode():
+        fast(images)
+    fast(images).sum().backward()
+    assert fast.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_rope_rule_benchmark_quick_run(tmp_path, monkeypatch, capsys):
+    """The benchmark's table on a few digits and one epoch: both rules per method, FLOPs near the targets;
+    the trained weights are kept and reused (no training on the second run)."""
+    import json
+
+    from cait.benchmarks import rope_rule
+    from test_cli import run
+
+    full = rope_rule.digits
+    monkeypatch.setattr(rope_rule, "digits", lambda seed: tuple(t[:n] for t, n in zip(full(seed), (64, 64, 50, 50))))
+    monkeypatch.setattr(rope_rule, "MODELS", {"axial": rope_rule.MODELS["axial"]})
+    out, weights = tmp_path / "rule.json", tmp_path / "weights"
+    argv = ["bench", "--rope-rule", "--seeds", "1", "--epochs", "1", "--weights", str(weights), "--out", str(out)]
+    assert run(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [(m, k) for m in rope_rule.MODELS for k in ["dense", *rope_rule.METHODS]]
+    assert all(abs(r["flops_ratio"] - t) < 0.03 for r in rows for t in [{"dense": 1, "ATME 0.6x": 0.6}.get(r["method"], 0.5)])
+    assert [p.name for p in weights.iterdir()] == ["rope-axial-seed0-epochs1.pt"]
+    monkeypatch.setattr(rope_rule, "train_dense", None)  # a second run must read the weights back
+    assert run(argv) == 0
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "| axial | ATME 0.5x |" in capsys.readouterr().out

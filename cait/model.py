@@ -12,7 +12,7 @@ from .cdcp import CDCP, apply_cdcp
 from .cost import cost_model
 from .eva import as_vit_block, is_eva, timm_state_dict
 from .layers import CompressedBlock
-from .rope import RotaryPositions
+from .rope import DEFAULT_RULE, RotaryPositions
 from .schedule import ATME, scale_schedule
 from .support import allow_any_size, check_supported, timm_spec
 from .tokens import TokenState
@@ -26,7 +26,7 @@ class CompressedViT(nn.Module):
     :class:`CompressedBlock` s; ``schedule[i]`` tokens are merged away in block ``i`` (none until
     :meth:`set_schedule` / :meth:`set_merge`); pruned blocks record their kept channels in ``block.kept``.
     RoPE models (``Eva`` with a rotary embedding) keep the rope module as ``rope``; a merged token sits
-    at ``position`` (``anchor`` or ``centroid``, :mod:`cait.rope`).
+    at ``position`` (``centroid`` or ``anchor``, :mod:`cait.rope`).
 
     Same interface as the timm model (``forward``, ``forward_features``, ``forward_head``) plus
     ``forward_tokens`` (the full :class:`TokenState`) and ``forward_dense`` (features on the grid).
@@ -34,7 +34,9 @@ class CompressedViT(nn.Module):
     grid of its images (:meth:`use_grid`), so :attr:`grid` and :attr:`schedule` describe the last input.
     """
 
-    def __init__(self, vit: nn.Module, tile: int = 2, source: dict | None = None, position: str = "anchor", dynamic_img_size: bool = False):
+    def __init__(
+        self, vit: nn.Module, tile: int = 2, source: dict | None = None, position: str = DEFAULT_RULE, dynamic_img_size: bool = False
+    ):
         super().__init__()
         self.source = source  # how to rebuild the timm architecture (cait.support.timm_spec), for saving
         blocks, vit.blocks = vit.blocks, nn.Identity()
@@ -229,7 +231,7 @@ def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = N
         raise TypeError(f"dynamic_img_size must be True or False, got {dynamic_img_size!r}")
     fast = CompressedViT(
         copy.deepcopy(model), tile=merge.block if merge else 2, source=timm_spec(model),
-        position=merge.position if merge else "anchor", dynamic_img_size=dynamic_img_size,
+        position=merge.position if merge else DEFAULT_RULE, dynamic_img_size=dynamic_img_size,
     )
     if prune is not None:
         apply_cdcp(fast, prune)

@@ -8,7 +8,7 @@ from typing import Sequence
 from cait_kernels import block_count
 
 from .cost import CostModel
-from .rope import RULES
+from .rope import DEFAULT_RULE, RULES
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class ATME:
             the grid allows) and picks the rate whose FLOPs ratio is nearest the target.
     block: tile side, 2 (up to 4x fewer spatial tokens) or 4 (up to 16x).
     position: where a merged token sits for rotary position embeddings (RoPE models only):
-        ``anchor`` (its earliest cell, where ATME keeps it) or ``centroid`` (the mean of its cells'
-        coordinates); see :mod:`cait.rope`.
+        ``centroid`` (the mean of its cells' coordinates; the default, measured better) or
+        ``anchor`` (its earliest cell, where ATME keeps it); see :mod:`cait.rope`.
 
     A schedule is valid while ``sum(r) <= cells - tiles``: every tile keeps at least one token.
     """
@@ -33,7 +33,7 @@ class ATME:
     r: int | Sequence[int] | None = None
     flops: float | None = None
     block: int = 2
-    position: str = "anchor"
+    position: str = DEFAULT_RULE
 
     def __post_init__(self):
         if (self.r is None) == (self.flops is None):

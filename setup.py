@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# cait.export(format="onnx") and the onnxruntime benchmark runtime; the floors are the versions tested
+EXPORT = ["onnx>=1.23", "onnxscript>=0.7.2", "onnxruntime>=1.31"]
+
 setup(
     name="cait",
     version="0.1.0",
@@ -19,7 +22,8 @@ setup(
     ],
     entry_points={"console_scripts": ["cait = cait.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema"],
-        "bench": ["pytest-benchmark", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema", *EXPORT],
+        "bench": ["pytest-benchmark", "scikit-learn", "matplotlib", *EXPORT],
+        "export": EXPORT,
     },
 )

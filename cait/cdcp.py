@@ -18,6 +18,7 @@ Importance of a channel (higher is kept):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -29,25 +30,44 @@ from cait_kernels.attention import gather_columns
 from .rope import rotary_pairs
 
 METHODS = ("weight", "activation")
+ALIGN = 8  # default multiple of kept counts, per head (qk, v) and of MLP units; see CDCP
 
 
 @dataclass(frozen=True)
 class CDCP:
     """Keep ratios per channel group, each in ``(0, 1]``: ``qk`` (per head, shared by q and k),
     ``v`` (per head) and ``mlp`` (hidden units). ``method``: ``weight`` or ``activation``; the latter
-    needs ``calibration``, a batch of images ``(B, C, H, W)`` the model takes."""
+    needs ``calibration``, a batch of images ``(B, C, H, W)`` the model takes.
+
+    ``align``: kept counts are multiples of this (one int for every group, or a pair
+    ``(per-head channels, MLP units)``); ``align=1`` keeps the exact ratios. Rule (:func:`kept_count`):
+    the multiple nearest ``ratio * total`` (halves up), at least one multiple, at most ``total``; a
+    ratio below 1 that rounds to every channel is refused. The FLOPs solver of ``ATME(flops=...)``
+    runs on the pruned model, so it counts the aligned widths.
+
+    Default 8 (:data:`ALIGN`), for both: GPUs run fp16/bf16 matrix products on tensor cores only for
+    multiples of 8, and on the CPU measured here (Intel Xeon, AVX-512, fp32, ``bench/widths.py``)
+    larger multiples bought nothing at batch 1: MLP pairs 384 -> n -> 384 at 99 and 197 rows ran
+    within 3% of each other for every n in 1056..1104 (eager and MKL-packed as inductor runs them),
+    multiples of 8/16/32/64 included; attention speed grows with the head width, not its alignment.
+    """
 
     qk: float = 1.0
     v: float = 1.0
     mlp: float = 1.0
     method: str = "weight"
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    align: int | tuple[int, int] = ALIGN
 
     def __post_init__(self):
         for name in ("qk", "v", "mlp"):
             ratio = getattr(self, name)
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
                 raise ValueError(f"CDCP {name} must be a keep ratio in (0, 1], got {ratio!r}")
+        pair = tuple(self.align) if isinstance(self.align, (tuple, list)) else (self.align, self.align)
+        if len(pair) != 2 or any(isinstance(a, bool) or not isinstance(a, int) or a < 1 for a in pair):
+            raise ValueError(f"CDCP align must be a whole number >= 1 or a pair (per-head channels, MLP units), got {self.align!r}")
+        object.__setattr__(self, "align", pair[0] if pair[0] == pair[1] else pair)
         if self.method not in METHODS:
             raise ValueError(f"CDCP method must be one of {METHODS}, got {self.method!r}")
         if self.method == "activation":
@@ -55,6 +75,21 @@ class CDCP:
                 raise ValueError("CDCP method='activation' needs calibration=images of shape (B, C, H, W)")
         elif self.calibration is not None:
             raise ValueError("CDCP calibration images are only used with method='activation'")
+
+
+    def multiple(self, group: str) -> int:
+        """The multiple kept counts of ``group`` (``qk``, ``v`` or ``mlp``) are rounded to."""
+        heads, mlp = self.align if isinstance(self.align, tuple) else (self.align, self.align)
+        return mlp if group == "mlp" else heads
+
+    def counts(self, d_qk: int, d_v: int, hidden: int, rotary: bool = False) -> dict:
+        """Kept counts ``{"qk", "v", "mlp"}`` for a block of ``d_qk``/``d_v`` channels per head and ``hidden`` MLP
+        units; ``rotary``: RoPE heads, whose qk count is also even (whole rotary pairs, :func:`top_qk`)."""
+        totals = {"qk": d_qk, "v": d_v, "mlp": hidden}
+        multiples = {name: self.multiple(name) for name in totals}
+        if rotary:
+            multiples["qk"] = math.lcm(multiples["qk"], 2)
+        return {name: kept_count(getattr(self, name), total, name, multiples[name]) for name, total in totals.items()}
 
 
 class Scores(NamedTuple):
@@ -65,11 +100,27 @@ class Scores(NamedTuple):
     mlp: torch.Tensor
 
 
-def kept_count(ratio: float, total: int, what: str) -> int:
-    """``round(ratio * total)``, refusing a ratio that keeps nothing."""
-    count = round(ratio * total)
-    if count < 1:
-        raise ValueError(f"CDCP keeps {ratio} of {total} {what} channels, which rounds to 0; raise the ratio")
+def kept_count(ratio: float, total: int, what: str, align: int = 1) -> int:
+    """Channels kept of ``total`` at keep ratio ``ratio``, a multiple of ``align``.
+
+    ``ratio = 1`` keeps ``total``. ``align = 1``: ``round(ratio * total)``, refusing 0. Otherwise the
+    multiple of ``align`` nearest ``ratio * total`` (halves up), at least ``align`` and at most
+    ``total``; a ratio below 1 whose aligned count is every channel is refused (``ValueError``), so
+    asking to prune never silently prunes nothing.
+    """
+    if ratio >= 1:
+        return total
+    if align == 1:
+        count = round(ratio * total)
+        if count < 1:
+            raise ValueError(f"CDCP keeps {ratio} of {total} {what} channels, which rounds to 0; raise the ratio")
+        return count
+    count = min(total, max(align, align * math.floor(ratio * total / align + 0.5)))
+    if count == total:
+        raise ValueError(
+            f"CDCP {what}={ratio} of {total} channels rounds to all {total} at align={align} (kept counts are multiples "
+            f"of align): lower the ratio or pass a smaller align (align=1 keeps the exact ratio)"
+        )
     return count
 
 
@@ -148,12 +199,6 @@ def top_qk(scores: torch.Tensor, count: int, pairs: torch.Tensor | None) -> torc
     return pairs[best].flatten(1).sort(dim=-1).values
 
 
-def qk_count(ratio: float, head_dim: int, rotary: bool) -> int:
-    """Kept qk channels per head: ``round(ratio * head_dim)``, or twice ``round(ratio * head_dim / 2)``
-    kept rotary pairs."""
-    return 2 * kept_count(ratio, head_dim // 2, "qk rotary-pair") if rotary else kept_count(ratio, head_dim, "qk")
-
-
 def check_prunable(model, prune: CDCP) -> None:
     """Refuse pruning that would change the math of a block instead of only dropping channels."""
     from timm.layers import Mlp
@@ -216,10 +261,8 @@ def prune_block(block, kept: dict) -> None:
 def apply_cdcp(model, prune: CDCP) -> None:
     """Rank and prune every block of an unpruned :class:`cait.CompressedViT` in place."""
     check_prunable(model, prune)
-    attn, hidden = model.blocks[0].attn, model.blocks[0].mlp.fc1.out_features
-    d_qk = qk_count(prune.qk, attn.d_qk, attn.positions is not None)
-    d_v = kept_count(prune.v, attn.d_v, "v")
-    d_mlp = kept_count(prune.mlp, hidden, "MLP")
+    attn = model.blocks[0].attn
+    counts = prune.counts(attn.d_qk, attn.d_v, model.blocks[0].mlp.fc1.out_features, rotary=attn.positions is not None)
     if prune.method == "activation":
         calibration = prune.calibration.to(next(model.parameters()))
         scores = activation_scores(model, calibration)
@@ -227,8 +270,8 @@ def apply_cdcp(model, prune: CDCP) -> None:
         scores = weight_scores(model)
     for block, s in zip(model.blocks, scores):
         block_kept = {
-            "qk": top_qk(s.qk, d_qk, rotary_pairs_of(block.attn)) if prune.qk < 1 else None,
-            "v": top_channels(s.v, d_v) if prune.v < 1 else None,
-            "mlp": top_channels(s.mlp, d_mlp) if prune.mlp < 1 else None,
+            "qk": top_qk(s.qk, counts["qk"], rotary_pairs_of(block.attn)) if prune.qk < 1 else None,
+            "v": top_channels(s.v, counts["v"]) if prune.v < 1 else None,
+            "mlp": top_channels(s.mlp, counts["mlp"]) if prune.mlp < 1 else None,
         }
         prune_block(block, block_kept)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cdcp import CDCP, Scores, activation_scores, check_prunable, kept_count, prune_block, qk_count, rotary_pairs_of, top_qk, weight_scores
+from .cdcp import CDCP, Scores, activation_scores, check_prunable, prune_block, rotary_pairs_of, top_qk, weight_scores
 
 
 def _hard_mask(scores: torch.Tensor, count: int, pairs: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,11 +76,7 @@ class Gates(nn.Module):
         attn, hidden = model.blocks[0].attn, model.blocks[0].mlp.fc1.out_features
         self.rotary = attn.positions is not None  # qk counts stay even: whole rotary pairs
         self.totals = {"qk": attn.d_qk, "v": attn.d_v, "mlp": hidden}
-        self.targets = {
-            "qk": qk_count(prune.qk, attn.d_qk, self.rotary),
-            "v": kept_count(prune.v, attn.d_v, "v"),
-            "mlp": kept_count(prune.mlp, hidden, "MLP"),
-        }
+        self.targets = prune.counts(attn.d_qk, attn.d_v, hidden, self.rotary)  # what cait.compress keeps: the same aligned widths
         self.hooks = []
         for block, gates in zip(model.blocks, self.blocks):
             self.hooks.append(block.attn.qkv.register_forward_hook(lambda m, a, out, g=gates, at=block.attn: _mask_qkv(out, g, at)))

@@ -56,6 +56,8 @@ class CompressedViT(nn.Module):
         positions = None if self.rope is None else RotaryPositions(self.rope, position, self.num_prefix_tokens)
         for index, block in enumerate(self.blocks):
             block.index, block.attn.positions = index, positions
+        cells = torch.arange(self.grid[0] * self.grid[1], dtype=torch.int32)
+        self.register_buffer("cell_index", cells, persistent=False)  # the native grid's cells in raster order
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
 
@@ -131,7 +133,13 @@ class CompressedViT(nn.Module):
 
     def embed(self, images: torch.Tensor) -> TokenState:
         """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per
-        cell); sets the blocks to the images' grid (:meth:`use_grid`)."""
+        cell); sets the blocks to the images' grid (:meth:`use_grid`). Refuses ``torch.jit.trace`` (and
+        the TorchScript ONNX exporter): see :func:`cait.export`."""
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "torch.jit.trace cannot record a compressed model (its merge step is a custom op with data-dependent "
+                "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
+            )
         self.use_grid(self.grid_of(images))
         if not len(images):  # timm's dynamic-size path cannot view an empty batch: embed one image, keep none
             return TokenState(*(t[:0] for t in self.embed(images.new_zeros(1, *images.shape[1:]))))
@@ -139,7 +147,8 @@ class CompressedViT(nn.Module):
         x = self.vit.norm_pre(x[0] if self.eva else x)  # Eva's _pos_embed also returns its rope table (None here)
         batch, cells = x.shape[0], self.grid[0] * self.grid[1]
         size = x.new_ones(batch, x.shape[1], dtype=torch.float32)
-        return TokenState(x, size, torch.arange(cells, dtype=torch.int32, device=x.device).expand(batch, -1))
+        owner = self.cell_index if self.grid == self.native_grid else torch.arange(cells, dtype=torch.int32, device=x.device)
+        return TokenState(x, size, owner.expand(batch, -1))
 
     def forward_tokens(self, images: torch.Tensor) -> TokenState:
         """images ``(B, C, H, W)`` -> the final :class:`TokenState` (after the final norm)."""

@@ -65,8 +65,9 @@ class RotaryPositions:
 
     Not an ``nn.Module``: it refers to the model's timm rope module (registered in the model, so its
     parameters are saved once) and every block shares it. Cell coordinates, and the embedding of
-    every cell for fixed frequencies (``cat``, ``dinov3``), are cached per grid and device; the
-    anchor rule then gathers rows of that table. ``mixed`` RoPE learns its frequencies: computed per call.
+    every cell for fixed frequencies (``cat``, ``dinov3``), are cached per grid and device in eager
+    mode (traced code computes them in its graph); the anchor rule then gathers rows of that table.
+    ``mixed`` RoPE learns its frequencies: computed per call.
 
     Args:
         rope: timm ``RotaryEmbeddingCat`` / ``RotaryEmbeddingDinoV3`` / ``RotaryEmbeddingMixed``.
@@ -90,15 +91,20 @@ class RotaryPositions:
         if self.kind == "mixed" or (self.rule == "centroid" and tokens != cells):
             return self.embed(self.coords(owner, size, grid, tokens), block)
         key = (tuple(grid), str(owner.device))
-        if key not in self._tables:
+        if torch.compiler.is_compiling():  # traced (compile, export): computed in the graph, never cached
+            table = self.embed(self.cells(grid, owner.device)[None], block)[0]
+        elif key not in self._tables:
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode this first call runs in
-                self._tables[key] = self.embed(self.cells(grid, owner.device)[None], block)[0]  # (H*W, 1, 2*head_dim)
-        table = self._tables[key]
+                table = self._tables[key] = self.embed(self.cells(grid, owner.device)[None], block)[0]  # (H*W, 1, 2*head_dim)
+        else:
+            table = self._tables[key]
         return table[None] if tokens == cells else table[self.anchors(owner, tokens)]
 
     def cells(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """Coordinates ``(H*W, 2)`` float32 of the grid's cells in raster order, as timm builds them."""
         key = (tuple(grid), str(device))
+        if torch.compiler.is_compiling():  # traced (compile, export): computed in the graph, never cached
+            return self._grid(grid).reshape(-1, 2).float().to(device)
         if key not in self._cells:
             with torch.inference_mode(False):  # a plain tensor, whatever mode this first call runs in
                 self._cells[key] = self._grid(grid).reshape(-1, 2).float().to(device)

@@ -72,24 +72,37 @@ def check_atme_inputs(x, metric, size, owner, *, r, grid, prefix, block, owner_v
         check_index_range("owner", owner, n_tokens, "N")
 
 
-@functools.lru_cache(maxsize=64)
 def block_edges(height: int, width: int, block: int, device: torch.device):
     """Cell edges inside every block, as ``(first, second, valid)``, each ``(blocks, slots)``.
 
     Blocks are in raster order; a block has ``2*block*(block-1)`` edge slots (horizontal then
     vertical); slots reaching outside a smaller border block are invalid and point at cell 0.
+    New tensors on every call from a cache of plain ints: a cached tensor made while ``torch.export``
+    or ``torch.compile`` traces would be a fake tensor, and would leak into later eager calls.
     """
+    first, second, valid = _block_edge_lists(height, width, block)
+    return (
+        torch.tensor(first, dtype=torch.int64, device=device),
+        torch.tensor(second, dtype=torch.int64, device=device),
+        torch.tensor(valid, dtype=torch.bool, device=device),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _block_edge_lists(height: int, width: int, block: int) -> tuple[list, list, list]:
+    """:func:`block_edges` as nested lists of Python ints and bools."""
     b = block
     pairs = [((i, j), (i, j + 1)) for i in range(b) for j in range(b - 1)]
     pairs += [((i, j), (i + 1, j)) for i in range(b - 1) for j in range(b)]
-    (d1, d2) = (torch.tensor([p[k] for p in pairs]) for k in (0, 1))
-    rows, cols = torch.meshgrid(torch.arange(0, height, b), torch.arange(0, width, b), indexing="ij")
-    rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)
-    r1, c1, r2, c2 = rows + d1[:, 0], cols + d1[:, 1], rows + d2[:, 0], cols + d2[:, 1]
-    valid = (r1 < height) & (c1 < width) & (r2 < height) & (c2 < width)
-    first = torch.where(valid, r1 * width + c1, 0)
-    second = torch.where(valid, r2 * width + c2, 0)
-    return first.to(device), second.to(device), valid.to(device)
+    first, second, valid = [], [], []
+    for top in range(0, height, b):
+        for left in range(0, width, b):
+            ends = [((top + i1, left + j1), (top + i2, left + j2)) for (i1, j1), (i2, j2) in pairs]
+            inside = [r1 < height and c1 < width and r2 < height and c2 < width for (r1, c1), (r2, c2) in ends]
+            first.append([r1 * width + c1 if ok else 0 for ((r1, c1), _), ok in zip(ends, inside)])
+            second.append([r2 * width + c2 if ok else 0 for (_, (r2, c2)), ok in zip(ends, inside)])
+            valid.append(inside)
+    return first, second, valid
 
 
 def _spanning_forest(lo, hi, edge, sim, n_tokens):

@@ -5,11 +5,14 @@ sorts); at batch 1 that host time costs more than the merge saves. This kernel d
 in one pass per image (parallel over images) and returns the reference's result: the same owners
 and sizes, fp32/fp64 features bit for bit (fp16/bf16 means are rounded once instead of per update).
 
-It is compiled on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ``ninja``,
-10-30 s once; cached by torch in ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and
-registered as ``torch.ops.cait_cpu.atme_step`` with a fake implementation, so ``torch.compile``
-traces through it. Inference only: it has no backward (the dispatcher runs the reference while
-autograd records).
+The op ``torch.ops.cait_cpu.atme_step`` (and ``.out``) is defined here, with a fake implementation,
+when ``cait_kernels`` is imported, so ``torch.compile`` traces through it and a saved
+``torch.export`` program that calls it loads in a fresh process. Its CPU kernel is compiled on
+first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ``ninja``, 10-30 s once;
+cached by torch in ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); until it is loaded,
+the op's Python implementation loads it (or, where it cannot be built, warns once and runs the
+reference), after which calls go straight to the C++ kernel. Inference only: it has no backward
+(the dispatcher runs the reference while autograd records).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .atme import check_atme_inputs
+from .atme import atme_step_reference, check_atme_inputs
 
 SOURCE = Path(__file__).with_name("csrc") / "atme_cpu.cpp"
 NAME = "cait_cpu_kernels"
@@ -31,6 +34,14 @@ NAME = "cait_cpu_kernels"
 # The kernel then shares torch's libgomp (same soname, already loaded), so one thread pool serves both.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 log = logging.getLogger(__name__)
+SCHEMAS = (
+    "atme_step(Tensor x, Tensor metric, Tensor size, Tensor owner, int r, int[] grid, int prefix, int block) -> (Tensor, Tensor, Tensor)",
+    "atme_step.out(Tensor x, Tensor metric, Tensor size, Tensor owner, int r, int[] grid, int prefix, int block, *, "
+    "Tensor(a!) x_out, Tensor(b!) size_out, Tensor(c!) owner_out) -> (Tensor(a!), Tensor(b!), Tensor(c!))",
+)
+_library = torch.library.Library("cait_cpu", "DEF")  # the C++ library adds the CPU kernels (TORCH_LIBRARY_IMPL)
+for _schema in SCHEMAS:
+    _library.define(_schema)
 
 
 @functools.cache
@@ -50,7 +61,6 @@ def load() -> None:
             f"cait_kernels could not build its C++ CPU kernels ({type(error).__name__}: {error}). They need a C++ compiler and "
             "`pip install ninja`; meanwhile `with cait_kernels.backend('reference'): ...` runs the PyTorch reference"
         ) from error
-    _register_fake()
 
 
 def _quiet_cpp_extension():
@@ -76,14 +86,23 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-@functools.cache
-def _register_fake() -> None:
-    """Shapes of ``cait_cpu::atme_step``'s outputs for ``torch.compile`` (once per process)."""
+@torch.library.register_fake("cait_cpu::atme_step")
+def _(x, metric, size, owner, r, grid, prefix, block):
+    batch, tokens, channels = x.shape
+    return x.new_empty(batch, tokens - r, channels), size.new_empty(batch, tokens - r), torch.empty_like(owner)
 
-    @torch.library.register_fake("cait_cpu::atme_step")
-    def _(x, metric, size, owner, r, grid, prefix, block):
-        batch, tokens, channels = x.shape
-        return x.new_empty(batch, tokens - r, channels), size.new_empty(batch, tokens - r), torch.empty_like(owner)
+
+@torch.library.impl(_library, "atme_step", "CompositeExplicitAutograd")
+def _first_call(x, metric, size, owner, r, grid, prefix, block):
+    """Runs only until the C++ CPU kernel is loaded (it then takes the CPU key): load it and call it,
+    or run the reference where it cannot be built. E.g. the first call of a loaded export program."""
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"cait_cpu::atme_step runs on CPU tensors, got {x.device.type} tensors")
+    if available():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("cait_cpu::atme_step", "CPU"):  # would call itself again
+            raise RuntimeError(f"the library {NAME} loaded without its CPU kernel for cait_cpu::atme_step")
+        return torch.ops.cait_cpu.atme_step(x, metric, size, owner, r, grid, prefix, block)
+    return atme_step_reference(x, metric, size, owner, r=r, grid=tuple(grid), prefix=prefix, block=block)
 
 
 @torch.compiler.assume_constant_result  # torch.compile asks once while tracing, and does not trace the build

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cait_kernels import pruned_attention, pruned_attention_reference
+from cait_kernels.attention import EXPLICIT_LOGITS
 from conftest import rel_err
 
 
@@ -26,13 +27,20 @@ def split_gathered(qkv, heads, idx_qk, idx_v):
     return take(parts[0], idx_qk), take(parts[1], idx_qk), take(parts[2], idx_v)
 
 
-SHAPES = [  # B, N, heads, d_qk, d_v
-    (1, 1, 1, 8, 8),
+SHAPES = [  # B, N, heads, d_qk, d_v; on CPU in fp32 the first five are multiplied out, the last two run
+    (1, 1, 1, 8, 8),  # torch's fused kernel (more than EXPLICIT_LOGITS logits), narrow q/k or v zero-padded
     (2, 50, 3, 16, 16),
     (1, 197, 2, 24, 40),
     (3, 33, 4, 7, 5),
     (2, 65, 6, 64, 48),
+    (3, 197, 3, 24, 40),
+    (2, 203, 4, 40, 24),
 ]
+
+
+def test_shapes_cover_both_cpu_paths():
+    logits = [B * heads * N * N for B, N, heads, _, _ in SHAPES]
+    assert max(logits[:5]) <= EXPLICIT_LOGITS < min(logits[5:])
 
 
 @pytest.mark.parametrize("B, N, heads, d_qk, d_v", SHAPES)

@@ -4,11 +4,13 @@ import timm
 import torch
 
 import cait
+from cait.cdcp import kept_count
 from cait.cost import cost_model
+from cait_kernels.attention import EXPLICIT_LOGITS
 from conftest import rel_err
 from models import build, images_for
 
-PRUNE = cait.CDCP(qk=0.5, v=0.625, mlp=0.7)
+PRUNE = cait.CDCP(qk=0.5, v=0.625, mlp=0.7, align=1)  # exact counts: 32, 40 and round(0.7 * 768) = 538
 
 
 def zero_pruned_channels(dense, fast):
@@ -84,13 +86,17 @@ def test_merging_and_pruning_multiply():
 
 
 def test_counted_flops_include_the_cpu_padding_of_narrow_qk():
-    """On CPU, q and k narrower than v run zero-padded to v's width (torch's fused kernel needs equal
-    widths); the counter sees those executed FLOPs: 2 * heads * N^2 * (d_v - d_qk) per block."""
+    """On CPU, attention with more than EXPLICIT_LOGITS logits runs torch's fused kernel, which needs
+    equal widths: q and k narrower than v are zero-padded to v's width, and the counter sees those
+    executed FLOPs, 2 * heads * N^2 * (d_v - d_qk) per block. Smaller attention (DeiT-S at 224, one
+    image: 6 * 197^2 logits) is multiplied out unpadded, so the count equals the cost model's."""
     model = timm.create_model("deit_small_patch16_224", depth=3)
     fast = cait.compress(model, merge=cait.ATME(r=[20, 10, 0]), prune=cait.CDCP(qk=0.5, v=0.75))
-    tokens = [197, 177, 167]
-    padding = sum(2 * 6 * n * n * (48 - 32) for n in tokens)
-    assert cait.flops(fast) == cost_model(fast).flops(fast.schedule) + padding
+    assert 6 * 197**2 <= EXPLICIT_LOGITS and cait.flops(fast) == cost_model(fast).flops(fast.schedule)
+    large = timm.create_model("deit_small_patch16_224", img_size=384, depth=1)
+    large = cait.compress(large, merge=cait.ATME(r=20), prune=cait.CDCP(qk=0.5, v=0.75))
+    assert 6 * 577**2 > EXPLICIT_LOGITS
+    assert cait.flops(large) == cost_model(large).flops(large.schedule) + 2 * 6 * 577**2 * (48 - 32)
 
 
 def test_qk_norm_models_refuse_only_qk_pruning():
@@ -121,4 +127,50 @@ def test_bad_specs_are_refused(kwargs, error, message):
 
 def test_ratio_that_keeps_nothing_is_refused():
     with pytest.raises(ValueError, match="rounds to 0"):
-        cait.compress(build("deit_tiny"), prune=cait.CDCP(qk=0.001))
+        cait.compress(build("deit_tiny"), prune=cait.CDCP(qk=0.001, align=1))
+
+
+@pytest.mark.parametrize("ratio, total, align, expected", [
+    (0.7, 1536, 1, 1075),  # exact: round(1075.2)
+    (0.7, 1536, 8, 1072),  # 1075.2 / 8 = 134.4 -> 134
+    (0.7, 1536, 64, 1088),  # 1075.2 / 64 = 16.8 -> 17
+    (0.45, 64, 8, 32),  # 28.8 / 8 = 3.6 -> 4
+    (0.7, 64, 8, 48),  # 44.8 / 8 = 5.6 -> 6
+    (0.5, 24, 8, 16),  # 12 / 8 = 1.5: halves round up
+    (0.001, 64, 8, 8),  # never 0: at least one multiple
+    (0.5, 100, 8, 48),  # 50 / 8 = 6.25 -> 6
+    (0.95, 20, 8, 16),  # 19 / 8 = 2.375 -> 2, below the total
+    (1.0, 100, 8, 100),  # ratio 1 keeps the total, aligned or not
+])
+def test_kept_counts_are_the_nearest_multiple(ratio, total, align, expected):
+    assert kept_count(ratio, total, "mlp", align) == expected
+
+
+@pytest.mark.parametrize("ratio, total, align", [(0.99, 64, 8), (0.5, 8, 8), (0.3, 12, 16)])
+def test_a_ratio_whose_aligned_count_keeps_everything_is_refused(ratio, total, align):
+    with pytest.raises(ValueError, match=f"rounds to all {total} at align={align}"):
+        kept_count(ratio, total, "qk", align)
+
+
+@pytest.mark.parametrize("align", [0, -8, 2.5, True, (8,), (8, 8, 8), "8"])
+def test_bad_align_is_refused(align):
+    with pytest.raises(ValueError, match="align must be"):
+        cait.CDCP(qk=0.5, align=align)
+
+
+def test_compressed_widths_are_aligned_and_the_flops_solver_counts_them():
+    """Default align 8 on DeiT-S (head_dim 64, 1536 MLP units): the widths of the issue's example
+    CDCP(0.45, 0.7, 0.66) become 32 / 48 / 1016 (exact: 29 / 45 / 1014). With equal q/k and v
+    widths nothing is padded, so the FLOPs counter equals the solver's cost model exactly."""
+    model = timm.create_model("deit_small_patch16_224", depth=3)
+    fast = cait.compress(model, prune=cait.CDCP(qk=0.45, v=0.7, mlp=0.66))
+    assert [(b.attn.d_qk, b.attn.d_v, b.mlp.fc1.out_features) for b in fast.blocks] == [(32, 48, 1016)] * 3
+    exact = cait.compress(model, prune=cait.CDCP(qk=0.45, v=0.7, mlp=0.66, align=1))
+    assert (exact.blocks[0].attn.d_qk, exact.blocks[0].attn.d_v, exact.blocks[0].mlp.fc1.out_features) == (29, 45, 1014)
+    paired = cait.compress(model, prune=cait.CDCP(qk=0.45, v=0.7, mlp=0.7, align=(8, 64)))
+    assert (paired.blocks[0].attn.d_qk, paired.blocks[0].attn.d_v, paired.blocks[0].mlp.fc1.out_features) == (32, 48, 1088)
+    both = cait.compress(model, merge=cait.ATME(flops=0.7), prune=cait.CDCP(qk=0.7, v=0.7, mlp=0.7))
+    assert both.blocks[0].attn.d_qk == both.blocks[0].attn.d_v == 48 and both.blocks[0].mlp.fc1.out_features == 1072
+    assert cait.flops(both) == cost_model(both).flops(both.schedule)
+    pruned = cait.compress(model, prune=cait.CDCP(qk=0.7, v=0.7, mlp=0.7))
+    assert abs(cait.flops(both) / cait.flops(pruned) - 0.7) < 0.02

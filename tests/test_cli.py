@@ -58,6 +58,16 @@ def test_compress_info_and_load(tmp_path, capsys):
     assert model(torch.randn(1, 3, 160, 128)).shape == (1, 1000)
 
 
+@pytest.mark.parametrize("align, hidden", [([], 536), (["--align", "1"], 538), (["--align", "8", "64"], 512)])
+def test_compress_aligns_kept_counts(tmp_path, capsys, align, hidden):
+    """DeiT-T keeps 0.7 of 768 MLP units: 537.6 -> 536 (multiple of 8, the default), 538 exact, 512 (of 64)."""
+    out = tmp_path / "m.safetensors"
+    argv = ["compress", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--keep-mlp", "0.7", "--out", str(out), *align]
+    assert run(argv) == 0
+    assert cait.load(out).blocks[0].mlp.fc1.out_features == hidden
+    assert f"  {hidden}" in capsys.readouterr().out  # cait compress prints the widths of every block
+
+
 def test_bench_writes_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = run(

@@ -75,6 +75,18 @@ def test_keep_ratios_anneal_to_the_target():
     assert gates.kept_summary() == f"qk 32/64 v 32/64 mlp {hidden // 2}/{hidden}"
 
 
+def test_gates_keep_the_aligned_counts_that_compress_keeps():
+    """Trained and one-shot pruning end at the same widths: multiples of CDCP's align (default 8)."""
+    model = build("deit3_layerscale")
+    prune = cait.CDCP(qk=0.45, v=0.7, mlp=0.6)  # exact 28.8 / 44.8 / 921.6 of 64 / 64 / 1536; aligned: 32 / 48 / 920
+
+    def widths(m):
+        return [(b.attn.d_qk, b.attn.d_v, b.mlp.fc1.out_features) for b in m.blocks]
+
+    compact = attach_gates(cait.compress(model), prune).materialize()
+    assert widths(compact) == widths(cait.compress(model, prune=prune)) == [(32, 48, 920)] * 3
+
+
 def test_materialized_model_equals_the_gated_model(gated, tmp_path):
     fast, gates, images = gated
     fast.eval()

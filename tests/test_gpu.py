@@ -66,3 +66,13 @@ def test_torch_compile_matches_eager(deit_small):
         eager = fast(images)
         compiled = torch.compile(fast, fullgraph=True)(images)
     assert rel_err(compiled, eager) < 2e-3
+
+
+def test_optimize_compiles_with_cuda_graphs_and_matches_eager(deit_small):
+    """cait.optimize on CUDA: inductor with freezing and CUDA graphs (CPU twin: tests/test_compiled.py)."""
+    fast, images = deit_small
+    compiled = cait.optimize(fast, images)
+    other = torch.randn_like(images)
+    with torch.inference_mode():
+        first, second = compiled(images), compiled(other)  # the second replay must not overwrite the first result
+        assert rel_err(first, fast(images)) < 2e-3 and rel_err(second, fast(other)) < 2e-3

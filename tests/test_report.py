@@ -51,6 +51,7 @@ def test_quick_report_writes_valid_json_markdown_and_plots(tmp_path, capsys, wit
         check_png(out / name)
     text = (out / "report.md").read_text()
     assert "| deit_tiny_patch16_224 | CAIT |" in text and "need a CUDA GPU" in text
+    assert data["deployment"] == [] and "`cait bench --deploy` times it on its own" in text  # --quick does not compile
     assert all((r["merge_share"] is None) == (r["method"] == "dense") for r in data["models"])
     if with_results:
         assert data["accuracy"]["rows"][1]["method"] == "CAIT (fine-tuned)" and "96.00 ± 2.00" in text
@@ -70,7 +71,11 @@ def test_the_schema_refuses_a_broken_report(tmp_path):
     good = {"version": report.VERSION, "machine": machine, "settings": settings, "models": [row], "kernels": [],
             "kernel_ceilings": None, **report.read_results(str(tmp_path)), "files": {"report": "report.md", "plots": []}}  # fmt: skip
     jsonschema.validate(good, report.SCHEMA)
-    for broken in ({**good, "models": []}, {**good, "models": [{**row, "img_per_s": 0}]}, {**good, "version": "other"}):
+    deployed = {**row, "runtime": "compile", "threads": 1, "setup_s": 20.0}
+    jsonschema.validate({**good, "deployment": [deployed]}, report.SCHEMA)
+    no_runtime = {k: v for k, v in deployed.items() if k != "runtime"}
+    for broken in ({**good, "models": []}, {**good, "models": [{**row, "img_per_s": 0}]}, {**good, "version": "other"},
+                   {**good, "deployment": [no_runtime]}):  # fmt: skip
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, report.SCHEMA)
 

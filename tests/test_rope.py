@@ -19,8 +19,8 @@ def test_without_merging_equals_timm(model_id):
     model = build(model_id)
     images = images_for(model, 2)
     fast = cait.compress(model)
-    with torch.no_grad():
-        assert torch.equal(fast.forward_features(images), model.forward_features(images))
+    with torch.no_grad():  # the CPU reference attention multiplies out small attentions: not SDPA's rounding
+        assert rel_err(fast.forward_features(images), model.forward_features(images)) < 1e-6
         assert rel_err(fast(images), model(images)) < 1e-6
 
 
@@ -163,7 +163,7 @@ def test_qk_pruning_keeps_whole_rotary_pairs(model_id, method):
     model = build(model_id)
     images = images_for(model, 2)
     calibration = images_for(model, 3) if method == "activation" else None
-    prune = cait.CDCP(qk=0.4, v=0.75, method=method, calibration=calibration)
+    prune = cait.CDCP(qk=0.4, v=0.75, method=method, calibration=calibration, align=1)  # pairs: the nearest even count
     pruned = cait.compress(model, prune=prune)  # no merging: the pruned metric would merge other pairs
     reference = cait.compress(model)
     half = reference.blocks[0].attn.positions.half
@@ -278,3 +278,16 @@ def test_rope_rule_benchmark_quick_run(tmp_path, monkeypatch, capsys):
     assert run(argv) == 0
     assert json.loads(out.read_text())["rows"] == rows
     assert "| axial | ATME 0.5x |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_id", ["dinov3", "rope_mixed", "siglip_map"])
+def test_rope_and_attention_pooling_models_export_and_optimize(model_id, tmp_path):
+    """pt2 and ONNX (checked by cait.export against eager) and cait.optimize, with nothing run eagerly
+    first: traced code builds the RoPE tables in its graph and leaves the caches alone."""
+    model = build(model_id)
+    fast = cait.compress(model, merge=cait.ATME(flops=0.7), prune=None if model_id == "siglip_map" else cait.CDCP(qk=0.5))
+    assert cait.export(fast, tmp_path / "m.pt2", format="pt2", batch=2).error < 1e-6
+    assert cait.export(fast, tmp_path / "m.onnx", format="onnx", batch=2).error < 1e-5
+    images = images_for(model, 2)
+    with torch.no_grad():
+        assert rel_err(cait.optimize(fast, images)(images), fast(images)) < 1e-5

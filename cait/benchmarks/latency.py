@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import statistics
@@ -60,7 +61,8 @@ def time_interleaved(
 
 @dataclass
 class Row:
-    """One line of the benchmark table; ratios are against the row named ``baseline``."""
+    """One line of the benchmark table; ratios are against the row named ``baseline`` (dense in the
+    same runtime: compiled vs compiled)."""
 
     model: str
     variant: str
@@ -73,6 +75,9 @@ class Row:
     efficiency: float  # speedup x flops_ratio: 1.0 means the whole FLOPs saving shows up as speed
     baseline: str = "dense"
     merge_share: float | None = None  # share of the forward spent in the token merge/prune steps (None: none, or not measurable)
+    runtime: str = "eager"  # eager, compile, onnxruntime or cuda graph (RUNTIMES)
+    setup_s: float | None = None  # seconds to compile / export and check (None: eager)
+    threads: int | None = None  # torch (and onnxruntime) CPU threads
 
 
 class ReferenceOps(nn.Module):
@@ -89,7 +94,34 @@ class ReferenceOps(nn.Module):
             return self.model(images)
 
 
-GRAPH = " [graph]"
+RUNTIMES = ("eager", "compile", "onnxruntime", "cuda graph")
+
+
+def prepare(model: nn.Module, images: torch.Tensor, runtime: str, exports: dict) -> tuple:
+    """``(callable, seconds)``: ``model`` ready to run ``images`` in ``runtime`` and the seconds that
+    took (None for eager). ``compile``: :func:`cait.optimize`; ``onnxruntime``: :func:`cait.export` to
+    ONNX (reference ops, checked), run by onnxruntime on torch's thread count; ``cuda graph``:
+    :func:`cait.cuda_graph`. ``exports``: ``{"folder": DIR}`` where ONNX files go; it also remembers
+    them (path -> export seconds), so timing the same model again (e.g. on other threads) reuses the file.
+    onnxruntime runs without spinning threads (see :class:`cait.exported.OnnxRunner`)."""
+    from ..compiled import Optimized
+    from ..exported import OnnxRunner, export
+    from ..graphs import cuda_graph
+
+    if runtime == "eager":
+        return model, None
+    start = time.perf_counter()
+    if runtime == "compile":
+        return Optimized(model, images), time.perf_counter() - start
+    if runtime == "cuda graph":
+        return cuda_graph(model, images), time.perf_counter() - start
+    if runtime != "onnxruntime":
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    path = os.path.join(exports["folder"], f"{id(model)}-batch{images.shape[0]}.onnx")
+    if path not in exports:
+        export(model, path, format="onnx", batch=images.shape[0])
+        exports[path] = time.perf_counter() - start
+    return OnnxRunner(path, threads=torch.get_num_threads(), spinning=False), exports[path]
 
 
 def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float | None:
@@ -124,57 +156,81 @@ def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float
     return statistics.median(seconds[2:])
 
 
-def compare(name: str, models: dict[str, nn.Module], batch: int, repeats: int, graphs: bool = False, progress: bool = True) -> list[Row]:
-    """Time ``models`` (the first one is the baseline) on one random batch; one :class:`Row` each.
-    ``graphs``: also time each model captured in a CUDA graph (rows named ``<variant> [graph]``)."""
-    from ..graphs import cuda_graph
+def compare(
+    name: str,
+    models: dict[str, nn.Module],
+    batch: int,
+    repeats: int,
+    runtimes=("eager",),
+    progress: bool = True,
+    exports: dict | None = None,
+) -> list[Row]:
+    """Time ``models`` (the first one is the baseline) on one random batch in every runtime of
+    ``runtimes`` (:data:`RUNTIMES`); one :class:`Row` per (runtime, model), each against the baseline
+    in its own runtime. The models of one runtime are timed interleaved (:func:`time_interleaved`),
+    the runtimes one after the other (each runtime's thread pool then has the cores to itself).
+    ``exports``: see :func:`prepare` (default: a temporary folder for this call)."""
+    import tempfile
 
     first = next(iter(models.values()))
     weight = next(first.parameters())
     size = default_input_size(first)
     images = torch.randn(batch, *size, device=weight.device, dtype=weight.dtype)
-    runners = dict(models)
-    if graphs:
-        runners.update({variant + GRAPH: cuda_graph(model, images) for variant, model in models.items()})
-    seconds = time_interleaved(runners, images, repeats, progress=progress)
+    runners, setup = {}, {}
+    if "compile" in runtimes:  # compiled runners of earlier calls are gone: free dynamo's entries (8 per forward at most)
+        torch._dynamo.reset()
+    with tempfile.TemporaryDirectory() as folder:
+        exports = exports if exports is not None else {"folder": folder}
+        for runtime in runtimes:
+            for variant, model in models.items():
+                runners[runtime, variant], setup[runtime, variant] = prepare(model, images, runtime, exports)
+        seconds = {}
+        for runtime in runtimes:
+            mine = {key: runner for key, runner in runners.items() if key[0] == runtime}
+            seconds.update(time_interleaved(mine, images, repeats, progress=progress))
     merging = {variant: merge_seconds(model, images, repeats) for variant, model in models.items()}
     counts = {variant: flops(m, size) for variant, m in models.items()}
     base_variant = next(iter(models))
-    base_speed = batch / statistics.median(seconds[base_variant])
     rows = []
-    for variant in runners:
-        model_name = variant.removesuffix(GRAPH)
-        model = models[model_name]
-        speed = batch / statistics.median(seconds[variant])
-        ratio = counts[model_name] / counts[base_variant]
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        merge = merging[variant] if variant in merging else None  # not replayable inside a CUDA graph
+    for runtime, variant in runners:
+        model = models[variant]
+        speed = batch / statistics.median(seconds[runtime, variant])
+        base_speed = batch / statistics.median(seconds[runtime, base_variant])
+        ratio = counts[variant] / counts[base_variant]
+        share = merging[variant] / statistics.median(seconds[runtime, variant]) if runtime == "eager" and merging[variant] else None
         rows.append(
             Row(
                 name,
                 variant,
                 batch,
-                counts[model_name] / 1e9,
-                params,
+                counts[variant] / 1e9,
+                sum(p.numel() for p in model.parameters()) / 1e6,
                 speed,
                 speed / base_speed,
                 ratio,
                 speed / base_speed * ratio,
-                base_variant,
-                None if merge is None else merge / statistics.median(seconds[variant]),
+                base_variant if runtime == "eager" else f"{base_variant} [{runtime}]",
+                share,
+                runtime,
+                setup[runtime, variant],
+                torch.get_num_threads() if not images.is_cuda else None,
             )
         )
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    """Markdown table of benchmark rows."""
+    """Markdown table of benchmark rows (runtime, threads and setup columns when some row has them)."""
+    extra = any(r.runtime != "eager" for r in rows)
     head = "| model | variant | batch | GFLOPs | params (M) | img/s | speedup | FLOPs ratio | speedup x FLOPs ratio | merge % |"
-    lines = [head, "|" + "---|" * 10]
+    head = head.replace("| variant |", "| variant | runtime | threads |") + " setup s |" if extra else head
+    lines = [head, "|" + "---|" * head[1:].count("|")]
     for r in rows:
+        where = f" {r.runtime} | {r.threads or '-'} |" if extra else ""
+        setup = f" {r.setup_s:.1f} |" if extra and r.setup_s is not None else " - |" if extra else ""
         lines.append(
-            f"| {r.model} | {r.variant} | {r.batch} | {r.gflops:.2f} | {r.params_m:.1f} | {r.img_per_s:.1f} | "
-            f"{r.speedup:.2f}x | {r.flops_ratio:.3f} | {r.efficiency:.2f} | {percent(r.merge_share)} |"
+            f"| {r.model} | {r.variant} |{where} {r.batch} | {r.gflops:.2f} | {r.params_m:.1f} | {r.img_per_s:.1f} | "
+            f"{r.speedup:.2f}x | {r.flops_ratio:.3f} | {r.efficiency:.2f} | {percent(r.merge_share)} |{setup}"
         )
     return "\n".join(lines)
 
@@ -192,10 +248,11 @@ DEFAULT_VARIANTS = ("merge=0.8", "merge=0.6", "prune=0.5/0.75/0.75", "merge=0.7,
 
 
 def parse_variant(text: str):
-    """``merge=F`` (ATME FLOPs target), ``prune=QK/V/MLP`` (CDCP keep ratios) and ``block=2|4``, comma
+    """``merge=F`` (ATME FLOPs target), ``prune=QK/V/MLP`` (CDCP keep ratios), ``align=N`` or
+    ``align=HEAD/MLP`` (CDCP multiples, default :data:`cait.cdcp.ALIGN`) and ``block=2|4``, comma
     separated, e.g. ``merge=0.7,prune=0.5/0.75/0.75`` -> ``(ATME | None, CDCP | None)``; or ``tome=F``,
     the ToMe baseline (:mod:`cait.baselines`) at FLOPs ratio ``F`` -> ``("tome", F)``."""
-    from ..cdcp import CDCP
+    from ..cdcp import ALIGN, CDCP
     from ..schedule import ATME
 
     if text.startswith("tome="):
@@ -204,16 +261,21 @@ def parse_variant(text: str):
         except ValueError:
             raise ValueError(f"variant {text!r} must look like tome=0.6 (a FLOPs ratio)") from None
     fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
-    if not fields or set(fields) - {"merge", "prune", "block"} or text.count("=") != len(fields):
-        raise ValueError(f"variant {text!r} must look like merge=0.7,prune=0.5/0.75/0.75[,block=2]")
+    if not fields or set(fields) - {"merge", "prune", "block", "align"} or text.count("=") != len(fields):
+        raise ValueError(f"variant {text!r} must look like merge=0.7,prune=0.5/0.75/0.75[,align=8][,block=2]")
+    if "align" in fields and "prune" not in fields:
+        raise ValueError(f"variant {text!r}: align applies to pruning, give prune= too")
     try:
         merge = ATME(flops=float(fields["merge"]), block=int(fields.get("block", 2))) if "merge" in fields else None
         ratios = [float(v) for v in fields["prune"].split("/")] if "prune" in fields else None
+        align = tuple(int(v) for v in fields["align"].split("/")) if "align" in fields else (ALIGN,)
     except ValueError as error:
         raise ValueError(f"variant {text!r}: {error}") from error
     if ratios is not None and len(ratios) != 3:
         raise ValueError(f"variant {text!r}: prune takes three keep ratios QK/V/MLP")
-    return merge, None if ratios is None else CDCP(*ratios)
+    if len(align) > 2:
+        raise ValueError(f"variant {text!r}: align takes one multiple or two (HEAD/MLP)")
+    return merge, None if ratios is None else CDCP(*ratios, align=align[0] if len(align) == 1 else align)
 
 
 def build_variant(dense: nn.Module, spec):
@@ -248,13 +310,14 @@ def run(
     checkpoint: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    graphs: bool = False,
+    runtimes=("eager",),
     progress=None,
 ) -> list[Row]:
     """The model table: each timm model dense and compressed per variant, timed side by side on
-    ``device`` in ``dtype``. On a GPU every compressed variant also runs on the reference ops
-    (``<variant> [reference ops]``); ``graphs`` adds CUDA-graph rows for every model. ``progress``:
-    a tqdm-like bar advanced once per (model, batch); without one, each table is printed as it is done."""
+    ``device`` in ``dtype`` in every runtime of ``runtimes`` (:data:`RUNTIMES`; ``cuda graph`` rows
+    for CUDA graphs). On a GPU every compressed variant also runs on the reference ops
+    (``<variant> [reference ops]``). ``progress``: a tqdm-like bar advanced once per (model, batch);
+    without one, each table is printed as it is done."""
     import timm
 
     specs = {text: parse_variant(text) for text in variants}
@@ -267,9 +330,9 @@ def run(
             contenders.update({f"{text} [reference ops]": ReferenceOps(contenders[text]) for text in specs})
         contenders = {text: model.to(device=device, dtype=dtype) for text, model in contenders.items()}
         for batch in batches:
-            rows += compare(name, contenders, batch, repeats, graphs=graphs, progress=progress is None)
+            rows += compare(name, contenders, batch, repeats, runtimes=runtimes, progress=progress is None)
             if progress is None:
-                print(table(rows[-len(contenders) :]), "\n", flush=True)
+                print(table(rows[-len(contenders) * len(runtimes) :]), "\n", flush=True)
             else:
                 progress.update(1)
     return rows

@@ -1,11 +1,12 @@
 """``cait bench --all``: every number in one run, as JSON, a Markdown report and two plots.
 
 Timed in the run: the model table (DeiT-T/S/B dense vs ToMe vs ATME/CDCP/CAIT at several FLOPs
-ratios; CPU: fp32, batch 1 and 8; GPU: fp16, batch 1/64/256, eager and CUDA graph) and, on a GPU,
-the kernel table. Read from earlier runs (they train models, so they are run on their own with
+ratios; CPU: fp32, batch 1 and 8; GPU: fp16, batch 1/64/256, eager and CUDA graph), on a CPU the
+batch-1 deployment table (:mod:`.deploy`: eager, compiled and onnxruntime, 1 and 2 threads) and, on
+a GPU, the kernel table. Read from earlier runs (they train models, so they are run on their own with
 ``cait bench --accuracy`` / ``--segmentation``): the accuracy and segmentation results, when their JSON
 files are in the results folder. ``--quick`` times fewer models, variants and repeats (minutes on a
-laptop CPU) for a smoke check, not for quoting.
+laptop CPU) for a smoke check, not for quoting, and skips the deployment table (it compiles).
 
 Output folder: ``report.json`` (validates against :data:`SCHEMA`), ``report.md``,
 ``throughput_vs_gflops.png`` (per model, img/s against GFLOPs per image, one line per method, at
@@ -51,8 +52,12 @@ _MODEL_ROW = {
         "flops_ratio": _NUMBER,
         "efficiency": _NUMBER,
         "merge_share": {"type": ["number", "null"], "minimum": 0},
+        "runtime": {"type": "string"},
+        "setup_s": {"type": ["number", "null"]},
+        "threads": {"type": ["integer", "null"]},
     },
 }
+_DEPLOY_ROW = dict(_MODEL_ROW, required=[*_MODEL_ROW["required"], "runtime", "threads", "setup_s"])
 _READ_RESULT = {
     "type": ["object", "null"],
     "required": ["source", "machine", "rows"],
@@ -75,6 +80,7 @@ SCHEMA = {
             "required": ["device", "dtype", "quick", "models", "batches", "variants", "repeats", "cuda_graph"],
         },
         "models": {"type": "array", "minItems": 1, "items": _MODEL_ROW},
+        "deployment": {"type": "array", "items": _DEPLOY_ROW},
         "kernels": {"type": "array", "items": {"type": "object", "required": ["case", "ms", "peer_ms", "speedup"]}},
         "kernel_ceilings": {"type": ["object", "null"]},
         "accuracy": _READ_RESULT,
@@ -119,7 +125,8 @@ def collect(device: str, quick: bool, results: str, *, models=None, batches=None
     repeats = repeats or (5 if quick else 15)
     dtype = torch.float16 if device == "cuda" else torch.float32
     graphs = device == "cuda"
-    rows = latency.run(models, batches, variants, repeats, device=device, dtype=dtype, graphs=graphs, progress=progress)
+    runtimes = ("eager", "cuda graph") if graphs else ("eager",)
+    rows = latency.run(models, batches, variants, repeats, device=device, dtype=dtype, runtimes=runtimes, progress=progress)
     report = {
         "version": VERSION,
         "machine": machine(),
@@ -133,7 +140,8 @@ def collect(device: str, quick: bool, results: str, *, models=None, batches=None
             "repeats": repeats,
             "cuda_graph": graphs,
         },  # fmt: skip
-        "models": [dict(r, method=latency.method_of(r["variant"])) for r in latency.as_json(rows)],
+        "models": [dict(r, method=method(r)) for r in latency.as_json(rows)],
+        "deployment": [],
         "kernels": [],
         "kernel_ceilings": None,
     }
@@ -144,8 +152,20 @@ def collect(device: str, quick: bool, results: str, *, models=None, batches=None
         peak = kernels.ceilings(cuda)
         report["kernels"] = kernels.as_json(kernels.attention_rows(peak, cuda) + kernels.atme_rows(peak, cuda))
         report["kernel_ceilings"] = peak
+    if device == "cpu" and not quick:
+        from . import deploy
+
+        report["deployment"] = [dict(r, method=method(r)) for r in latency.as_json(deploy.run(repeats=repeats))]
     report.update(read_results(results))
     return report
+
+
+def method(row: dict) -> str:
+    """The method of a model row (:func:`.latency.method_of`), with its runtime unless eager: ``CAIT [compile]``."""
+    from .latency import method_of
+
+    runtime = row.get("runtime", "eager")
+    return method_of(row["variant"]) + ("" if runtime == "eager" else f" [{runtime}]")
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -188,6 +208,7 @@ def markdown(report: dict) -> str:
         ),  # fmt: skip
         f"![throughput vs GFLOPs]({PLOTS[0]})",
     ]
+    parts += deployment_section(report)
     if report["kernels"]:
         parts += ["## Kernels", _table(report["kernels"], [("case", "case", ""), ("ms", "ms", ".3f"), ("peer ms", "peer_ms", ".3f"),
                                                             ("speedup", "speedup", ".2f"), ("TFLOP/s", "tflops", ".1f"),
@@ -217,6 +238,37 @@ def markdown(report: dict) -> str:
     if report["accuracy"] or report["segmentation"]:
         parts.append(f"![accuracy vs throughput]({PLOTS[1]})")
     return "\n\n".join(parts) + "\n"
+
+
+def deployment_section(report: dict) -> list[str]:
+    """The batch-1 deployment table as Markdown parts (empty on a GPU report)."""
+    rows = report.get("deployment") or []
+    if report["settings"]["device"] != "cpu":
+        return []
+    if not rows:
+        return ["## Batch-1 deployment (CPU)", "Not run (`--quick`): `cait bench --deploy` times it on its own."]
+    shown = [dict(r, setup="-" if r["setup_s"] is None else f"{r['setup_s']:.0f}") for r in rows]
+    return [
+        "## Batch-1 deployment (CPU)",
+        "Batch 1, fp32: eager PyTorch, `compile` (`cait.optimize`: inductor with weight freezing) and `onnxruntime` "
+        "(`cait.export` to ONNX); each speedup is against dense in the same runtime and thread count (compiled vs "
+        "compiled), dense and compressed timed interleaved in each runtime; setup s = compile or export seconds.",
+        _table(
+            shown,
+            [
+                ("model", "model", ""),
+                ("variant", "variant", ""),
+                ("runtime", "runtime", ""),
+                ("threads", "threads", "d"),
+                ("GFLOPs", "gflops", ".2f"),
+                ("img/s", "img_per_s", ".1f"),
+                ("speedup", "speedup", ".2f"),
+                ("FLOPs ratio", "flops_ratio", ".3f"),
+                ("speedup x FLOPs", "efficiency", ".2f"),
+                ("setup s", "setup", ""),
+            ],
+        ),  # fmt: skip
+    ]
 
 
 def plot(report: dict, folder: str) -> list[str]:

@@ -1,17 +1,17 @@
 """The ``cait`` command line: one module per command, each owning its arguments (``add_parser``) and
 its work (``run``); :mod:`.common` holds what they share.
 
-Commands: ``compress``, ``finetune``, ``eval``, ``info``, ``bench``, ``visualize``.
+Commands: ``compress``, ``finetune``, ``eval``, ``info``, ``export``, ``bench``, ``visualize``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import bench, compress, eval, finetune, info, visualize
+from . import bench, compress, eval, export, finetune, info, visualize
 from .common import EXAMPLES
 
-COMMANDS = (compress, finetune, eval, info, bench, visualize)
+COMMANDS = (compress, finetune, eval, info, export, bench, visualize)
 
 
 def build_parser() -> argparse.ArgumentParser:

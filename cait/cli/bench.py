@@ -46,7 +46,29 @@ def add_parser(commands) -> None:
     b.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 1 8)")
     b.add_argument("--repeats", type=int, help="timed repeats per model after 2 warm-up runs (default: 15)")
     b.add_argument("--checkpoint", metavar="FILE", help="weights for the (single) model in --models")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        metavar="T",
+        help="torch (and onnxruntime) CPU threads (default: torch's choice); --deploy takes several (default: 1 2)",
+    )
+    b.add_argument(
+        "--runtime",
+        nargs="+",
+        choices=("eager", "compile", "onnxruntime"),
+        help="how the models run, several allowed, each row against dense in the same runtime: eager (PyTorch), compile "
+        "(cait.optimize: torch.compile with inductor, weight freezing; CUDA graphs on cuda; compile seconds reported), "
+        "onnxruntime (cait.export to ONNX, run by onnxruntime on the CPU; export seconds reported) (default: eager)",
+    )
+    b.add_argument("--compile", action="store_true", help="same as --runtime eager compile")
+    b.add_argument(
+        "--deploy",
+        action="store_true",
+        help="the batch-1 deployment table: DeiT-T/S dense vs CAIT at about 0.6x and 0.5x FLOPs, in eager, compile and "
+        "onnxruntime, on 1 and 2 threads (--models/--variant/--runtime/--threads/--repeats override; about 15 minutes "
+        "on 2 cores, most of it compiling)",
+    )
     b.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -103,8 +125,16 @@ def run(args) -> None:
 
     from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, machine, parse_variant, run, table
 
+    if args.threads and (len(args.threads) > 1 and not args.deploy or min(args.threads) < 1):
+        raise ValueError("--threads takes one count >= 1 (several only with --deploy)")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    if args.deploy:
+        return bench_deploy(args)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
+    if (args.runtime or args.compile) and (args.all or args.kernels or args.accuracy or args.segmentation):
+        raise ValueError("--runtime/--compile choose how the model table runs: drop --all/--kernels/--accuracy/--segmentation")
     if args.kernels:
         return bench_kernels(args)
     if args.accuracy:
@@ -113,10 +143,9 @@ def run(args) -> None:
         return bench_segmentation(args)
     if args.rope_rule:
         return bench_rope_rule(args)
-    if args.repeats is not None and args.repeats < 1:
-        raise ValueError("--repeats must be at least 1")
     if args.all:
         return bench_all(args)
+    runtimes = list(dict.fromkeys((args.runtime or ["eager"]) + (["eager", "compile"] if args.compile else [])))
     args.models = args.models or ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
     args.batch, args.repeats = args.batch or [1, 8], args.repeats or 15
     variants = args.variant or list(DEFAULT_VARIANTS)
@@ -129,12 +158,39 @@ def run(args) -> None:
         raise ValueError("--device cuda: no CUDA GPU is visible")
     if args.cuda_graph and device != "cuda":
         raise ValueError("--cuda-graph needs --device cuda")
+    if "onnxruntime" in runtimes and device != "cpu":
+        raise ValueError("--runtime onnxruntime runs on the CPU: use --device cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
-    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, args.cuda_graph)
+    runtimes += ["cuda graph"] if args.cuda_graph else []
+    rows = run(args.models, args.batch, variants, args.repeats, args.checkpoint, device, dtype, runtimes)
     info = dict(machine(), device=device, dtype=str(dtype).removeprefix("torch."))
     print(table(rows))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
     write_json(args.out, {"machine": info, "repeats": args.repeats, "rows": as_json(rows)})
+
+
+def bench_deploy(args) -> None:
+    """``cait bench --deploy``: the batch-1 deployment table (:mod:`cait.benchmarks.deploy`)."""
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import deploy
+    from cait.benchmarks.latency import as_json, machine, table
+
+    if args.all or args.kernels or args.accuracy or args.segmentation or args.cuda_graph or args.checkpoint or args.dtype:
+        raise ValueError("--deploy runs on its own (CPU, fp32, batch 1, random weights): drop the other mode flags")
+    if args.batch and args.batch != [1]:
+        raise ValueError("--deploy times batch 1 only: drop --batch")
+    if args.device == "cuda":
+        raise ValueError("--deploy is the CPU deployment table: drop --device cuda")
+    models, threads = args.models or list(deploy.MODELS), args.threads or list(deploy.THREADS)
+    runtimes = args.runtime or (["eager", "compile"] if args.compile else list(deploy.RUNTIMES))
+    variants, repeats = args.variant or list(deploy.VARIANTS), args.repeats or 15
+    with tqdm(total=len(models) * len(threads), desc="compiling, exporting and timing") as bar:
+        rows = deploy.run(models, variants, runtimes, threads, repeats, progress=bar)
+    print(table(rows))
+    info = machine()
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    write_json(args.out, {"machine": info, "repeats": repeats, "rows": as_json(rows)})
 
 
 def bench_all(args) -> None:

@@ -14,7 +14,9 @@ EXAMPLES = """examples:
   cait compress --model deit_small_patch16_224 --checkpoint deit_s.pth \\
       --merge-flops 0.7 --keep-qk 0.5 --keep-v 0.75 --keep-mlp 0.75 --out deit_s_cait.safetensors
   cait info deit_s_cait.safetensors
+  cait export deit_s_cait.safetensors --format onnx --dynamic-batch   # also pt2 (torch.export), aoti (AOTInductor)
   cait bench --models deit_small_patch16_224 --batch 8 --variant merge=0.7,prune=0.5/0.75/0.75
+  cait bench --models deit_small_patch16_224 --batch 1 --runtime eager compile onnxruntime
   cait bench --device cuda --dtype fp16 --batch 1 64 256 --cuda-graph --out models-gpu.json
   cait bench --kernels --out kernels.json
   cait bench --all                                   # every number: JSON, Markdown report and plots
@@ -62,6 +64,14 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--keep-v", type=float, default=1.0, metavar="V", help="CDCP: share of v channels kept per head (default: 1)")
     p.add_argument("--keep-mlp", type=float, default=1.0, metavar="M", help="CDCP: share of MLP hidden units kept (default: 1)")
+    p.add_argument(
+        "--align",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="CDCP: kept counts are multiples of N (one N for every group, or two: per-head channels, MLP units); "
+        "1 keeps the exact ratios (default: 8, what GPU tensor cores need)",
+    )
     p.add_argument(
         "--importance",
         choices=("weight", "activation"),
@@ -123,8 +133,21 @@ def compression(args, model, calibration_folder: str | None):
     prune = None
     if prune_requested:
         calibration = load_images(calibration_folder, model, args.calibration_images) if importance == "activation" else None
-        prune = cait.CDCP(qk=args.keep_qk, v=args.keep_v, mlp=args.keep_mlp, method=importance, calibration=calibration)
+        prune = cait.CDCP(
+            qk=args.keep_qk, v=args.keep_v, mlp=args.keep_mlp, method=importance, calibration=calibration, align=_align(args.align)
+        )
     return merge, prune
+
+
+def _align(values: list[int] | None):
+    """``--align`` values -> ``CDCP(align=...)`` (the default where not given)."""
+    from cait.cdcp import ALIGN
+
+    if values is None:
+        return ALIGN
+    if len(values) > 2:
+        raise ValueError("--align takes one number (every group) or two (per-head channels, MLP units)")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def describe(fast, dense) -> None:

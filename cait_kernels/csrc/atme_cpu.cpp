@@ -1,6 +1,6 @@
 // One ATME merge step on CPU tensors, fused: the math of cait_kernels.atme.atme_step_reference
 // (DESIGN.md, "ATME") in one pass per image instead of ~450 small torch ops, so merging costs
-// microseconds even at batch 1. Registered as torch.ops.cait_cpu.atme_step (and .out, which writes
+// microseconds even at batch 1. The CPU kernel of torch.ops.cait_cpu.atme_step (and .out, which writes
 // into given tensors).
 //
 // Exactness: similarities are cosines computed in float64 and rounded to float32 as in the
@@ -271,13 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atme_step(const at::Tensor& x, co
 
 }  // namespace
 
-TORCH_LIBRARY(cait_cpu, m) {
-  m.def("atme_step(Tensor x, Tensor metric, Tensor size, Tensor owner, int r, int[] grid, int prefix, int block) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "atme_step.out(Tensor x, Tensor metric, Tensor size, Tensor owner, int r, int[] grid, int prefix, int block, *, "
-      "Tensor(a!) x_out, Tensor(b!) size_out, Tensor(c!) owner_out) -> (Tensor(a!), Tensor(b!), Tensor(c!))");
-}
-
+// The schemas are defined in Python (cait_kernels/cpu_atme.py) when cait_kernels is imported, so a saved
+// torch.export program naming cait_cpu::atme_step loads before this library is built; it adds the CPU kernels.
 TORCH_LIBRARY_IMPL(cait_cpu, CPU, m) {
   m.impl("atme_step", &atme_step);
   m.impl("atme_step.out", &atme_step_out);

@@ -17,6 +17,7 @@ classes from ``torch.nn`` and ``timm`` only (a saved file never imports other co
 ``mlp_ratio`` is stored so that timm's ``int(embed_dim * mlp_ratio)`` gives the exact hidden width.
 The record is what :func:`cait.save` stores; :func:`first_difference` is how it proves the rebuild.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,7 @@ import json
 import torch
 from torch import nn
 
+from .eva import is_eva
 from .support import Unsupported, mlp_layout, model_classes
 
 LAYER_PACKAGES = ("torch.nn.", "timm.")
@@ -111,6 +113,8 @@ def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
     pooling, head) read off ``vit``, whose blocks may already have been taken over. ``strict``:
     refuse (:class:`Unsupported`) a head other than ``nn.Linear``/``nn.Identity``, else note timm's ``num_classes``."""
     embed = vit.patch_embed
+    if is_eva(vit):
+        return eva_settings(vit, strict)
     final_norm = not (isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity))
     return dict(
         img_size=list(embed.img_size),
@@ -132,6 +136,24 @@ def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
         drop_rate=vit.head_drop.p,
         pos_drop_rate=vit.pos_drop.p,
         embed_norm_layer=None if isinstance(embed.norm, nn.Identity) else norm_spec(embed.norm),
+    )
+
+
+def eva_settings(vit: nn.Module, strict: bool = True) -> dict:
+    """timm ``Eva``: the settings read off the model that a name's defaults do not fix (sizes, head,
+    pooling, input sizes); the rest come from the timm name, and the proof :func:`cait.save` runs
+    (module-tree diff and probe) refuses a model whose name's defaults would rebuild it otherwise."""
+    embed = vit.patch_embed
+    return dict(
+        img_size=list(embed.img_size),
+        patch_size=list(embed.patch_size),
+        in_chans=embed.proj.in_channels,
+        embed_dim=vit.embed_dim,
+        num_classes=_head_classes(vit, strict),
+        global_pool=vit.global_pool,
+        dynamic_img_size=vit.dynamic_img_size,
+        dynamic_img_pad=getattr(embed, "dynamic_img_pad", False),
+        **({} if vit.attn_pool is None else {"attn_pool_num_heads": vit.attn_pool.num_heads}),
     )
 
 
@@ -196,10 +218,11 @@ def record(model: nn.Module) -> dict:
     """The architecture record of a supported timm ViT (see the module docstring). A head the format
     cannot hold is only refused when saving (:meth:`cait.CompressedViT.architecture` re-reads it)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    blocks = dict(depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads) if is_eva(model) else block_settings(model.blocks)
     return {
         "name": cfg.get("architecture"),
         "class": class_path(type(model)),
-        "kwargs": {**trunk_settings(model, strict=False), **block_settings(model.blocks)},
+        "kwargs": {**trunk_settings(model, strict=False), **blocks},
         "drop_path": drop_path_rates(model.blocks),
         "flags": {"distilled_training": model.distilled_training} if hasattr(model, "distilled_training") else {},
         "pretrained_cfg": _json_safe(cfg),
@@ -263,8 +286,14 @@ def build(arch: dict, device: str | torch.device | None = "meta") -> nn.Module:
     import timm
 
     cls = resolve(arch["class"], "model class")
-    if cls not in model_classes():
-        raise ValueError(f"cannot rebuild a {cls.__name__}: cait rebuilds {', '.join(c.__name__ for c in model_classes())}")
+    from timm.models.eva import Eva
+
+    if cls not in model_classes() and cls is not Eva:
+        raise ValueError(f"cannot rebuild a {cls.__name__}: cait rebuilds {', '.join(c.__name__ for c in model_classes())} and Eva")
+    if cls is Eva and not arch["name"]:
+        raise ValueError("cannot rebuild an Eva model without its timm name: build it with timm.create_model(name, ...)")
+    if cls is Eva:  # its rotary embeddings keep computed tables in non-persistent buffers: build them for real
+        device = None
     kwargs = _timm_kwargs(arch, cls)
     attention = arch["kwargs"].get("attn_layer", {})
     if len(attention) > 1:  # settings timm's constructor cannot pass on (gated, attn_head_dim): attention rebuilt below

@@ -5,6 +5,11 @@ every head keeps the same number of qk channels (``d_qk``) and of v channels (``
 q, k, v stay regular ``(B, heads, N, d)`` tensors; ``proj`` keeps the columns of the kept v channels
 and ``fc2`` the columns of the kept MLP units. The softmax scale stays ``head_dim ** -0.5``.
 
+RoPE models (:mod:`cait.rope`) keep their rotary pairs whole: a rotation mixes the two channels of a
+pair, so q.k is a sum of rotation-invariant pair terms only over whole pairs. ``d_qk`` counts kept
+channels (twice the kept pairs), a pair's importance is ``|q pair| * |k pair|`` (the norms of the two
+channels together, which the rotation leaves unchanged), and both of its channels carry it.
+
 Importance of a channel (higher is kept):
 - ``weight``: qk ``|W_q row| * |W_k row|``; v ``|W_v row| * |proj column|``; MLP ``|fc1 row| * |fc2 column|``
   (rows include their bias; a gated MLP multiplies its gate and value rows: ``|gate row| * |value row|``).
@@ -22,6 +27,7 @@ from torch import nn
 
 from cait_kernels.attention import gather_columns
 
+from .rope import rotary_pairs
 from .support import Unsupported, mlp_layout
 
 METHODS = ("weight", "activation")
@@ -77,10 +83,14 @@ class CDCP:
         heads, mlp = self.align if isinstance(self.align, tuple) else (self.align, self.align)
         return mlp if group == "mlp" else heads
 
-    def counts(self, d_qk: int, d_v: int, hidden: int) -> dict:
-        """Kept counts ``{"qk", "v", "mlp"}`` for a block of ``d_qk``/``d_v`` channels per head and ``hidden`` MLP units."""
+    def counts(self, d_qk: int, d_v: int, hidden: int, rotary: bool = False) -> dict:
+        """Kept counts ``{"qk", "v", "mlp"}`` for a block of ``d_qk``/``d_v`` channels per head and ``hidden`` MLP
+        units; ``rotary``: RoPE heads, whose qk count is also even (whole rotary pairs, :func:`top_qk`)."""
         totals = {"qk": d_qk, "v": d_v, "mlp": hidden}
-        return {name: kept_count(getattr(self, name), total, name, self.multiple(name)) for name, total in totals.items()}
+        multiples = {name: self.multiple(name) for name in totals}
+        if rotary:
+            multiples["qk"] = math.lcm(multiples["qk"], 2)
+        return {name: kept_count(getattr(self, name), total, name, multiples[name]) for name, total in totals.items()}
 
 
 class Scores(NamedTuple):
@@ -135,10 +145,23 @@ def _out_norms(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().float().norm(dim=0)
 
 
+def rotary_pairs_of(attn) -> torch.Tensor | None:
+    """The rotary channel pairs ``(head_dim / 2, 2)`` of an unpruned RoPE attention, None without RoPE."""
+    return None if attn.positions is None else rotary_pairs(attn.d_qk, attn.positions.half)
+
+
 def _scores(block, qkv_rms: torch.Tensor, hidden_rms: torch.Tensor) -> Scores:
     attn = block.attn
     q, k, v = qkv_rms.view(3, attn.heads, attn.d_qk)
-    return Scores(q * k, v * _out_norms(attn.proj).view(attn.heads, attn.d_v), hidden_rms * _out_norms(block.mlp.fc2))
+    pairs = rotary_pairs_of(attn)
+    if pairs is None:
+        qk = q * k
+    else:  # both channels of a pair carry |q pair| * |k pair|
+        pairs = pairs.to(q.device)
+        pair = q[:, pairs].norm(dim=-1) * k[:, pairs].norm(dim=-1)  # (heads, head_dim / 2)
+        qk = torch.empty_like(q)
+        qk[:, pairs[:, 0]], qk[:, pairs[:, 1]] = pair, pair
+    return Scores(qk, v * _out_norms(attn.proj).view(attn.heads, attn.d_v), hidden_rms * _out_norms(block.mlp.fc2))
 
 
 def weight_scores(model) -> list[Scores]:
@@ -174,6 +197,16 @@ def _accumulate(store: list, slot: int, activation: torch.Tensor) -> None:
 def top_channels(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` best channels along the last dim, ascending: ``(..., count)`` int64."""
     return scores.topk(count, dim=-1).indices.sort(dim=-1).values
+
+
+def top_qk(scores: torch.Tensor, count: int, pairs: torch.Tensor | None) -> torch.Tensor:
+    """The ``count`` best qk channels of each head ``(heads, count)``, ascending; with rotary ``pairs``
+    the ``count / 2`` pairs whose two channel scores sum highest, both channels of each."""
+    if pairs is None:
+        return top_channels(scores, count)
+    pairs = pairs.to(scores.device)
+    best = top_channels(scores[:, pairs].sum(-1), count // 2)  # (heads, count / 2) pair indices
+    return pairs[best].flatten(1).sort(dim=-1).values
 
 
 def check_prunable(model, prune: CDCP) -> None:
@@ -223,6 +256,8 @@ def prune_block(block, kept: dict) -> None:
     every = torch.arange(head_dim).expand(heads, head_dim)
     idx_qk = every if kept["qk"] is None else kept["qk"]
     idx_v = every if kept["v"] is None else kept["v"]
+    if kept["qk"] is not None and attn.positions is not None:
+        attn.rope_channels = kept["qk"].to(attn.qkv.weight.device)  # whole rotary pairs (apply_cdcp, Gates)
     if kept["qk"] is not None or kept["v"] is not None:
         device = attn.qkv.weight.device
         attn.qkv = sliced_linear(attn.qkv, rows=gather_columns(heads, head_dim, idx_qk.to(device), idx_v.to(device), device))
@@ -251,7 +286,7 @@ def apply_cdcp(model, prune: CDCP) -> None:
     """Rank and prune every block of an unpruned :class:`cait.CompressedViT` in place."""
     check_prunable(model, prune)
     attn = model.blocks[0].attn
-    counts = prune.counts(attn.d_qk, attn.d_v, model.blocks[0].mlp.fc2.in_features)
+    counts = prune.counts(attn.d_qk, attn.d_v, model.blocks[0].mlp.fc2.in_features, rotary=attn.positions is not None)
     if prune.method == "activation":
         calibration = prune.calibration.to(next(model.parameters()))
         scores = activation_scores(model, calibration)
@@ -259,7 +294,7 @@ def apply_cdcp(model, prune: CDCP) -> None:
         scores = weight_scores(model)
     for block, s in zip(model.blocks, scores):
         block_kept = {
-            "qk": top_channels(s.qk, counts["qk"]) if prune.qk < 1 else None,
+            "qk": top_qk(s.qk, counts["qk"], rotary_pairs_of(block.attn)) if prune.qk < 1 else None,
             "v": top_channels(s.v, counts["v"]) if prune.v < 1 else None,
             "mlp": top_channels(s.mlp, counts["mlp"]) if prune.mlp < 1 else None,
         }

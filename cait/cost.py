@@ -59,8 +59,17 @@ def flops(model: nn.Module, input_size: Sequence[int] | None = None) -> int:
         raise ValueError(f"input_size must be (C, H, W), got {size}")
     weight = next(model.parameters())
     image = torch.randn(1, *size, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS) as counter:
-        model(image)
+    # The counter's module tracker cannot hook a parameter view that enters a module under no_grad
+    # (timm's AttentionPoolLatent feeds its latent query so): count with gradients off everywhere.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_MISSING_FORMULAS) as counter:
+            model(image)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops()
 
 
@@ -91,6 +100,9 @@ class CostModel:
     embed: int  # patch embedding, whole image
     head: int  # classifier, per pooled vector (or per token when head_per_token)
     head_per_token: bool
+    pool: int = 0  # attention pooling (map): latent queries, projection and MLP
+    pool_per_token: int = 0  # attention pooling: keys/values and attention per pooled token
+    pool_prefix: bool = False  # the prefix tokens enter the attention pool
 
     @property
     def cells(self) -> int:
@@ -102,11 +114,13 @@ class CostModel:
         for cost, r in zip(self.blocks, schedule, strict=True):
             total += cost.flops(tokens, tokens - r)
             tokens -= r
-        return total + self.head * (tokens if self.head_per_token else 1)
+        pooled = tokens - (0 if self.pool_prefix else self.prefix)
+        return total + self.head * (tokens if self.head_per_token else 1) + self.pool + self.pool_per_token * pooled
 
 
-def cost_model(model: nn.Module) -> CostModel:
-    """Cost model of a :class:`cait.CompressedViT` (pruned channel counts included, schedule ignored)."""
+def cost_model(model: nn.Module, grid: tuple[int, int] | None = None) -> CostModel:
+    """Cost model of a :class:`cait.CompressedViT` on ``grid`` (default: the grid it was built for),
+    pruned channel counts included, schedule ignored."""
     blocks = tuple(
         BlockCost(
             attn_linear=linear_flops(block.attn),
@@ -117,7 +131,16 @@ def cost_model(model: nn.Module) -> CostModel:
     )
     vit = model.vit
     conv = vit.patch_embed.proj
-    grid = tuple(vit.patch_embed.grid_size)
+    grid = tuple(vit.patch_embed.grid_size if grid is None else grid)
     embed = 2 * grid[0] * grid[1] * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     head = linear_flops(vit.head) + linear_flops(getattr(vit, "head_dist", nn.Identity()))
-    return CostModel(blocks, grid, vit.num_prefix_tokens, embed, head, head_per_token=not vit.global_pool)
+    pool = getattr(vit, "attn_pool", None)
+    if pool is None:
+        return CostModel(blocks, grid, vit.num_prefix_tokens, embed, head, head_per_token=not vit.global_pool)
+    latents = pool.latent_len
+    return CostModel(
+        blocks, grid, vit.num_prefix_tokens, embed, head, head_per_token=False,
+        pool=latents * (linear_flops(pool) - linear_flops(pool.kv)),
+        pool_per_token=linear_flops(pool.kv) + 4 * latents * pool.num_heads * pool.head_dim,
+        pool_prefix=model.eva or vit.pool_include_prefix,
+    )

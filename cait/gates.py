@@ -22,14 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cdcp import CDCP, Scores, activation_scores, check_prunable, prune_block, top_channels, weight_scores
+from .cdcp import CDCP, Scores, activation_scores, check_prunable, prune_block, rotary_pairs_of, top_qk, weight_scores
 
 
-def _hard_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """0/1 mask of the ``count`` highest scores along the last dim (ties: lower index first)."""
+def _hard_mask(scores: torch.Tensor, count: int, pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """0/1 mask of the ``count`` highest scores along the last dim (ties: lower index first); with
+    rotary ``pairs``, of whole pairs (:func:`cait.cdcp.top_qk`)."""
     if count >= scores.shape[-1]:
         return torch.ones_like(scores)
-    return torch.zeros_like(scores).scatter_(-1, top_channels(scores.detach(), count), 1.0)
+    return torch.zeros_like(scores).scatter_(-1, top_qk(scores.detach(), count, pairs), 1.0)
 
 
 class BlockGates(nn.Module):
@@ -37,25 +38,27 @@ class BlockGates(nn.Module):
 
     Initialised from one-shot importance, each group scaled to mean 1 so one learning rate suits all.
     ``counts`` holds the channels kept now (``qk``, ``v`` per head; ``mlp``); :class:`Gates` sets it.
+    ``pairs``: the rotary channel pairs of a RoPE block (qk channels are kept in whole pairs), or None.
     """
 
-    def __init__(self, importance: Scores):
+    def __init__(self, importance: Scores, pairs: torch.Tensor | None = None):
         super().__init__()
         self.qk, self.v, self.mlp = (nn.Parameter(s / s.mean().clamp_min(1e-12)) for s in importance)
+        self.register_buffer("pairs", pairs, persistent=False)
         self.counts = {"qk": self.qk.shape[1], "v": self.v.shape[1], "mlp": self.mlp.shape[0]}
 
     def mask(self, name: str) -> torch.Tensor:
         """Mask of the current kept set of group ``name`` (``qk``, ``v``, ``mlp``), shaped like its
         scores; straight-through to the scores while training."""
         score = getattr(self, name)
-        hard = _hard_mask(score, self.counts[name])
+        hard = _hard_mask(score, self.counts[name], self.pairs if name == "qk" else None)
         return hard + score - score.detach() if self.training and torch.is_grad_enabled() else hard
 
     def kept(self) -> dict:
         """The kept channels now: ``qk``/``v`` ``(heads, d)``, ``mlp`` ``(hidden,)`` int64, sorted; None where all are kept."""
         return {
-            name: None if self.counts[name] == total else top_channels(getattr(self, name).detach(), self.counts[name]).cpu()
-            for name, total in (("qk", self.qk.shape[1]), ("v", self.v.shape[1]), ("mlp", self.mlp.shape[0]))
+            name: None if self.counts[name] == total else top_qk(getattr(self, name).detach(), self.counts[name], pairs).cpu()
+            for name, total, pairs in (("qk", self.qk.shape[1], self.pairs), ("v", self.v.shape[1], None), ("mlp", self.mlp.shape[0], None))
         }
 
 
@@ -69,10 +72,11 @@ class Gates(nn.Module):
         super().__init__()
         self.model_ref = [model]  # in a list, not a submodule: the gates' state_dict holds the scores only
         self.prune, self.warmup, self.steps = prune, warmup, 0
-        self.blocks = nn.ModuleList(BlockGates(s) for s in importance)
+        self.blocks = nn.ModuleList(BlockGates(s, rotary_pairs_of(b.attn)) for s, b in zip(importance, model.blocks))
         attn, hidden = model.blocks[0].attn, model.blocks[0].mlp.fc2.in_features
+        self.rotary = attn.positions is not None  # qk counts stay even: whole rotary pairs
         self.totals = {"qk": attn.d_qk, "v": attn.d_v, "mlp": hidden}
-        self.targets = prune.counts(attn.d_qk, attn.d_v, hidden)  # what cait.compress keeps: the same aligned widths
+        self.targets = prune.counts(attn.d_qk, attn.d_v, hidden, self.rotary)  # what cait.compress keeps: the same aligned widths
         self.hooks = []
         for block, gates in zip(model.blocks, self.blocks):
             self.hooks.append(block.attn.qkv.register_forward_hook(lambda m, a, out, g=gates, at=block.attn: _mask_qkv(out, g, at)))
@@ -96,6 +100,8 @@ class Gates(nn.Module):
     def _set_counts(self) -> None:
         t = self.ratio()
         counts = {name: round(total - t * (total - self.targets[name])) for name, total in self.totals.items()}
+        if self.rotary:
+            counts["qk"] = 2 * round((self.totals["qk"] - t * (self.totals["qk"] - self.targets["qk"])) / 2)
         for gates in self.blocks:
             gates.counts = dict(counts)
 
@@ -123,7 +129,7 @@ def _mask_qkv(out: torch.Tensor, gates: BlockGates, attn) -> torch.Tensor:
     """The unpruned ``[q heads | k heads | v heads]`` output with q and k under one mask, v under its
     own; the ATME metric is told the kept qk channels, so it averages them as the pruned model will."""
     qk, v = gates.mask("qk"), gates.mask("v").flatten()
-    attn.metric_channels = None if gates.counts["qk"] == qk.shape[1] else top_channels(gates.qk.detach(), gates.counts["qk"])
+    attn.metric_channels = None if gates.counts["qk"] == qk.shape[1] else top_qk(gates.qk.detach(), gates.counts["qk"], gates.pairs)
     return out * torch.cat([qk.flatten(), qk.flatten(), v]).to(out.dtype)
 
 

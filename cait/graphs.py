@@ -46,5 +46,6 @@ def cuda_graph(model: nn.Module, example: torch.Tensor, warmup: int = 3) -> Cuda
 
     A compressed model keeps every shape static (a fixed merge count per layer), so its whole forward
     (attention, ATME steps, MLPs, head) is one graph: at batch 1 this removes the host's launch cost.
+    A model that takes several input sizes (``dynamic_img_size``) needs one graph per size (and batch).
     """
     return CudaGraph(model, example, warmup)

@@ -27,14 +27,18 @@ class CompressedAttention(nn.Module):
         self.scale = float(attn.scale)
         self.qk_normed = not isinstance(attn.q_norm, nn.Identity)
         self.metric_channels = None  # (heads, d) qk channels the metric averages; set by dynamic CDCP gates
+        self.positions = None  # cait.rope.RotaryPositions of a RoPE model (shared, not a submodule)
+        self.register_buffer("rope_channels", None, persistent=False)  # (heads, d_qk) kept qk channels of a pruned RoPE head
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, with_metric: bool = False):
-        """x ``(B, T, C)``, size ``(B, T)`` or None -> output ``(B, T, C)`` and, if asked, the ATME
-        metric ``(B, T, d_qk)`` (keys averaged over heads), else None."""
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, with_metric: bool = False, rope: torch.Tensor | None = None):
+        """x ``(B, T, C)``, size ``(B, T)`` or None, rope: the sin/cos of the spatial tokens
+        (:meth:`cait.rope.RotaryPositions.embed`) or None -> output ``(B, T, C)`` and, if asked, the
+        ATME metric ``(B, T, d_qk)`` (keys averaged over heads, before any rotation), else None."""
         qkv = self.qkv(x)
         if self.qk_normed:
             qkv = self._normalize_qk(qkv)
-        out = pruned_attention(qkv, heads=self.heads, d_qk=self.d_qk, d_v=self.d_v, scale=self.scale, size=size)
+        rotated = qkv if rope is None else self.positions.rotate(qkv, rope, self.heads, self.d_qk, self.rope_channels)
+        out = pruned_attention(rotated, heads=self.heads, d_qk=self.d_qk, d_v=self.d_v, scale=self.scale, size=size)
         out = self.norm(out)
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()
@@ -71,6 +75,7 @@ class CompressedBlock(nn.Module):
         self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
         self.r, self.proportional, self.grid, self.prefix, self.tile = r, proportional, tuple(grid), prefix, tile
         self.kept = {"qk": None, "v": None, "mlp": None}
+        self.index = 0  # position in the model (per-block RoPE frequencies)
 
     def forward(self, state: TokenState) -> TokenState:
         x, metric = self.attend(state)
@@ -81,7 +86,9 @@ class CompressedBlock(nn.Module):
     def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention half: ``x (B, T, C)`` after the attention residual, and the ATME metric
         ``(B, T, d_qk)`` when this block merges (else None)."""
-        out, metric = self.attn(self.norm1(state.x), size=state.size if self.proportional else None, with_metric=self.r > 0)
+        positions, tokens = self.attn.positions, state.x.shape[1] - self.prefix
+        rope = None if positions is None else positions.embedding(state.owner, state.size, self.grid, tokens, self.index)
+        out, metric = self.attn(self.norm1(state.x), size=state.size if self.proportional else None, with_metric=self.r > 0, rope=rope)
         return state.x + self.drop_path1(self.ls1(out)), metric
 
     def merge(self, state: TokenState, metric: torch.Tensor | None) -> TokenState:

@@ -1,4 +1,5 @@
 """The compressed model: a timm ViT whose blocks merge tokens and pass the token state along."""
+
 from __future__ import annotations
 
 import copy as copying
@@ -9,9 +10,11 @@ from torch import nn
 from . import architecture
 from .cdcp import CDCP, apply_cdcp
 from .cost import cost_model
+from .eva import as_vit_block, is_eva, timm_state_dict
 from .layers import CompressedBlock
-from .schedule import ATME
-from .support import check_supported
+from .rope import DEFAULT_RULE, RotaryPositions
+from .schedule import ATME, scale_schedule
+from .support import allow_any_size, check_supported
 from .timm_api import TimmApi, refuse_masks
 from .tokens import TokenState
 
@@ -42,32 +45,54 @@ class BlocksTakenOver(nn.Module):
 
 
 class CompressedViT(TimmApi, nn.Module):
-    """A timm ``VisionTransformer`` with ATME merging and CDCP channel pruning.
+    """A timm ``VisionTransformer`` or ``Eva`` with ATME merging and CDCP channel pruning.
 
     ``vit`` is the timm model without its blocks: it keeps the patch and position embeddings, the
     final norm and the head, so their behaviour stays timm's. ``blocks`` are
     :class:`CompressedBlock` s; ``schedule[i]`` tokens are merged away in block ``i`` (none until
-    :meth:`set_schedule`); pruned blocks record their kept channels in ``block.kept``. ``source``:
-    the architecture record of the timm model it came from (:func:`cait.architecture.record`).
+    :meth:`set_schedule` / :meth:`set_merge`); pruned blocks record their kept channels in ``block.kept``.
+    ``source``: the architecture record of the timm model it came from (:func:`cait.architecture.record`).
+    RoPE models (``Eva`` with a rotary embedding) keep the rope module as ``rope``; a merged token sits
+    at ``position`` (``centroid`` or ``anchor``, :mod:`cait.rope`).
 
     Same interface as the timm model (``forward``, ``forward_features``, ``forward_head`` and timm's
     model API, :class:`cait.timm_api.TimmApi`) plus ``forward_tokens`` (the full
     :class:`TokenState`) and ``forward_dense`` (features on the grid). ``forward_features`` returns
-    the merged tokens ``(B, P+N', C)``.
+    the merged tokens ``(B, P+N', C)``. With ``dynamic_img_size`` the model takes other input sizes;
+    each call sets the blocks to the grid of its images (:meth:`use_grid`), so :attr:`grid` and
+    :attr:`schedule` describe the last input.
     """
 
-    def __init__(self, vit: nn.Module, tile: int = 2, source: dict | None = None):
+    def __init__(
+        self, vit: nn.Module, tile: int = 2, source: dict | None = None, position: str = DEFAULT_RULE, dynamic_img_size: bool = False
+    ):
         super().__init__()
         self.source = source
         blocks, vit.blocks = vit.blocks, BlocksTakenOver()
-        self.vit, self.tile = vit, tile
-        self.grid = tuple(vit.patch_embed.grid_size)
+        self.eva, self.rope = is_eva(vit), None
+        if self.eva:  # the rope module moves here: timm's _pos_embed then builds no table cait would not use
+            self.rope, vit.rope = vit.rope, None
+            blocks = [as_vit_block(b) for b in blocks]
+        if dynamic_img_size:
+            allow_any_size(vit)
+        self.vit, self.tile, self.position = vit, tile, position
+        self.native_grid = self.grid = tuple(vit.patch_embed.grid_size)
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.num_features, self.embed_dim = vit.num_features, vit.embed_dim
         self.pretrained_cfg = self.default_cfg = getattr(vit, "pretrained_cfg", {})
         self.blocks = nn.ModuleList(CompressedBlock(b, grid=self.grid, prefix=self.num_prefix_tokens, tile=tile) for b in blocks)
+        positions = None if self.rope is None else RotaryPositions(self.rope, position, self.num_prefix_tokens)
+        for index, block in enumerate(self.blocks):
+            block.index, block.attn.positions = index, positions
         cells = torch.arange(self.grid[0] * self.grid[1], dtype=torch.int32)
-        self.register_buffer("cell_index", cells, persistent=False)
+        self.register_buffer("cell_index", cells, persistent=False)  # the native grid's cells in raster order
+        self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
+        self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
+
+    @property
+    def dynamic_img_size(self) -> bool:
+        """True when the model takes images of other sizes than :attr:`input_size`."""
+        return bool(self.vit.dynamic_img_size)
 
     @property
     def num_classes(self) -> int:
@@ -92,7 +117,10 @@ class CompressedViT(TimmApi, nn.Module):
         if self.source is None:
             raise ValueError("this CompressedViT has no architecture record: build it with cait.compress")
         arch = copying.deepcopy(self.source)
-        arch["kwargs"].update(architecture.trunk_settings(self.vit), depth=len(self.blocks))
+        # dynamic_img_size as the source was built (compress(dynamic_img_size=True) switches it on afterwards, as load does)
+        arch["kwargs"].update(
+            architecture.trunk_settings(self.vit), depth=len(self.blocks), dynamic_img_size=self.source["kwargs"]["dynamic_img_size"]
+        )
         arch["drop_path"] = architecture.drop_path_rates(self.blocks)
         if hasattr(self.vit, "distilled_training"):
             arch["flags"]["distilled_training"] = self.vit.distilled_training
@@ -100,42 +128,92 @@ class CompressedViT(TimmApi, nn.Module):
 
     @property
     def schedule(self) -> tuple[int, ...]:
-        """Tokens merged away in each block."""
+        """Tokens merged away in each block at the current :attr:`grid`."""
         return tuple(block.r for block in self.blocks)
 
     def set_schedule(self, schedule) -> None:
-        """Merge ``schedule[i]`` tokens in block ``i``; proportional attention is on after the first merge."""
+        """Merge ``schedule[i]`` tokens in block ``i`` at the native grid (other grids scale these
+        counts, :func:`cait.schedule.scale_schedule`); proportional attention is on after the first merge."""
         if len(schedule) != len(self.blocks):
             raise ValueError(f"schedule lists {len(schedule)} counts but the model has {len(self.blocks)} blocks")
-        merged = 0
+        self.merge, self.schedules = None, {self.native_grid: tuple(int(r) for r in schedule)}
+        self.use_grid(self.grid, refresh=True)
+
+    def set_merge(self, merge: ATME) -> None:
+        """Merge by ``merge`` at every grid: a FLOPs target is solved per grid, counts are scaled
+        from the native grid (both on first use of a grid, then cached in :attr:`schedules`)."""
+        self.merge, self.schedules = merge, {self.native_grid: merge.schedule(cost_model(self))}
+        self.use_grid(self.grid, refresh=True)
+
+    def schedule_for(self, grid: tuple[int, int]) -> tuple[int, ...]:
+        """The merge counts per block on ``grid``."""
+        grid = tuple(grid)
+        if grid not in self.schedules:
+            if self.merge is not None and self.merge.flops is not None:
+                self.schedules[grid] = self.merge.schedule(cost_model(self, grid))
+            else:
+                self.schedules[grid] = scale_schedule(self.schedules[self.native_grid], self.native_grid, grid, self.tile)
+        return self.schedules[grid]
+
+    def use_grid(self, grid: tuple[int, int], refresh: bool = False) -> None:
+        """Set every block to ``grid`` and its schedule (:meth:`embed` does it for every input)."""
+        grid = tuple(grid)
+        if grid == self.grid and not refresh:
+            return
+        schedule = self.schedule_for(grid)
+        self.grid, merged = grid, 0
         for block, r in zip(self.blocks, schedule):
-            block.r, block.proportional = int(r), merged > 0
-            merged += int(r)
+            block.grid, block.r, block.proportional = grid, r, merged > 0
+            merged += r
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the images the model takes."""
+        """``(C, H, W)`` of the images the model was built for."""
         return (self.vit.patch_embed.proj.in_channels, *self.vit.patch_embed.img_size)
 
+    def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        """The patch grid of images ``(B, C, H, W)``; refuses (``ValueError``) sizes the model cannot take."""
+        chans, height, width = self.input_size
+        if images.dim() != 4 or images.shape[1] != chans:
+            raise ValueError(f"images must have shape (B, {chans}, H, W), got {tuple(images.shape)}")
+        if not self.dynamic_img_size:
+            if tuple(images.shape[2:]) != (height, width):
+                raise ValueError(
+                    f"images must have shape (B, {chans}, {height}, {width}), got {tuple(images.shape)}; "
+                    f"compress with dynamic_img_size=True to take other sizes"
+                )
+            return self.native_grid
+        embed, size = self.vit.patch_embed, tuple(images.shape[2:])
+        if not embed.dynamic_img_pad and (size[0] % embed.patch_size[0] or size[1] % embed.patch_size[1]):
+            raise ValueError(
+                f"images of {size[0]}x{size[1]} px do not split into {embed.patch_size[0]}x{embed.patch_size[1]} px patches: "
+                f"use a multiple of the patch size (or a model built with dynamic_img_pad=True)"
+            )
+        return tuple(embed.dynamic_feat_size(size))
+
     def embed(self, images: torch.Tensor) -> TokenState:
-        """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per cell).
-        Refuses ``torch.jit.trace`` (and the TorchScript ONNX exporter): see :func:`cait.export`."""
+        """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per
+        cell); sets the blocks to the images' grid (:meth:`use_grid`). Refuses ``torch.jit.trace`` (and
+        the TorchScript ONNX exporter): see :func:`cait.export`."""
         if torch.jit.is_tracing():
             raise NotImplementedError(
                 "torch.jit.trace cannot record a compressed model (its merge step is a custom op with data-dependent "
                 "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
             )
-        if images.dim() != 4 or tuple(images.shape[1:]) != self.input_size:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, self.input_size))}), got {tuple(images.shape)}")
-        x = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(images)))
-        if x.shape[1] != self.num_prefix_tokens + len(self.cell_index):
+        self.use_grid(self.grid_of(images))
+        if not len(images):  # timm's dynamic-size path cannot view an empty batch: embed one image, keep none
+            return TokenState(*(t[:0] for t in self.embed(images.new_zeros(1, *images.shape[1:]))))
+        x = self.vit._pos_embed(self.vit.patch_embed(images))
+        x = self.vit.norm_pre(x[0] if self.eva else x)  # Eva's _pos_embed also returns its rope table (None here)
+        batch, cells = x.shape[0], self.grid[0] * self.grid[1]
+        if x.shape[1] != self.num_prefix_tokens + cells:
             raise ValueError(
-                f"timm's embedding gave {x.shape[1]} tokens, not {self.num_prefix_tokens} prefix + {len(self.cell_index)} patch tokens "
+                f"timm's embedding gave {x.shape[1]} tokens, not {self.num_prefix_tokens} prefix + {cells} patch tokens "
                 f"(timm before 1.0.16 drops the class token when pos_embed='none'): upgrade timm"
             )
-        batch = x.shape[0]
         size = x.new_ones(batch, x.shape[1], dtype=torch.float32)
-        return TokenState(x, size, self.cell_index.expand(batch, -1))
+        owner = self.cell_index if self.grid == self.native_grid else torch.arange(cells, dtype=torch.int32, device=x.device)
+        return TokenState(x, size, owner.expand(batch, -1))
 
     def forward_tokens(self, images: torch.Tensor) -> TokenState:
         """images ``(B, C, H, W)`` -> the final :class:`TokenState` (after the final norm)."""
@@ -151,22 +229,31 @@ class CompressedViT(TimmApi, nn.Module):
         return self.forward_tokens(images).x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None):
-        """timm's ``forward_head``. ``size (B, P+N')`` weights average pooling by the cells each token
-        holds, so it equals the unmerged mean; it is required for avg pooling of merged tokens. The
-        weighted mean accumulates in fp32 and rounds once (in fp16, a sum of ``size * x`` over 196 tokens
-        overflows once a channel passes ~330, and real ViTs carry such channels). With one token per
-        cell (nothing merged) timm's own head runs."""
-        unmerged = x.shape[1] == self.num_prefix_tokens + len(self.cell_index)
-        if self.global_pool not in ("avg", "avgmax") or unmerged:
-            return self.vit.forward_head(x, pre_logits)  # token, max and no pooling are exact on merged tokens
+        """timm's ``forward_head``. ``size (B, P+N')``: the cells each token holds. On merged tokens it
+        weights average pooling (so it equals the unmerged mean) and biases attention pooling
+        (``map``) by ``log(size)`` for every key (a merged token weighs as the cells it holds); both
+        need it. Token and max pooling are exact without it. The weighted mean accumulates in fp32
+        and rounds once (in fp16, a sum of ``size * x`` over 196 tokens overflows once a channel passes
+        ~330, and real ViTs carry such channels). With one token per cell (nothing merged) timm's own
+        head runs."""
+        merged = x.shape[1] != self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        if self.global_pool not in ("avg", "avgmax", "map") or not merged:
+            return self.vit.forward_head(x, pre_logits)
         if size is None:
-            raise ValueError("average pooling of merged tokens needs their cell counts: pass size=state.size")
-        if not getattr(self.vit, "pool_include_prefix", False):  # timm < 1.0.16 never pools prefix tokens
+            raise ValueError(f"{self.global_pool} pooling of merged tokens needs their cell counts: pass size=state.size")
+        # timm's Eva pools the prefix tokens by attention but not by average (global_pool_nlc);
+        # timm < 1.0.16 never pools prefix tokens
+        with_prefix = self.global_pool == "map" if self.eva else getattr(self.vit, "pool_include_prefix", False)
+        if not with_prefix:
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
-        pooled = size_weighted_mean(x, size)
-        if self.global_pool == "avgmax":
-            pooled = 0.5 * (pooled + x.amax(dim=1).to(pooled.dtype))
-        pooled = self.vit.head_drop(self.vit.fc_norm(pooled.to(x.dtype)))
+        if self.global_pool == "map":
+            pooled = self.vit.attn_pool(x, attn_mask=size.log().to(x.dtype)[:, None, None, :])
+        else:
+            pooled = size_weighted_mean(x, size)
+            if self.global_pool == "avgmax":
+                pooled = 0.5 * (pooled + x.amax(dim=1).to(pooled.dtype))
+            pooled = pooled.to(x.dtype)
+        pooled = self.vit.head_drop(self.vit.fc_norm(pooled))
         return pooled if pre_logits else self.vit.head(pooled)
 
     def forward(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False):
@@ -182,13 +269,13 @@ class CompressedViT(TimmApi, nn.Module):
             raise ValueError("the model is channel-pruned: its weights no longer fit the timm architecture")
         model = architecture.build(self.architecture())
         state = {name.removeprefix("vit."): t.detach().clone() for name, t in self.state_dict().items()}
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(timm_state_dict(state, model) if self.eva else state, strict=True, assign=True)
         model.set_grad_checkpointing(self.grad_checkpointing)
         return model.train(self.training)
 
     def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
-        """images ``(B, C, H, W)`` -> final features ``(B, C, Hp, Wp)`` on the patch grid: each cell
-        gets the feature of the token holding it (stride = patch size)."""
+        """images ``(B, C, H, W)`` -> final features ``(B, C, Hp, Wp)`` on the images' patch grid: each
+        cell gets the feature of the token holding it (stride = patch size)."""
         state = self.forward_tokens(images)
         return self.to_grid(state.x, state.owner)
 
@@ -201,11 +288,13 @@ def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     return (x.to(acc) * weight).sum(1) / weight.sum(1)
 
 
-def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = None, copy: bool = True) -> CompressedViT:
+def compress(
+    model: nn.Module, merge: ATME | None = None, prune: CDCP | None = None, copy: bool = True, dynamic_img_size: bool = False
+) -> CompressedViT:
     """A compressed timm ViT.
 
     Args:
-        model: a timm ``VisionTransformer`` (see :mod:`cait.support`; anything else raises
+        model: a timm ``VisionTransformer`` or ``Eva`` (see :mod:`cait.support`; anything else raises
             ``NotImplementedError`` naming the reason).
         merge: an :class:`ATME` schedule, or None for no token merging. A FLOPs target is solved on
             the pruned model, so ``ATME(flops=0.7)`` with pruning that keeps 0.7 of the FLOPs gives
@@ -215,6 +304,11 @@ def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = N
             while compressing). False takes over ``model``'s modules without copying any weight:
             ``model`` is consumed, its blocks move into the compressed model and running it raises
             ``RuntimeError`` afterwards.
+        dynamic_img_size: take images of any size that splits into patches, as timm's
+            ``dynamic_img_size=True`` does (position embeddings interpolated); models built with that
+            flag always do. Each grid gets its own schedule: a FLOPs target is solved per grid,
+            counts are scaled to the grid (refused where they cannot hold). Shapes stay static per
+            size: capture one CUDA graph per size.
 
     The source's training mode and ``grad_checkpointing`` carry over.
     """
@@ -223,12 +317,20 @@ def compress(model: nn.Module, merge: ATME | None = None, prune: CDCP | None = N
         raise TypeError(f"merge must be a cait.ATME schedule or None, got {type(merge).__name__}")
     if prune is not None and not isinstance(prune, CDCP):
         raise TypeError(f"prune must be a cait.CDCP spec or None, got {type(prune).__name__}")
+    if not isinstance(dynamic_img_size, bool):
+        raise TypeError(f"dynamic_img_size must be True or False, got {dynamic_img_size!r}")
     source = architecture.record(model)
     training, checkpointing = model.training, getattr(model, "grad_checkpointing", False)
-    fast = CompressedViT(copying.deepcopy(model) if copy else model, tile=merge.block if merge else 2, source=source)
+    fast = CompressedViT(
+        copying.deepcopy(model) if copy else model,
+        tile=merge.block if merge else 2,
+        source=source,
+        position=merge.position if merge else DEFAULT_RULE,
+        dynamic_img_size=dynamic_img_size,
+    )
     if prune is not None:
         apply_cdcp(fast, prune)
     if merge is not None:
-        fast.set_schedule(merge.schedule(cost_model(fast)))
+        fast.set_merge(merge)
     fast.set_grad_checkpointing(checkpointing)
     return fast.train(training)

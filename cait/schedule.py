@@ -8,6 +8,7 @@ from typing import Sequence
 from cait_kernels import block_count
 
 from .cost import CostModel
+from .rope import DEFAULT_RULE, RULES
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class ATME:
             cumulative count after block ``l`` is ``round((l + 1) * rate)``, capped at the most
             the grid allows) and picks the rate whose FLOPs ratio is nearest the target.
     block: tile side, 2 (up to 4x fewer spatial tokens) or 4 (up to 16x).
+    position: where a merged token sits for rotary position embeddings (RoPE models only):
+        ``centroid`` (the mean of its cells' coordinates; the default, measured better) or
+        ``anchor`` (its earliest cell, where ATME keeps it); see :mod:`cait.rope`.
 
     A schedule is valid while ``sum(r) <= cells - tiles``: every tile keeps at least one token.
     """
@@ -29,12 +33,15 @@ class ATME:
     r: int | Sequence[int] | None = None
     flops: float | None = None
     block: int = 2
+    position: str = DEFAULT_RULE
 
     def __post_init__(self):
         if (self.r is None) == (self.flops is None):
             raise ValueError("ATME takes exactly one of r= (tokens merged per block) and flops= (target FLOPs ratio)")
         if self.block not in (2, 4):
             raise ValueError(f"ATME block must be 2 or 4, got {self.block!r}")
+        if self.position not in RULES:
+            raise ValueError(f"ATME position must be one of {RULES}, got {self.position!r}")
         if self.flops is not None and not (isinstance(self.flops, (int, float)) and 0 < self.flops <= 1):
             raise ValueError(f"ATME flops must be a ratio in (0, 1], got {self.flops!r}")
         counts = [self.r] if isinstance(self.r, int) else list(self.r or [])
@@ -61,6 +68,25 @@ class ATME:
     def limit(self, grid: tuple[int, int]) -> int:
         """Most tokens a schedule may merge away in all on ``grid``."""
         return grid[0] * grid[1] - block_count(grid, self.block)
+
+
+def scale_schedule(schedule: Sequence[int], grid: tuple[int, int], to: tuple[int, int], block: int) -> tuple[int, ...]:
+    """``schedule`` (merge counts per block on ``grid``) for the grid ``to``: the cumulative count
+    after every block scaled by the ratio of cells and rounded, so each block merges about the same
+    fraction of the tokens. Raises ``ValueError`` where the scaled counts exceed what ``to`` allows."""
+    cells, target = grid[0] * grid[1], to[0] * to[1]
+    merged, total = [], 0
+    for r in schedule:
+        total += r
+        merged.append(math.floor(total * target / cells + 0.5))
+    limit = target - block_count(to, block)
+    if merged and merged[-1] > limit:
+        raise ValueError(
+            f"the merge counts {tuple(schedule)} for the {grid[0]}x{grid[1]} grid scale to {merged[-1]} tokens on a "
+            f"{to[0]}x{to[1]} grid, which allows at most {limit} with {block}x{block} tiles: use ATME(flops=...), "
+            f"which is solved per grid"
+        )
+    return tuple(b - a for a, b in zip([0] + merged, merged))
 
 
 def _ramp(rate: float, depth: int, limit: int) -> tuple[int, ...]:

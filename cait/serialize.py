@@ -15,6 +15,7 @@ store (the same code :func:`load` runs) on the model's own tensors, compares the
 (types, settings, tensor shapes) and then their outputs on a fixed probe batch (bit for bit, in the
 model's dtype, eval mode), and refuses with one error naming the first difference.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,10 @@ def config_of(model) -> dict:
         "timm_version": timm.__version__,
         "timm": backbone.architecture(),
         "tile": backbone.tile,
-        "schedule": list(backbone.schedule),
+        "position": backbone.position,
+        "dynamic_img_size": backbone.dynamic_img_size,
+        "schedule": list(backbone.schedules[backbone.native_grid]),
+        "merge_flops": backbone.merge.flops if backbone.merge is not None else None,
         "kept": [block.kept for block in backbone.blocks],
     }
     if backbone is not model:
@@ -87,15 +91,28 @@ def skeleton(config: dict) -> nn.Module:
     from . import architecture
     from .cdcp import prune_block
     from .model import CompressedViT
+    from .rope import DEFAULT_RULE, RULES
+    from .schedule import ATME
     from .segmentation import Segmenter, make_head
 
-    model = CompressedViT(architecture.build(config["timm"]), tile=config["tile"], source=config["timm"])
+    position = config.get("position", DEFAULT_RULE)
+    if position not in RULES:
+        raise ValueError(f"the config places merged tokens by {position!r}, not one of {RULES}")
+    model = CompressedViT(
+        architecture.build(config["timm"]),
+        tile=config["tile"],
+        source=config["timm"],
+        position=position,
+        dynamic_img_size=bool(config.get("dynamic_img_size", False)),
+    )
     if len(config["kept"]) != len(model.blocks):
         raise ValueError(f"the config lists kept channels for {len(config['kept'])} blocks, the architecture has {len(model.blocks)}")
     for i, (block, kept) in enumerate(zip(model.blocks, config["kept"])):
         if any(v is not None for v in kept.values()):
             prune_block(block, _kept_tensors(i, block, kept))
     model.set_schedule(config["schedule"])
+    if config.get("merge_flops") is not None:  # other input sizes solve the same FLOPs target, as the saved model did
+        model.merge = ATME(flops=float(config["merge_flops"]), block=config["tile"], position=position)
     if "head" in config:
         head = dict(config["head"])
         with torch.device("meta"):

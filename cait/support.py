@@ -2,9 +2,10 @@
 
 Supported: timm ``VisionTransformer`` and ``VisionTransformerDistilled`` (ViT, DeiT, distilled DeiT,
 DeiT-3, CLIP/SigLIP/DINOv2-style ViTs, AIMv2, register tokens, LayerScale, qk-norm, gated
-attention) with timm's ``PatchEmbed`` (one fixed patch grid), timm's pre-norm ``Block`` and
-``Attention``, an MLP from :data:`MLP_LAYOUTS` (``Mlp``, ``SwiGLU``, ``GluMlp`` incl.
-``SwiGLUPacked``), and ``global_pool`` one of :data:`POOLS`.
+attention) with timm's ``PatchEmbed`` (any input size with ``dynamic_img_size``), timm's pre-norm
+``Block`` and ``Attention``, an MLP from :data:`MLP_LAYOUTS` (``Mlp``, ``SwiGLU``, ``GluMlp`` incl.
+``SwiGLUPacked``), and ``global_pool`` one of :data:`POOLS` (``map``: timm's ``AttentionPoolLatent``);
+and timm's ``Eva`` (EVA-02, DINOv3, RoPE ViTs, PE; see :mod:`cait.eva`).
 
 To support a new family, extend the tables here (model classes in :func:`model_classes`, blocks and
 attention in :func:`block_classes`, MLPs in :func:`mlp_layouts`), add its block adapter in
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-POOLS = ("", "token", "avg", "max", "avgmax")
+POOLS = ("", "token", "avg", "max", "avgmax", "map")
 
 # Where non-timm vision transformers come from: the top-level package of the class -> the library's name.
 FOREIGN_LIBRARIES = {
@@ -90,25 +91,33 @@ def mlp_layout(mlp: nn.Module) -> MlpLayout:
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`Unsupported` (``NotImplementedError``) unless cait can compress ``model``
     (see the module docstring), ``TypeError`` if it is not a module at all."""
-    from timm.layers import PatchEmbed
+    from timm.layers import AttentionPoolLatent, PatchEmbed
+
+    from .eva import check_eva, is_eva
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"cait compresses torch modules (timm models), got {type(model).__name__}")
-    _check_model_class(model)
+    eva = is_eva(model)
+    if not eva:
+        _check_model_class(model)
     if type(model.patch_embed) is not PatchEmbed:
         raise Unsupported(
             "patch embedding",
             f"{type(model).__name__} embeds patches with {type(model.patch_embed).__name__}: hybrid CNN stems are not "
             f"supported, cait needs timm's PatchEmbed for its patch grid",
         )
-    if model.dynamic_img_size or getattr(model.patch_embed, "dynamic_img_pad", False):
-        raise Unsupported("dynamic image size", "dynamic_img_size models are not supported: the merge schedule is built for one patch grid")
-    if getattr(model, "attn_pool", None) is not None:
-        raise Unsupported(
-            "attention pooling", f"attention pooling (global_pool={model.global_pool!r}) is not supported; use token or avg pooling"
-        )
     if model.global_pool not in POOLS:
         raise Unsupported("pooling", f"global_pool={model.global_pool!r} is not supported; use one of {POOLS}")
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (type(pool) is not AttentionPoolLatent or pool.pos_embed is not None):
+        raise Unsupported(
+            "attention pooling",
+            f"attention pooling by {type(pool).__name__}{' with its own position embedding' if type(pool) is AttentionPoolLatent else ''} "
+            f"is not supported: cait pools merged tokens with timm's AttentionPoolLatent (no position embedding)",
+        )
+    if eva:
+        check_eva(model)
+        return
     if not isinstance(model.patch_drop, nn.Identity):
         raise Unsupported("patch dropout", "patch dropout is not supported: it breaks the patch grid that merging relies on")
     blocks = block_classes()
@@ -129,7 +138,10 @@ def _check_model_class(model: nn.Module) -> None:
     if cls in model_classes():
         return
     library = cls.__module__.split(".")[0]
-    supported = "cait compresses timm's VisionTransformer family (ViT, DeiT, DeiT-3, CLIP/SigLIP/DINOv2-style ViTs)"
+    supported = (
+        "cait compresses timm's VisionTransformer family (ViT, DeiT, DeiT-3, CLIP/SigLIP/DINOv2-style ViTs) "
+        "and Eva (EVA-02, DINOv3, RoPE ViTs)"
+    )
     if library == "timm":
         raise Unsupported("model class", f"timm's {cls.__name__} ({cls.__module__}) is not supported yet: {supported}")
     if library in FOREIGN_LIBRARIES:
@@ -139,3 +151,15 @@ def _check_model_class(model: nn.Module) -> None:
             f"with timm.create_model (timm converts the common checkpoints) and compress that",
         )
     raise Unsupported("model class", f"{cls.__name__} ({cls.__module__}) is not supported: {supported}")
+
+
+def allow_any_size(model: nn.Module) -> None:
+    """Switch a timm ``VisionTransformer`` / ``Eva`` to ``dynamic_img_size=True`` in place: the state
+    timm's constructor sets for that flag (patch embedding without a size check, unflattened NHWC
+    output; ``_pos_embed`` then interpolates the position embedding to the input's grid)."""
+    from timm.layers import Format
+
+    embed = model.patch_embed
+    model.dynamic_img_size = True
+    embed.strict_img_size, embed.flatten, embed.output_fmt = False, False, Format.NHWC
+

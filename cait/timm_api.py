@@ -67,6 +67,8 @@ class TimmApi:
             raise ValueError(f"num_classes must be a whole number >= 0, got {num_classes!r}")
         if global_pool is not None and global_pool not in POOLS:
             raise ValueError(f"global_pool={global_pool!r} is not supported on a compressed model; use one of {POOLS}")
+        if global_pool == "map" and getattr(self.vit, "attn_pool", None) is None:
+            raise ValueError("global_pool='map' needs the attention pooling the model was built with (timm cannot add one here)")
         if global_pool == "token" and self.vit.cls_token is None:
             raise ValueError("global_pool='token' needs a class token and this model has none")
         self.vit.reset_classifier(num_classes, global_pool)
@@ -170,6 +172,7 @@ class TimmApi:
         the head, its norm and the pooling with ``prune_head``), as timm; returns the picked indices."""
         taken, last = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: last + 1]
+        self.schedules = {grid: counts[: last + 1] for grid, counts in self.schedules.items()}
         if prune_norm:
             self.vit.norm = nn.Identity()
         if prune_head:

@@ -19,16 +19,35 @@ SUPPORTED = {  # id: (timm name, constructor overrides)
     "qk_norm": ("vit_small_patch16_224", dict(depth=2, qk_norm=True)),
     "swiglu": ("vit_small_patch16_224", dict(depth=2, img_size=128, mlp_layer=SwiGLU, act_layer="silu")),
     "swiglu_packed": ("vit_small_patch16_224", dict(depth=2, img_size=128, mlp_layer=SwiGLUPacked, mlp_ratio=5.33, act_layer="silu")),
+    "siglip_map": ("vit_base_patch16_siglip_224", dict(img_size=96, embed_dim=96, num_heads=3, depth=2)),
+}
+
+# The Eva family (cait.eva): RoPE of every kind timm has, fused and separate q/k/v, SwiGLU, registers,
+# absolute position embeddings with and without RoPE, attention pooling. Small widths and grids.
+ROPE = {
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=70, embed_dim=96, num_heads=2, depth=2)),
+    "eva02_separate_qkv": ("eva02_base_patch14_224", dict(img_size=56, embed_dim=96, num_heads=2, depth=2)),
+    "rope_axial_odd": ("vit_small_patch16_rope_224", dict(img_size=(80, 48), embed_dim=96, num_heads=2, depth=2)),
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(img_size=64, embed_dim=96, num_heads=2, depth=2)),
+    "rope_ape": ("vit_small_patch16_rope_ape_224", dict(img_size=64, embed_dim=96, num_heads=2, depth=2)),
+    "dinov3": ("vit_small_patch16_dinov3", dict(img_size=(64, 80), embed_dim=96, num_heads=2, depth=2)),
+    "dinov3_qkvb_token": ("vit_small_patch16_dinov3_qkvb", dict(img_size=64, embed_dim=96, num_heads=2, depth=2, global_pool="token")),
+    "sbb_rope_registers": ("vit_medium_patch16_rope_reg1_gap_256", dict(img_size=64, embed_dim=96, num_heads=2, depth=2)),
+    "pe_core_map": ("vit_pe_core_tiny_patch16_384", dict(img_size=(48, 64), embed_dim=96, num_heads=2, depth=2, attn_pool_num_heads=2)),
 }
 
 
 def build(model_id: str) -> torch.nn.Module:
-    name, overrides = SUPPORTED[model_id]
+    name, overrides = SUPPORTED[model_id] if model_id in SUPPORTED else ROPE[model_id]
     model = timm.create_model(name, **overrides).eval()
-    with torch.no_grad():  # timm zero-inits the head and LayerScale starts tiny: make both matter
+    with torch.no_grad():  # timm zero-inits the head, LayerScale starts tiny and Eva's q/v biases at zero: make all matter
         for module in model.modules():
-            if hasattr(module, "gamma"):
-                module.gamma.normal_(0, 0.5)
+            for gamma in ("gamma", "gamma_1", "gamma_2"):
+                if isinstance(getattr(module, gamma, None), torch.nn.Parameter):
+                    getattr(module, gamma).normal_(0, 0.5)
+            for bias in ("q_bias", "v_bias"):
+                if isinstance(getattr(module, bias, None), torch.nn.Parameter):
+                    getattr(module, bias).normal_(0, 0.1)
         for head in (model.head, getattr(model, "head_dist", None)):
             if isinstance(head, torch.nn.Linear):
                 head.weight.normal_(0, 0.05)

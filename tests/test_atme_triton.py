@@ -81,5 +81,7 @@ def test_bad_input_is_refused_before_launch(case, kernel_device):
     kwargs = moved(kwargs, kernel_device)
     with pytest.raises(error, match=message):
         atme_step_triton(**kwargs)
+    if case[0] == "strided channels":  # the public op copies such inputs for the kernel (tested with the public op)
+        return
     with backend("triton"), pytest.raises(error, match=message):
         atme_step(**kwargs)

@@ -88,8 +88,10 @@ def test_bad_calls_are_refused():
     with pytest.raises(TypeError, match="cait.ATME"):
         cait.compress(model, merge=0.5)
     fast = cait.compress(model, merge=cait.ATME(r=4))
-    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 224, 224\)"):
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 224, 224\), .* dynamic_img_size=True"):
         fast(torch.randn(1, 3, 200, 224))
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
+        fast(torch.randn(1, 1, 224, 224))
     with pytest.raises(NotImplementedError, match="attention masks"):
         fast(torch.randn(1, 3, 224, 224), attn_mask=torch.ones(1, 1, 197, 197))
 
@@ -97,10 +99,8 @@ def test_bad_calls_are_refused():
 UNSUPPORTED = {  # timm name, overrides, reason in the message
     "swin": ("swin_tiny_patch4_window7_224", {}, "timm's SwinTransformer .* is not supported yet"),
     "hybrid": ("vit_base_r50_s16_224", dict(depth=1), "hybrid CNN stems"),
-    "eva": ("eva02_tiny_patch14_224", {}, "timm's Eva .* is not supported yet"),
-    "map_pool": ("vit_base_patch16_siglip_224", dict(depth=1), "attention pooling"),
+    "naflex": ("vit_base_patch16_siglip_224", dict(depth=1, use_naflex=True), "timm's NaFlexVit .* is not supported yet"),
     "res_post": ("vit_base_patch16_rpn_224", dict(depth=1), "only timm's pre-norm Block"),
-    "dynamic": ("deit_tiny_patch16_224", dict(dynamic_img_size=True), "dynamic_img_size"),
     "patch_drop": ("deit_tiny_patch16_224", dict(patch_drop_rate=0.2), "patch dropout"),
     "attn_drop": ("deit_tiny_patch16_224", dict(attn_drop_rate=0.1), "attention dropout"),
 }

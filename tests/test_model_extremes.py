@@ -146,7 +146,7 @@ def test_one_cell_grid():
     images = images_for(model, 3)
     fast = cait.compress(model, merge=cait.ATME(r=0))
     with torch.no_grad():
-        assert torch.equal(fast(images), model(images))
+        assert rel_err(fast(images), model(images)) < 1e-6  # the CPU reference attention is not SDPA: rounding only
     with pytest.raises(ValueError, match="allows at most 0"):
         cait.compress(model, merge=cait.ATME(r=1))
     with pytest.raises(ValueError, match="out of reach"):

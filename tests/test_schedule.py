@@ -36,11 +36,12 @@ def test_flops_of_merged_model_by_hand_and_by_cost_model():
     assert cait.flops(fast) == deit_tiny_flops_by_hand(attn, mlp) == cost_model(fast).flops(schedule)
 
 
-@pytest.mark.parametrize("model_id", ["deit_distilled", "registers_avg", "non_square"])
+@pytest.mark.parametrize("model_id", ["deit_distilled", "registers_avg", "non_square", "siglip_map", "eva02", "dinov3", "pe_core_map"])
 def test_cost_model_matches_the_counter(model_id):
     model = build(model_id)
     fast = cait.compress(model, merge=cait.ATME(flops=0.7))
     assert cait.flops(fast) == cost_model(fast).flops(fast.schedule)
+    assert cait.flops(model) == cost_model(fast).flops((0,) * len(fast.blocks))
 
 
 @pytest.mark.parametrize("target", [0.35, 0.5, 0.6, 0.8, 0.95])

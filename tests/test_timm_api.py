@@ -168,7 +168,7 @@ def test_reset_and_get_classifier_as_timm():
 
 
 @pytest.mark.parametrize("args, message", [
-    ((10, "map"), "global_pool='map' is not supported"),
+    ((10, "map"), "global_pool='map' needs the attention pooling the model was built with"),
     ((-1,), "num_classes must be a whole number"),
 ])
 def test_reset_classifier_refuses_what_it_cannot_do(args, message):

@@ -1,5 +1,5 @@
 """``cait bench``: time dense vs compressed models; ``--all`` the whole report, ``--kernels`` the
-kernels, ``--accuracy`` / ``--segmentation`` the training benchmarks."""
+kernels, ``--accuracy`` / ``--segmentation`` / ``--rope-rule`` the training benchmarks."""
 
 from __future__ import annotations
 
@@ -113,8 +113,18 @@ def add_parser(commands) -> None:
         "EViT-style token pruning (dropped cells filled from the nearest kept token), all fine-tuned alike: mIoU over "
         "--seeds, FLOPs ratio, CPU img/s (about 21 minutes on 2 cores)",
     )
-    b.add_argument("--seeds", type=int, default=3, help="--accuracy/--segmentation: seeds (default: 3)")
-    b.add_argument("--epochs", type=int, help="--accuracy/--segmentation: epochs of dense training (default: 40 / 30)")
+    b.add_argument(
+        "--rope-rule",
+        action="store_true",
+        help="measure where a merged token sits for RoPE: small RoPE ViTs (axial RoPE-ViT and DINOv3 layouts, no absolute "
+        "position embedding) trained from scratch on scikit-learn's digits, compressed one-shot by ATME (0.6x, 0.5x) and "
+        "ATME+CDCP (about 0.5x) with the anchor and the centroid rule: top-1 over --seeds side by side",
+    )
+    b.add_argument(
+        "--weights", metavar="DIR", help="--rope-rule: keep the trained dense models in DIR and reuse them on the next run"
+    )
+    b.add_argument("--seeds", type=int, default=3, help="--accuracy/--segmentation/--rope-rule: seeds (default: 3)")
+    b.add_argument("--epochs", type=int, help="--accuracy/--segmentation/--rope-rule: epochs of dense training (default: 40 / 30 / 30)")
     b.add_argument("--finetune-epochs", type=int, help="--accuracy/--segmentation: epochs of fine-tuning (default: 15 / 6)")
     b.add_argument("--picture", metavar="PNG", help="--segmentation: also draw CAIT's merged regions on test canvases to this file")
     b.add_argument(
@@ -148,6 +158,8 @@ def run(args) -> None:
         return bench_accuracy(args)
     if args.segmentation:
         return bench_segmentation(args)
+    if args.rope_rule:
+        return bench_rope_rule(args)
     if args.all:
         return bench_all(args)
     runtimes = list(dict.fromkeys((args.runtime or ["eager"]) + (["eager", "compile"] if args.compile else [])))
@@ -298,6 +310,22 @@ def bench_accuracy(args) -> None:
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
     settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs}
     write_json(args.out, {"machine": info, "settings": settings, "rows": accuracy.as_json(rows)})
+
+
+def bench_rope_rule(args) -> None:
+    """``cait bench --rope-rule``: anchor against centroid for RoPE models (:mod:`cait.benchmarks.rope_rule`)."""
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import rope_rule
+    from cait.benchmarks.latency import machine
+
+    seeds, epochs, _ = _training_settings(args, epochs=rope_rule.EPOCHS, finetune_epochs=1)
+    with tqdm(total=len(seeds) * epochs * len(rope_rule.MODELS), desc="training RoPE ViTs") as bar:
+        rows = rope_rule.run(seeds, epochs, weights=args.weights, progress=bar)
+    print(rope_rule.table(rows, len(seeds)))
+    info = machine()
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    write_json(args.out, {"machine": info, "settings": {"seeds": seeds, "epochs": epochs}, "rows": rope_rule.as_json(rows)})
 
 
 def _training_settings(args, epochs: int, finetune_epochs: int):

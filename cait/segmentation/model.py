@@ -33,7 +33,9 @@ def patch_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if isinstance(backbone, CompressedViT):
         return backbone.forward_dense(images)
     tokens = backbone.forward_features(images)[:, backbone.num_prefix_tokens :]
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *backbone.patch_embed.grid_size)
+    embed = backbone.patch_embed
+    grid = embed.dynamic_feat_size(images.shape[-2:]) if backbone.dynamic_img_size else embed.grid_size
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
 
 class Segmenter(nn.Module):

@@ -86,7 +86,9 @@ def make_student(model: nn.Module, merge: ATME | None, prune: CDCP | None, warmu
     """The unpruned compressed copy of the timm ``model`` with dynamic gates for ``prune``, merging with
     the schedule :func:`cait.compress` solves for the final pruned model (so training merges exactly
     as inference will)."""
-    schedule = None if merge is None else ATME(r=list(compress(model, merge=merge, prune=prune).schedule), block=merge.block)
+    schedule = None
+    if merge is not None:
+        schedule = ATME(r=list(compress(model, merge=merge, prune=prune).schedule), block=merge.block, position=merge.position)
     student = compress(model, merge=schedule)
     gates = attach_gates(student, prune, warmup) if prune is not None else None
     return Student(student, gates)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import cait
-from cait.baselines import compress_baseline
+from cait.baselines import compress_baseline, tome_schedule
 from cait.benchmarks import accuracy, curve, pareto, seg_plans
 from cait.benchmarks.runs import RunFolder, slug
 from cait.cost import cost_model
@@ -70,18 +70,16 @@ def test_accuracy_curve_quick_run_resumes_and_retimes(tmp_path, monkeypatch, cap
     data = json.loads(out.read_text())
     rows = data["rows"]
     methods = [(r["method"], r["target"]) for r in rows]
-    assert methods[0] == ("dense", 1.0) and len(rows) == 1 + 4  # ToMe cannot reach 0.33: 34 of 64 tokens in block 0
-    assert [m for m, _ in methods[1:]] == ["ATME one-shot", "EViT-style one-shot", "CAIT (fine-tuned)", "EViT-style (fine-tuned)"]
-    assert {(u["method"], u["target"]) for u in data["unreachable"]} == {("ToMe one-shot", 0.33), ("ToMe (fine-tuned)", 0.33)}
-    assert all("at most half" in u["reason"] for u in data["unreachable"])
+    assert methods == [("dense", 1.0)] + [(m, 0.33) for m in curve.ONE_SHOT + curve.FINE_TUNED] and data["unreachable"] == []
     assert all(set(r) == ROW_FIELDS and 0 <= r["top1_mean"] <= 1 and r["img_per_s"] > 0 for r in rows)
     assert all(abs(r["flops_ratio"] - r["target"]) < 0.02 for r in rows)
     assert data["settings"]["keep"] == {str(k): v for k, v in curve.KEEP.items()} and data["machine"]["threads"] >= 1
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.width > 600
-    printed = capsys.readouterr().out
-    assert "| CAIT (fine-tuned) | 0.33 |" in printed and "Out of reach: ToMe one-shot at 0.33" in printed
+    assert "| CAIT (fine-tuned) | 0.33 |" in capsys.readouterr().out
     store = RunFolder(work)
+    # ATME's counts at 0.33 merge 34 of 64 tokens in block 0, over ToMe's limit: ToMe runs its own schedule
+    assert store.load(0, "ToMe one-shot @0.33").schedule == (18, 18, 14, 7, 3, 2)
     seeds = [store.scores(seed)["CAIT (fine-tuned) @0.33"]["top1"] for seed in (0, 1)]
     cait_row = next(r for r in rows if r["method"] == "CAIT (fine-tuned)")
     assert cait_row["top1_mean"] == pytest.approx(sum(seeds) / 2)
@@ -116,6 +114,19 @@ def test_accuracy_curve_tuning_picks_the_best_validation_score(tmp_path, monkeyp
                {"target": 0.5, "keep": 0.875, "val_top1": 0.9}, {"target": 0.9, "keep": 0.5, "unreachable": "x"},
                {"target": 0.9, "keep": 1.0, "val_top1": 0.1}]  # fmt: skip
     assert curve.choose(results) == {0.5: 0.875, 0.9: 1.0}  # a tie goes to the larger keep ratio
+
+
+def test_tome_runs_its_own_schedule_only_where_atme_counts_break_its_limit():
+    dense = accuracy.small_vit(0)
+    assert not curve.tome_on_its_own(dense, 0.4, "ToMe") and curve.tome_on_its_own(dense, 0.33, "ToMe")
+    assert not curve.tome_on_its_own(dense, 0.33, "EViT-style")
+    own = compress_baseline(dense, "tome", 0.33, own_schedule=True)
+    assert own.schedule == tome_schedule(cost_model(own), 0.33) == (18, 18, 14, 7, 3, 2)  # r = 18, clipped to half from block 2 on
+    assert cait.flops(own) / cait.flops(dense) == pytest.approx(0.33, abs=0.01)
+    with pytest.raises(ValueError, match="at most half"):
+        compress_baseline(dense, "tome", 0.33)
+    with pytest.raises(ValueError, match="evit takes no option own_schedule"):
+        compress_baseline(dense, "evit", 0.33, own_schedule=True)
 
 
 def test_cait_plan_prunes_then_merges_to_the_target():

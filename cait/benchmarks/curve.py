@@ -9,7 +9,9 @@ on scikit-learn's digits, fine-tuning for 15 epochs with distillation from it. A
   ``ToMe (fine-tuned)``, ``EViT-style (fine-tuned)``.
 
 ToMe and EViT-style remove the same tokens per block as ATME alone does at that ratio
-(:func:`cait.baselines.compress_baseline`). CAIT keeps :data:`KEEP`\\ ``[ratio]`` of the q/k, v and MLP
+(:func:`cait.baselines.compress_baseline`), except where those counts exceed ToMe's limit of half the
+tokens of a block (0.33 here: 34 of 64 in block 0): ToMe then runs its own schedule, the same ``r``
+in every block clipped to half the tokens left (:func:`tome_on_its_own`). CAIT keeps :data:`KEEP`\\ ``[ratio]`` of the q/k, v and MLP
 channels (the same share for all three: the CPU attention pads q/k to v's width otherwise) and merges
 to the rest (2x2 tiles; 4x4 where 2x2 cannot reach); :func:`tune` chose :data:`KEEP` on a validation
 split. Trained models are kept in a :class:`.runs.RunFolder` (an interrupted run resumes; a
@@ -19,10 +21,12 @@ batch 64, CPU; the median over seeds.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass
 
 from ..baselines import compress_baseline
+from ..baselines.tome import check_schedule
 from ..cdcp import CDCP
 from ..cost import flops
 from ..model import compress
@@ -87,8 +91,21 @@ def construct(method: str, dense, ratio: float, keep: float):
     if method == "CAIT (fine-tuned)":
         return cait_plan(dense, ratio, keep)
     family, kind = method.split(" ", 1)
-    fast = compress_baseline(dense, BASELINES[family], ratio)
+    options = {"own_schedule": True} if tome_on_its_own(dense, ratio, family) else {}
+    fast = compress_baseline(dense, BASELINES[family], ratio, **options)
     return fast if kind == "one-shot" else Student(fast, None)
+
+
+def tome_on_its_own(dense, ratio: float, family: str) -> bool:
+    """Whether ToMe runs its own schedule at ``ratio``: where ATME's per-block counts ask it to merge
+    more than half the tokens of a block (its limit), ToMe merges the same ``r`` in every block instead."""
+    if family != "ToMe":
+        return False
+    try:
+        check_schedule(compress(dense, merge=ATME(flops=ratio)).schedule, math.prod(dense.patch_embed.grid_size))
+    except ValueError:
+        return True
+    return False
 
 
 def score(model, dense, test, method: str, ratio: float) -> dict:

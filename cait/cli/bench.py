@@ -74,9 +74,10 @@ def add_parser(commands) -> None:
         "--segmentation",
         action="store_true",
         help="run the segmentation benchmark: a small ViT with a linear head trained from scratch on digit canvases "
-        "(background + 10 digit classes per pixel), then dense vs CAIT (one-shot and fine-tuned) vs ToMe with unmerge vs "
-        "EViT-style token pruning (dropped cells filled from the nearest kept token), all fine-tuned alike: mIoU over "
-        "--seeds, FLOPs ratio, CPU img/s (about 21 minutes on 2 cores)",
+        "(background + 10 digit classes per pixel), then at backbone FLOPs ratios 0.6, 0.5 and 0.4: CAIT (one-shot and "
+        "fine-tuned, on the plans --tune chose) vs ALGM-style local-then-global merging vs ToMe with unmerge vs EViT-style "
+        "token pruning (dropped cells filled from the nearest kept token), all fine-tuned alike, plus dense and CAIT on its "
+        "earlier block-1 schedule: mIoU over --seeds, FLOPs ratio, CPU img/s (hours on 2 cores, resumable through --work)",
     )
     b.add_argument("--seeds", type=int, default=3, help="--accuracy/--segmentation: seeds (default: 3)")
     b.add_argument("--epochs", type=int, help="--accuracy/--segmentation: epochs of dense training (default: 40 / 30)")

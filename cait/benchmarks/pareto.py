@@ -11,7 +11,7 @@ from __future__ import annotations
 DENSE = "dense"
 LABELS = {"top1": "top-1 %", "miou": "mIoU %"}
 SLACK = 0.05  # speeds this close to a method's fastest or slowest point compare with that point
-FAMILIES = (("CAIT", "C3"), ("ATME", "C3"), ("ToMe", "C0"), ("EViT", "C2"), ("pruning", "C2"), ("ALGM", "C4"))
+FAMILIES = (("CAIT", "C3"), ("ATME", "C3"), ("CDCP", "C1"), ("ToMe", "C0"), ("EViT", "C2"), ("pruning", "C2"), ("ALGM", "C4"))
 
 
 def by_method(rows: list[dict]) -> dict[str, list[dict]]:

@@ -22,7 +22,14 @@ def write_results(folder):
         {"method": "dense", "flops_ratio": 1.0, "miou_mean": 0.5, "miou_std": 0.01, "img_per_s": 800.0},
         {"method": "ToMe + unmerge", "flops_ratio": 0.6, "miou_mean": 0.45, "miou_std": 0.02, "img_per_s": 900.0},
     ]
-    for name, rows in (("accuracy-digits.json", accuracy), ("segmentation-digits.json", segmentation)):
+    curve = [
+        {"method": "dense", "target": 1.0, "flops_ratio": 1.0, "top1_mean": 0.97, "top1_std": 0.01, "img_per_s": 1000.0},
+        {"method": "CAIT (fine-tuned)", "target": 0.6, "flops_ratio": 0.6, "top1_mean": 0.968, "top1_std": 0.0, "img_per_s": 1500.0},
+        {"method": "CAIT (fine-tuned)", "target": 0.4, "flops_ratio": 0.4, "top1_mean": 0.95, "top1_std": 0.01, "img_per_s": 2100.0},
+        {"method": "ToMe one-shot", "target": 0.6, "flops_ratio": 0.6, "top1_mean": 0.9, "top1_std": 0.02, "img_per_s": 1450.0},
+    ]
+    files = (("accuracy-digits.json", accuracy), ("accuracy-curve-digits.json", curve), ("segmentation-digits.json", segmentation))
+    for name, rows in files:
         (folder / name).write_text(json.dumps({"machine": machine, "settings": {"seeds": [0, 1, 2]}, "rows": rows}))
 
 
@@ -55,9 +62,11 @@ def test_quick_report_writes_valid_json_markdown_and_plots(tmp_path, capsys, wit
     assert all((r["merge_share"] is None) == (r["method"] == "dense") for r in data["models"])
     if with_results:
         assert data["accuracy"]["rows"][1]["method"] == "CAIT (fine-tuned)" and "96.00 ± 2.00" in text
+        assert "## Accuracy curve (digits)" in text and "| CAIT (fine-tuned) | 0.400 | 95.00 ± 1.00 | 2100 |" in text
         assert "measured on test CPU" in text
     else:
-        assert data["accuracy"] is None and data["segmentation"] is None and "No results" in text
+        assert data["accuracy"] is None and data["curve"] is None and data["segmentation"] is None
+        assert "No results: run `cait bench --accuracy --curve --out" in text
     assert "wrote" in capsys.readouterr().out
 
 

@@ -254,30 +254,49 @@ def test_regions_picture_mean_style_and_bad_arguments():
     assert cait.visualize(fast, Image.new("RGB", (300, 200), (10, 200, 30))).size == (224, 224)
 
 
-def test_segmentation_benchmark_quick_run_writes_rows_and_a_picture(tmp_path, monkeypatch, capsys):
+def test_segmentation_benchmark_quick_run_writes_rows_a_picture_and_a_plot(tmp_path, monkeypatch, capsys):
     from cait.benchmarks import segmentation as segmentation_bench
 
-    monkeypatch.setattr(segmentation_bench, "TRAIN", 128)
+    monkeypatch.setattr(segmentation_bench, "TRAIN", 64)
     monkeypatch.setattr(segmentation_bench, "TEST", 64)
-    out, picture = tmp_path / "seg.json", tmp_path / "seg.png"
-    argv = [
-        "bench",
-        "--segmentation",
-        "--seeds",
-        "1",
-        "--epochs",
-        "1",
-        "--finetune-epochs",
-        "1",
-        "--out",
-        str(out),
-        "--picture",
-        str(picture),
-    ]
+    monkeypatch.setattr(segmentation_bench, "TARGETS", (0.5,))
+    out, picture, plot, work = tmp_path / "seg.json", tmp_path / "seg.png", tmp_path / "plot.png", tmp_path / "work"
+    argv = ["bench", "--segmentation", "--seeds", "1", "--epochs", "1", "--finetune-epochs", "1", "--repeats", "1", "--work", str(work),
+            "--out", str(out), "--picture", str(picture), "--plot", str(plot)]  # fmt: skip
     assert run(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["dense", "CAIT one-shot", *segmentation_bench.FINE_TUNED[1:]]
-    assert all(set(r) == {"method", "gflops", "flops_ratio", "miou_mean", "miou_std", "img_per_s"} for r in rows)
-    assert rows[0]["flops_ratio"] == 1 and all(0.5 < r["flops_ratio"] < 0.75 for r in rows[1:])
-    assert Image.open(picture).width > 48 * 4
-    assert "| CAIT (fine-tuned) |" in capsys.readouterr().out
+    assert [r["method"] for r in rows] == [
+        "dense", "CAIT (fine-tuned)", "CAIT one-shot", "ALGM-style", "ToMe + unmerge", "token pruning (EViT-style)",
+        "CAIT (fine-tuned), block-1 schedule",
+    ]  # fmt: skip
+    assert all(set(r) == {"method", "gflops", "flops_ratio", "miou_mean", "miou_std", "img_per_s", "target"} for r in rows)
+    assert rows[0]["flops_ratio"] == 1 and all(abs(r["flops_ratio"] - 0.5) < 0.03 for r in rows[1:-1])
+    assert 0.55 < rows[-1]["flops_ratio"] < 0.65 and rows[-1]["target"] == round(rows[-1]["flops_ratio"], 2)
+    assert Image.open(picture).width > 48 * 4 and Image.open(plot).width > 600
+    assert "| CAIT (fine-tuned) | 0.5 |" in capsys.readouterr().out
+    assert run(argv[:-6] + ["--time-only", "--out", str(out)]) == 0
+    assert [r["miou_mean"] for r in json.loads(out.read_text())["rows"]] == [r["miou_mean"] for r in rows]
+
+
+def test_segmentation_tuning_quick_run_scores_every_candidate(tmp_path, monkeypatch):
+    from cait.benchmarks import seg_plans
+    from cait.benchmarks import segmentation as segmentation_bench
+
+    monkeypatch.setattr(segmentation_bench, "TRAIN", 64)
+    monkeypatch.setattr(segmentation_bench, "TEST", 64)
+    monkeypatch.setattr(segmentation_bench, "TARGETS", (0.5,))
+    monkeypatch.setattr(seg_plans, "SHAPES", ("two", "front"))
+    monkeypatch.setattr(seg_plans, "TILES", (4,))
+    monkeypatch.setattr(seg_plans, "KEEPS", (0.75,))
+    monkeypatch.setattr(seg_plans, "ALGM_SHARES", (0.5,))
+    out = tmp_path / "tune.json"
+    argv = ["bench", "--segmentation", "--tune", "--epochs", "1", "--finetune-epochs", "1", "--work", str(tmp_path), "--out", str(out)]
+    assert run(argv) == 0
+    data = json.loads(out.read_text())
+    candidates = [c for c in data["candidates"] if c["method"] != "dense"]
+    assert [(c["method"], c.get("shape"), c.get("local_share")) for c in candidates] == [
+        ("CAIT", "two", None), ("CAIT", "front", None), ("ALGM-style", None, 0.5)
+    ]  # fmt: skip
+    assert all(0 <= c["val_miou"] <= 1 and c["img_per_s"] > 0 and abs(c["flops_ratio"] - 0.5) < 0.03 for c in candidates)
+    assert candidates[0]["schedule"][0] > 0 and candidates[0]["schedule"][2] > 0 and sum(candidates[1]["schedule"][1:]) == 0
+    assert set(data["chosen"]) == {"CAIT", "ALGM-style"} and data["chosen"]["ALGM-style"] == {"0.5": candidates[2]["name"]}

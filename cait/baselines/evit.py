@@ -46,7 +46,7 @@ class EViTBlock(CompressedBlock):
         block.__class__ = cls
         block.last_qkv = None
         if block.r:
-            block.attn.qkv.register_forward_hook(lambda module, args, out: setattr(block, "last_qkv", out))
+            block.attn.qkv.register_forward_hook(_KeepQKV(block))
         return block
 
     def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,3 +74,14 @@ class EViTBlock(CompressedBlock):
 
     def extra_repr(self) -> str:
         return "method=evit, " + super().extra_repr()
+
+
+class _KeepQKV:
+    """Forward hook on ``qkv`` that keeps its output on the block (a class, not a lambda, so a model
+    holding it can be pickled with ``torch.save``)."""
+
+    def __init__(self, block: EViTBlock):
+        self.block = block
+
+    def __call__(self, module, args, out) -> None:
+        self.block.last_qkv = out

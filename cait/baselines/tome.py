@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cait_kernels._rows import take_rows
 
+from ..cost import CostModel
 from ..layers import CompressedBlock
 from ..tokens import TokenState
 
@@ -64,10 +65,28 @@ class ToMeBlock(CompressedBlock):
         return "method=tome, " + super().extra_repr()
 
 
-def check_schedule(blocks, cells: int) -> None:
-    """Refuse a schedule that asks ToMe to merge more than half the spatial tokens in some block."""
+def check_schedule(schedule, cells: int) -> None:
+    """Refuse a schedule (tokens merged per block) that asks ToMe to merge more than half the spatial
+    tokens left in some block."""
     tokens = cells
-    for block in blocks:
-        if block.r > tokens // 2:
-            raise ValueError(f"ToMe merges at most half the tokens per layer; the schedule asks {block.r} of {tokens}")
-        tokens -= block.r
+    for r in schedule:
+        if r > tokens // 2:
+            raise ValueError(f"ToMe merges at most half the tokens per layer; the schedule asks {r} of {tokens}")
+        tokens -= r
+
+
+def tome_schedule(cost: CostModel, flops: float) -> tuple[int, ...]:
+    """ToMe's own schedule: the same ``r`` in every block, clipped to half the spatial tokens left
+    there (as the ToMe code clips it), with ``r`` chosen for the FLOPs ratio nearest ``flops``."""
+    depth = len(cost.blocks)
+    dense = cost.flops((0,) * depth)
+    best = None
+    for r in range(cost.cells // 2 + 1):
+        tokens, schedule = cost.cells, []
+        for _ in range(depth):
+            schedule.append(min(r, tokens // 2))
+            tokens -= schedule[-1]
+        gap = abs(cost.flops(schedule) / dense - flops)
+        if best is None or gap < best[0]:
+            best = (gap, tuple(schedule))
+    return best[1]

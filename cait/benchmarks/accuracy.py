@@ -27,7 +27,7 @@ from ..cdcp import CDCP
 from ..cost import flops
 from ..model import compress
 from ..schedule import ATME
-from ..train.finetune import Distillation, evaluate, make_student, teacher_of, train_epoch
+from ..train.finetune import Distillation, Student, evaluate, make_student, teacher_of, train_epoch
 
 TARGET = 0.5  # FLOPs ratio every method aims at
 MERGE, PRUNE = ATME(flops=0.7), CDCP(qk=0.5, v=0.75, mlp=0.75)  # together about 0.5x
@@ -92,14 +92,20 @@ def train_dense(model, x, y, epochs: int, seed: int, progress=None, lr: float = 
     return model.eval()
 
 
-def fine_tune(dense, x, y, epochs: int, seed: int, progress=None):
+def fine_tune(dense, x, y, epochs: int, seed: int, progress=None, merge: ATME = MERGE, prune: CDCP | None = PRUNE):
     """The method: ATME+CDCP with dynamic gates, distilled from ``dense``; returns the compact model."""
-    steps = len(y) // 64
-    student = make_student(dense, MERGE, PRUNE, warmup=max(1, epochs * steps // 3))
-    optimizer = torch.optim.AdamW(
-        [{"params": student.model.parameters(), "lr": 2e-4, "weight_decay": 0.05}, {"params": student.gates.parameters(), "lr": 1e-2}]
-    )
-    teacher = teacher_of(dense)
+    student = make_student(dense, merge, prune, warmup=max(1, epochs * (len(y) // 64) // 3))
+    return fine_tune_student(student, teacher_of(dense), x, y, epochs, seed, progress)
+
+
+def fine_tune_student(student: Student, teacher, x, y, epochs: int, seed: int, progress=None):
+    """The fine-tuning recipe of this benchmark for any compressed ``student``: ``epochs`` of AdamW
+    (weights at 2e-4 with weight decay 0.05, CDCP scores at 1e-2), batch 64, distillation from
+    ``teacher`` (alpha 0.5, temperature 2); returns the materialized model in eval mode."""
+    groups = [{"params": student.model.parameters(), "lr": 2e-4, "weight_decay": 0.05}]
+    if student.gates is not None:
+        groups.append({"params": student.gates.parameters(), "lr": 1e-2})
+    optimizer = torch.optim.AdamW(groups)
     for epoch in range(epochs):
         train_epoch(student, teacher, batches(x, y, 64, seed * 1000 + 500 + epoch), optimizer, Distillation(0.5, 2.0))
         if progress is not None:

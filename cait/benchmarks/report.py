@@ -4,13 +4,15 @@ Timed in the run: the model table (DeiT-T/S/B dense vs ToMe vs ATME/CDCP/CAIT at
 ratios; CPU: fp32, batch 1 and 8; GPU: fp16, batch 1/64/256, eager and CUDA graph), on a CPU the
 batch-1 deployment table (:mod:`.deploy`: eager, compiled and onnxruntime, 1 and 2 threads) and, on
 a GPU, the kernel table. Read from earlier runs (they train models, so they are run on their own with
-``cait bench --accuracy`` / ``--segmentation``): the accuracy and segmentation results, when their JSON
-files are in the results folder. ``--quick`` times fewer models, variants and repeats (minutes on a
-laptop CPU) for a smoke check, not for quoting, and skips the deployment table (it compiles).
+``cait bench --accuracy`` / ``--accuracy --curve`` / ``--segmentation``): the accuracy point, the
+accuracy curve and the segmentation results, when their JSON files are in the results folder.
+``--quick`` times fewer models, variants and repeats (minutes on a laptop CPU) for a smoke check, not
+for quoting, and skips the deployment table (it compiles).
 
 Output folder: ``report.json`` (validates against :data:`SCHEMA`), ``report.md``,
 ``throughput_vs_gflops.png`` (per model, img/s against GFLOPs per image, one line per method, at
-the largest batch) and ``accuracy_vs_throughput.png`` (top-1 / mIoU against img/s: the Pareto picture).
+the largest batch) and ``accuracy_vs_throughput.png`` (top-1 / mIoU against img/s, one line per method:
+the Pareto picture of the accuracy point, the accuracy curve and segmentation).
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ VARIANTS = (
 QUICK_VARIANTS = ("tome=0.5", "merge=0.85,prune=0.5/0.75/0.75", "merge=0.7,prune=0.5/0.75/0.75")
 BATCHES = {"cpu": (1, 8), "cuda": (1, 64, 256)}
 PLOTS = ("throughput_vs_gflops.png", "accuracy_vs_throughput.png")
-READ = {"accuracy": "accuracy-digits.json", "segmentation": "segmentation-digits.json"}
+READ = {"accuracy": "accuracy-digits.json", "curve": "accuracy-curve-digits.json", "segmentation": "segmentation-digits.json"}
+COMMANDS = {"accuracy": "--accuracy", "curve": "--accuracy --curve", "segmentation": "--segmentation"}
+RESULTS = (
+    ("accuracy", "Accuracy (digits)", "top1"),
+    ("curve", "Accuracy curve (digits)", "top1"),
+    ("segmentation", "Segmentation (digit canvases)", "miou"),
+)  # key, title, metric
 
 _NUMBER = {"type": "number"}
 _MODEL_ROW = {
@@ -84,6 +92,7 @@ SCHEMA = {
         "kernels": {"type": "array", "items": {"type": "object", "required": ["case", "ms", "peer_ms", "speedup"]}},
         "kernel_ceilings": {"type": ["object", "null"]},
         "accuracy": _READ_RESULT,
+        "curve": _READ_RESULT,
         "segmentation": _READ_RESULT,
         "files": {"type": "object", "required": ["report", "plots"]},
     },
@@ -215,10 +224,10 @@ def markdown(report: dict) -> str:
                                                             ("GB/s", "gbps", ".0f"), ("x floor", "gap", ".2f")])]  # fmt: skip
     else:
         parts += ["## Kernels", "Not timed: kernel timings need a CUDA GPU (`cait bench --kernels` prints the compile report anywhere)."]
-    for key, title, metric in (("accuracy", "Accuracy (digits)", "top1"), ("segmentation", "Segmentation (digit canvases)", "miou")):
-        result = report[key]
+    for key, title, metric in RESULTS:
+        result = report.get(key)
         if result is None:
-            parts += [f"## {title}", f"No results: run `cait bench --{key} --out <results>/{READ[key]}`."]
+            parts += [f"## {title}", f"No results: run `cait bench {COMMANDS[key]} --out <results>/{READ[key]}`."]
             continue
         seeds = len(result["settings"].get("seeds", [])) or "?"
         rows = [dict(r, score=f"{100 * r[metric + '_mean']:.2f} ± {100 * r[metric + '_std']:.2f}") for r in result["rows"]]
@@ -235,7 +244,7 @@ def markdown(report: dict) -> str:
                 ],
             ),  # fmt: skip
         ]
-    if report["accuracy"] or report["segmentation"]:
+    if any(report.get(key) for key, _, _ in RESULTS):
         parts.append(f"![accuracy vs throughput]({PLOTS[1]})")
     return "\n\n".join(parts) + "\n"
 
@@ -278,6 +287,8 @@ def plot(report: dict, folder: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from . import pareto
+
     rows = report["models"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     batch = max(r["batch"] for r in rows)
@@ -295,18 +306,12 @@ def plot(report: dict, folder: str) -> list[str]:
     figure.savefig(os.path.join(folder, PLOTS[0]), dpi=110)
     plt.close(figure)
 
-    panels = [(key, metric) for key, metric in (("accuracy", "top1"), ("segmentation", "miou")) if report[key]]
-    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    panels = [(key, metric) for key, _, metric in RESULTS if report.get(key)]
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.4), squeeze=False)
     for ax, (key, metric) in zip(axes[0], panels):
-        for r in report[key]["rows"]:
-            ax.errorbar(r["img_per_s"], 100 * r[metric + "_mean"], yerr=100 * r[metric + "_std"], fmt="o", capsize=3)
-            ax.annotate(r["method"], (r["img_per_s"], 100 * r[metric + "_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set(
-            title=f"{key} ({report[key]['machine'].get('cpu', '?')})",
-            xlabel="images / s",
-            ylabel="top-1 %" if metric == "top1" else "mIoU %",
-        )
-        ax.grid(alpha=0.3)
+        pareto.draw(ax, report[key]["rows"], metric)  # one line per method, dense as a star
+        ax.set_title(f"{key} ({report[key]['machine'].get('cpu', '?')})", fontsize=9)
+        ax.legend(fontsize=6)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no accuracy or segmentation results", ha="center", va="center")
         axes[0][0].set_axis_off()

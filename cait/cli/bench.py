@@ -109,9 +109,10 @@ def add_parser(commands) -> None:
         "--segmentation",
         action="store_true",
         help="run the segmentation benchmark: a small ViT with a linear head trained from scratch on digit canvases "
-        "(background + 10 digit classes per pixel), then dense vs CAIT (one-shot and fine-tuned) vs ToMe with unmerge vs "
-        "EViT-style token pruning (dropped cells filled from the nearest kept token), all fine-tuned alike: mIoU over "
-        "--seeds, FLOPs ratio, CPU img/s (about 21 minutes on 2 cores)",
+        "(background + 10 digit classes per pixel), then at backbone FLOPs ratios 0.6, 0.5 and 0.4: CAIT (one-shot and "
+        "fine-tuned, on the plans --tune chose) vs ALGM-style local-then-global merging vs ToMe with unmerge vs EViT-style "
+        "token pruning (dropped cells filled from the nearest kept token), all fine-tuned alike, plus dense and CAIT on its "
+        "earlier block-1 schedule: mIoU over --seeds, FLOPs ratio, CPU img/s (hours on 2 cores, resumable through --work)",
     )
     b.add_argument(
         "--rope-rule",
@@ -127,6 +128,35 @@ def add_parser(commands) -> None:
     b.add_argument("--epochs", type=int, help="--accuracy/--segmentation/--rope-rule: epochs of dense training (default: 40 / 30 / 30)")
     b.add_argument("--finetune-epochs", type=int, help="--accuracy/--segmentation: epochs of fine-tuning (default: 15 / 6)")
     b.add_argument("--picture", metavar="PNG", help="--segmentation: also draw CAIT's merged regions on test canvases to this file")
+    b.add_argument(
+        "--curve",
+        action="store_true",
+        help="--accuracy: the whole curve instead of one point: dense, ATME / ToMe / EViT-style one-shot and CAIT / ToMe / "
+        "EViT-style fine-tuned alike at FLOPs ratios 0.9, 0.75, 0.6, 0.5, 0.4, 0.33 (as far as each reaches), top-1 over "
+        "--seeds and CPU img/s (batch 64); hours on 2 cores, resumable through --work",
+    )
+    b.add_argument(
+        "--tune",
+        action="store_true",
+        help="--accuracy --curve: choose CAIT's channel keep ratio per FLOPs ratio; --segmentation: choose CAIT's merge "
+        "schedule (blocks, tile, pruning) and ALGM's local share per FLOPs ratio. Both on a validation split of seed 0 "
+        "after short fine-tunes (--finetune-epochs, default 3 / 2); prints and writes (--out) every candidate's score",
+    )
+    b.add_argument(
+        "--work",
+        metavar="DIR",
+        help="--curve/--segmentation/--tune: keep trained models here (default bench/runs/<benchmark>): a stopped run "
+        "resumes, --time-only re-times them",
+    )
+    b.add_argument(
+        "--time-only",
+        action="store_true",
+        help="--curve/--segmentation: train nothing; time the models kept in --work again (for a quiet machine) and "
+        "rebuild the table, --out and --plot",
+    )
+    b.add_argument(
+        "--plot", metavar="PNG", help="--curve/--segmentation: also draw accuracy against img/s and FLOPs ratio (one line per method)"
+    )
     b.add_argument(
         "--out", metavar="FILE", help="also write the rows and the machine description to this JSON file (--all: the report folder)"
     )
@@ -155,7 +185,7 @@ def run(args) -> None:
     if args.kernels:
         return bench_kernels(args)
     if args.accuracy:
-        return bench_accuracy(args)
+        return bench_curve(args) if args.curve else bench_accuracy(args)
     if args.segmentation:
         return bench_segmentation(args)
     if args.rope_rule:
@@ -338,21 +368,83 @@ def _training_settings(args, epochs: int, finetune_epochs: int):
 
 
 def bench_segmentation(args) -> None:
-    """``cait bench --segmentation``: the digit-canvas benchmark (:mod:`cait.benchmarks.segmentation`)."""
+    """``cait bench --segmentation [--tune]``: the digit-canvas benchmark (:mod:`cait.benchmarks.segmentation`)
+    or the choice of its plans (:mod:`cait.benchmarks.seg_plans`)."""
     from tqdm.auto import tqdm
 
-    from cait.benchmarks import segmentation
+    from cait.benchmarks import pareto, seg_plans, segmentation
     from cait.benchmarks.latency import machine
+    from cait.benchmarks.runs import RunFolder
 
-    seeds, epochs, finetune_epochs = _training_settings(args, segmentation.EPOCHS, segmentation.FINETUNE_EPOCHS)
-    methods = len(segmentation.FINE_TUNED)
-    with tqdm(total=len(seeds) * (epochs + methods * finetune_epochs), desc="training (dense, then each method)") as bar:
-        result = segmentation.run(seeds, epochs, finetune_epochs, progress=bar)
-    print(segmentation.table(result.rows, len(seeds)))
+    work = args.work or os.path.join("bench", "runs", "segmentation")
     info = machine()
+    if args.tune:
+        _, epochs, finetune_epochs = _training_settings(args, segmentation.EPOCHS, 2)
+        candidates = len(segmentation.TARGETS) * (len(seg_plans.plans()) + len(seg_plans.ALGM_SHARES))
+        with tqdm(total=epochs + candidates * finetune_epochs, desc="tuning CAIT's plans and ALGM's shares") as bar:
+            store = RunFolder(os.path.join(work, "tuning"))
+            results = seg_plans.tune(store, segmentation.TARGETS, 0, epochs, finetune_epochs, progress=bar)
+        chosen = seg_plans.choose(results)
+        for r in results:
+            print(r)
+        for method, per_target in chosen.items():
+            print(f"chosen for {method}: " + "; ".join(f"{t:g}: {r['name']}" for t, r in per_target.items()))
+        settings = {"seed": 0, "epochs": epochs, "finetune_epochs": finetune_epochs, "speed_floor": seg_plans.SPEED_FLOOR}
+        return write_json(args.out, {"machine": info, "settings": settings, "candidates": results,
+                                     "chosen": {m: {str(t): r["name"] for t, r in c.items()} for m, c in chosen.items()}})  # fmt: skip
+    seeds, epochs, finetune_epochs = _training_settings(args, segmentation.EPOCHS, segmentation.FINETUNE_EPOCHS)
+    tuned = sum(segmentation.fine_tuned(m) for _, m, _ in segmentation.methods())
+    total = 0 if args.time_only else len(seeds) * (epochs + tuned * finetune_epochs)
+    with tqdm(total=total, desc="training (dense, then each method)") as bar:
+        result = segmentation.run(seeds, epochs, finetune_epochs, args.repeats or 5, work, args.time_only, progress=bar)
+    print(segmentation.table(result.rows, len(seeds)))
+    rows = segmentation.as_json(result.rows)
+    print("\nCAIT (fine-tuned) against every other point at the same speed:\n")
+    print(pareto.equal_speed_table(rows, "CAIT (fine-tuned)", "miou"))
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
-    settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs}
-    write_json(args.out, {"machine": info, "settings": settings, "rows": segmentation.as_json(result.rows)})
+    settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs, "targets": list(segmentation.TARGETS),
+                "plans": {str(t): str(p) for t, p in segmentation.PLANS.items()}, "algm_shares": segmentation.ALGM_SHARES,
+                "repeats": args.repeats or 5}  # fmt: skip
+    write_json(args.out, {"machine": info, "settings": settings, "rows": rows})
     if args.picture:
         segmentation.picture(result).save(args.picture)
         print(f"wrote {args.picture}")
+    if args.plot:
+        pareto.plot(rows, "miou", args.plot, f"digit canvases, {len(seeds)} seeds ({info['cpu']}, {info['threads']} threads)")
+        print(f"wrote {args.plot}")
+
+
+def bench_curve(args) -> None:
+    """``cait bench --accuracy --curve [--tune]``: :mod:`cait.benchmarks.curve`."""
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import curve, pareto
+    from cait.benchmarks.latency import machine
+
+    work = args.work or os.path.join("bench", "runs", "accuracy-curve")
+    if args.tune:
+        seeds, epochs, finetune_epochs = _training_settings(args, epochs=40, finetune_epochs=3)
+        candidates = len(curve.RATIOS) * len(curve.KEEP_OPTIONS)
+        with tqdm(total=epochs + candidates * finetune_epochs, desc="tuning CAIT's keep ratios") as bar:
+            results = curve.tune(os.path.join(work, "tuning"), curve.RATIOS, curve.KEEP_OPTIONS, epochs, finetune_epochs, progress=bar)
+        chosen = curve.choose(results)
+        for r in results:
+            print(r)
+        print(f"chosen keep ratio per FLOPs ratio: {chosen}")
+        settings = {"seed": 0, "epochs": epochs, "finetune_epochs": finetune_epochs, "train": 1000, "validation": 297}
+        return write_json(args.out, {"machine": machine(), "settings": settings, "candidates": results, "chosen": chosen})
+    seeds, epochs, finetune_epochs = _training_settings(args, epochs=40, finetune_epochs=15)
+    per_seed = epochs + len(curve.RATIOS) * len(curve.FINE_TUNED) * finetune_epochs
+    with tqdm(total=0 if args.time_only else len(seeds) * per_seed, desc="training (dense, then fine-tuning)") as bar:
+        rows, unreachable = curve.run(seeds, curve.RATIOS, epochs, finetune_epochs, work, args.repeats or 10, args.time_only, bar)
+    print(curve.table(rows, unreachable, len(seeds)))
+    print("\nCAIT (fine-tuned) against every other point at the same speed:\n")
+    print(pareto.equal_speed_table(curve.as_json(rows), "CAIT (fine-tuned)", "top1"))
+    info = machine()
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs, "ratios": list(curve.RATIOS), "keep": curve.KEEP,
+                "repeats": args.repeats or 10}  # fmt: skip
+    write_json(args.out, {"machine": info, "settings": settings, "rows": curve.as_json(rows), "unreachable": unreachable})
+    if args.plot:
+        pareto.plot(curve.as_json(rows), "top1", args.plot, f"digits, {len(seeds)} seeds ({info['cpu']}, {info['threads']} threads)")
+        print(f"wrote {args.plot}")

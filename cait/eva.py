@@ -19,6 +19,7 @@ Refused with one clear error each (:func:`check_eva`): post-norm blocks, grouped
 ``rope_type='mrope'``, rope coordinate augmentation, patch dropout, attention dropout, attention
 pooling with its own position embedding.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -34,40 +35,48 @@ def is_eva(model: nn.Module) -> bool:
 
 
 def check_eva(model: nn.Module) -> None:
-    """Raise ``NotImplementedError`` for the ``Eva`` settings cait cannot compress (module docstring)."""
+    """Raise :class:`cait.support.Unsupported` (a ``NotImplementedError``) for the ``Eva`` settings
+    cait cannot compress (module docstring)."""
     from timm.layers import AttentionRope
     from timm.models.eva import EvaAttention, EvaBlock
 
     from .rope import rope_kind
+    from .support import Unsupported
 
     if model.patch_drop is not None:
-        raise NotImplementedError("patch dropout is not supported: it breaks the patch grid that merging relies on")
+        raise Unsupported("patch dropout", "patch dropout is not supported: it breaks the patch grid that merging relies on")
     for i, block in enumerate(model.blocks):
         if type(block) is not EvaBlock:
-            raise NotImplementedError(f"block {i} is a {type(block).__name__}: only the pre-norm EvaBlock is supported (no use_post_norm)")
+            raise Unsupported(
+                "block type", f"block {i} is a {type(block).__name__}: only the pre-norm EvaBlock is supported (no use_post_norm)"
+            )
         attn = block.attn
         if type(attn) not in (EvaAttention, AttentionRope):
-            raise NotImplementedError(f"block {i} uses {type(attn).__name__}: only EvaAttention and AttentionRope are supported")
+            raise Unsupported("attention type", f"block {i} uses {type(attn).__name__}: only EvaAttention and AttentionRope are supported")
         if getattr(attn, "num_kv_groups", 1) != 1:
-            raise NotImplementedError(
-                f"block {i} uses grouped-query attention (num_kv_heads={attn.num_kv_heads}): cait needs one k/v head per q head"
+            raise Unsupported(
+                "grouped-query attention",
+                f"block {i} uses grouped-query attention (num_kv_heads={attn.num_kv_heads}): cait needs one k/v head per q head",
             )
         if getattr(attn, "qkv_bias_separate", False):
-            raise NotImplementedError(f"block {i} adds its qkv bias separately (qkv_bias_separate): not supported")
+            raise Unsupported("separate qkv bias", f"block {i} adds its qkv bias separately (qkv_bias_separate): not supported")
         if attn.attn_drop.p > 0:
-            raise NotImplementedError(f"block {i} has attention dropout {attn.attn_drop.p}: build the model with attn_drop_rate=0")
+            raise Unsupported(
+                "attention dropout", f"block {i} has attention dropout {attn.attn_drop.p}: build the model with attn_drop_rate=0"
+            )
     rope = model.rope
     if rope is not None:
         rope_kind(rope)
         if getattr(rope, "aug_active", False):
-            raise NotImplementedError(
+            raise Unsupported(
+                "rope augmentation",
                 "rope coordinate augmentation (rope_shift_coords / rope_jitter_coords / rope_rescale_coords) is not supported: "
-                "build the model without it"
+                "build the model without it",
             )
         head_dim = model.blocks[0].attn.head_dim
         rope_dim = rope.dim // rope.num_heads if hasattr(rope, "num_heads") else rope.dim
         if rope_dim != head_dim:
-            raise NotImplementedError(f"the rotary embedding spans {rope_dim} channels but heads have {head_dim}: not supported")
+            raise Unsupported("rope width", f"the rotary embedding spans {rope_dim} channels but heads have {head_dim}: not supported")
 
 
 def packed_qkv(attn: nn.Module) -> nn.Linear:
@@ -106,12 +115,26 @@ def as_vit_block(block: nn.Module) -> SimpleNamespace:
     :class:`cait.layers.CompressedBlock` reads)."""
     attn = block.attn
     attention = SimpleNamespace(
-        qkv=packed_qkv(attn), q_norm=attn.q_norm, k_norm=attn.k_norm, norm=attn.norm, gate=attn.gate, proj=attn.proj,
-        proj_drop=attn.proj_drop, num_heads=attn.num_heads, head_dim=attn.head_dim, scale=attn.scale,
+        qkv=packed_qkv(attn),
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+        norm=attn.norm,
+        gate=attn.gate,
+        proj=attn.proj,
+        proj_drop=attn.proj_drop,
+        num_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        scale=attn.scale,
     )
     return SimpleNamespace(
-        norm1=block.norm1, attn=attention, ls1=_layer_scale(block.gamma_1), drop_path1=block.drop_path1,
-        norm2=block.norm2, mlp=block.mlp, ls2=_layer_scale(block.gamma_2), drop_path2=block.drop_path2,
+        norm1=block.norm1,
+        attn=attention,
+        ls1=_layer_scale(block.gamma_1),
+        drop_path1=block.drop_path1,
+        norm2=block.norm2,
+        mlp=block.mlp,
+        ls2=_layer_scale(block.gamma_2),
+        drop_path2=block.drop_path2,
     )
 
 

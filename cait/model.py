@@ -201,7 +201,8 @@ class CompressedViT(TimmApi, nn.Module):
                 "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
             )
         self.use_grid(self.grid_of(images))
-        if not len(images):  # timm's dynamic-size path cannot view an empty batch: embed one image, keep none
+        if images.shape[0] == 0:  # timm's dynamic-size path cannot view an empty batch: embed one image, keep none
+            # (shape[0], not len(): len() would pin a traced batch dimension to its example value)
             return TokenState(*(t[:0] for t in self.embed(images.new_zeros(1, *images.shape[1:]))))
         x = self.vit._pos_embed(self.vit.patch_embed(images))
         x = self.vit.norm_pre(x[0] if self.eva else x)  # Eva's _pos_embed also returns its rope table (None here)

@@ -26,6 +26,7 @@ Channel pruning keeps rotary pairs whole (a rotation mixes the two channels of a
 sum of rotation-invariant pair terms only if both channels of a pair are kept or both dropped):
 :func:`rotary_pairs` gives the pairs, and a pruned head's embedding is gathered at its kept channels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,11 @@ def rope_kind(rope: nn.Module) -> str:
     for kind, cls in (("cat", RotaryEmbeddingCat), ("dinov3", RotaryEmbeddingDinoV3), ("mixed", RotaryEmbeddingMixed)):
         if type(rope) is cls:
             return kind
-    raise NotImplementedError(f"rotary embedding {type(rope).__name__} is not supported: cait knows rope_type 'cat', 'dinov3' and 'mixed'")
+    from .support import Unsupported
+
+    raise Unsupported(
+        "rope type", f"rotary embedding {type(rope).__name__} is not supported: cait knows rope_type 'cat', 'dinov3' and 'mixed'"
+    )
 
 
 def rotate_half(rope: nn.Module) -> bool:
@@ -116,12 +121,19 @@ class RotaryPositions:
         rope, shape = self.rope, [int(grid[0]), int(grid[1])]
         if self.kind == "cat":
             return _build_grid(
-                shape, grid_type=rope.grid_type, ref_feat_shape=rope.ref_feat_shape, grid_offset=rope.grid_offset,
-                grid_indexing=rope.grid_indexing, normalize_coords=rope.normalize_coords,
+                shape,
+                grid_type=rope.grid_type,
+                ref_feat_shape=rope.ref_feat_shape,
+                grid_offset=rope.grid_offset,
+                grid_indexing=rope.grid_indexing,
+                normalize_coords=rope.normalize_coords,
             )
         if self.kind == "dinov3":
             return _build_grid(
-                shape, grid_type="centered", grid_offset=rope.grid_offset, grid_indexing=rope.grid_indexing,
+                shape,
+                grid_type="centered",
+                grid_offset=rope.grid_offset,
+                grid_indexing=rope.grid_indexing,
                 normalize_coords=rope.normalize_coords,
             )
         return _build_grid(shape, grid_indexing=rope.grid_indexing)

@@ -209,6 +209,7 @@ def save(model, path: str | os.PathLike) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     _refuse_what_a_file_cannot_hold(model)
+    _backbone(model).use_grid(_backbone(model).native_grid)  # a model last run at another size: back to its own grid
     config = config_of(model)
     verify(model, config)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}

@@ -142,5 +142,5 @@ def cost_model(model: nn.Module, grid: tuple[int, int] | None = None) -> CostMod
         blocks, grid, vit.num_prefix_tokens, embed, head, head_per_token=False,
         pool=latents * (linear_flops(pool) - linear_flops(pool.kv)),
         pool_per_token=linear_flops(pool.kv) + 4 * latents * pool.num_heads * pool.head_dim,
-        pool_prefix=model.eva or vit.pool_include_prefix,
+        pool_prefix=model.eva or getattr(vit, "pool_include_prefix", False),  # timm < 1.0.16 has no such setting
     )

@@ -37,11 +37,18 @@ def is_eva(model: nn.Module) -> bool:
 def check_eva(model: nn.Module) -> None:
     """Raise :class:`cait.support.Unsupported` (a ``NotImplementedError``) for the ``Eva`` settings
     cait cannot compress (module docstring)."""
-    from timm.layers import AttentionRope
+    import timm
     from timm.models.eva import EvaAttention, EvaBlock
 
     from .rope import rope_kind
     from .support import Unsupported
+
+    try:
+        from timm.layers import AttentionRope
+    except ImportError:  # what cait maps Eva onto came with the RoPE ViTs and DINOv3
+        raise Unsupported(
+            "timm version", f"compressing Eva models needs timm.layers.AttentionRope (timm 1.0.16 or newer), not in timm {timm.__version__}"
+        ) from None
 
     if model.patch_drop is not None:
         raise Unsupported("patch dropout", "patch dropout is not supported: it breaks the patch grid that merging relies on")

@@ -13,9 +13,11 @@ attention in :func:`block_classes`, MLPs in :func:`mlp_layouts`), add its block 
 A refusal raises :class:`Unsupported` (a ``NotImplementedError``) whose ``feature`` names what is
 missing in a few words; the sweep (``tests/test_sweep.py``) counts refusals by it.
 """
+
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import NamedTuple
 
 from torch import nn
@@ -115,6 +117,11 @@ def check_supported(model: nn.Module) -> None:
             f"attention pooling by {type(pool).__name__}{' with its own position embedding' if type(pool) is AttentionPoolLatent else ''} "
             f"is not supported: cait pools merged tokens with timm's AttentionPoolLatent (no position embedding)",
         )
+    if pool is not None and "attn_mask" not in inspect.signature(pool.forward).parameters:
+        raise Unsupported(
+            "attention pooling",
+            "attention pooling of merged tokens needs an AttentionPoolLatent that takes attn_mask (timm 1.0.16 or newer)",
+        )
     if eva:
         check_eva(model)
         return
@@ -162,4 +169,3 @@ def allow_any_size(model: nn.Module) -> None:
     embed = model.patch_embed
     model.dynamic_img_size = True
     embed.strict_img_size, embed.flatten, embed.output_fmt = False, False, Format.NHWC
-

@@ -191,7 +191,6 @@ class RotaryPositions:
             emb = torch.cat([part.expand(*index.shape[:3], -1).gather(-1, index) for part in emb.chunk(2, dim=-1)], dim=-1)
         width = 2 * heads * d_qk
         qk = qkv[:, self.prefix :, :width].unflatten(-1, (2, heads, d_qk))
-        rotated = apply_rot_embed_cat(qk, emb[:, :, None], half=self.half).flatten(2)
-        out = qkv if not torch.is_grad_enabled() else qkv.clone()  # inference: qkv is ours alone, no copy of it
-        out[:, self.prefix :, :width] = rotated
+        out = qkv.clone()
+        out[:, self.prefix :, :width] = apply_rot_embed_cat(qk, emb[:, :, None], half=self.half).flatten(2)
         return out

@@ -312,3 +312,16 @@ def test_save_load_round_trip_at_two_sizes(model_id, tmp_path):
             assert back.schedule == fast.schedule and back.position == fast.position
             maps = back.forward_intermediates(images, indices=1, intermediates_only=True)
             assert maps[0].shape[-2:] == back.grid == back.grid_of(images)  # the grid of the images at hand
+
+
+@pytest.mark.parametrize("model_id", ["dinov3", "rope_mixed"])
+def test_merges_the_same_with_and_without_autograd(model_id):
+    """The merge metric is read before the rotation, whether or not autograd records the forward."""
+    model = build(model_id)
+    fast = cait.compress(model, merge=cait.ATME(flops=0.75))
+    images = images_for(model, 2)
+    with torch.no_grad():
+        plain = fast.forward_tokens(images)
+    recorded = fast.forward_tokens(images)
+    assert torch.equal(plain.owner, recorded.owner) and torch.equal(plain.size, recorded.size)
+    assert torch.equal(plain.x, recorded.x.detach())

@@ -153,6 +153,9 @@ def eva_settings(vit: nn.Module, strict: bool = True) -> dict:
         global_pool=vit.global_pool,
         dynamic_img_size=vit.dynamic_img_size,
         dynamic_img_pad=getattr(embed, "dynamic_img_pad", False),
+        # timm's Eva places its final norm by global_pool when built; reset_classifier changes the pooling, not the norms
+        use_fc_norm=not isinstance(vit.fc_norm, nn.Identity),
+        use_post_transformer_norm=not isinstance(vit.norm, nn.Identity),
         **({} if vit.attn_pool is None else {"attn_pool_num_heads": vit.attn_pool.num_heads}),
     )
 

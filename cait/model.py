@@ -241,7 +241,10 @@ class CompressedViT(TimmApi, nn.Module):
         if self.global_pool not in ("avg", "avgmax", "map") or not merged:
             return self.vit.forward_head(x, pre_logits)
         if size is None:
-            raise ValueError(f"{self.global_pool} pooling of merged tokens needs their cell counts: pass size=state.size")
+            raise ValueError(
+                f"{self.global_pool} pooling of merged tokens weighs each by the cells it holds, which forward_features does not "
+                f"return: call the model itself, or state = model.forward_tokens(x) then model.forward_head(state.x, size=state.size)"
+            )
         # timm's Eva pools the prefix tokens by attention but not by average (global_pool_nlc);
         # timm < 1.0.16 never pools prefix tokens
         with_prefix = self.global_pool == "map" if self.eva else getattr(self.vit, "pool_include_prefix", False)

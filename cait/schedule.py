@@ -1,4 +1,5 @@
 """ATME merge schedules: an explicit count per block, or a FLOPs target that a solver turns into one."""
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ class ATME:
             raise ValueError(f"ATME position must be one of {RULES}, got {self.position!r}")
         if self.flops is not None and not (isinstance(self.flops, (int, float)) and 0 < self.flops <= 1):
             raise ValueError(f"ATME flops must be a ratio in (0, 1], got {self.flops!r}")
-        counts = [self.r] if isinstance(self.r, int) else list(self.r or [])
+        counts = list(self.r) if isinstance(self.r, Sequence) and not isinstance(self.r, str) else [self.r] if self.r is not None else []
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts):
             raise ValueError(f"ATME r must be a non-negative int or a list of them, got {self.r!r}")
         if isinstance(self.r, Sequence):

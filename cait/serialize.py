@@ -200,6 +200,7 @@ def save(model, path: str | os.PathLike) -> None:
     same function (module docstring).
 
     Raises ``TypeError`` for other models, ``FileNotFoundError`` when the folder does not exist,
+    ``IsADirectoryError`` when ``path`` is a folder,
     ``ValueError`` (or :class:`cait.support.Unsupported` for a head the format cannot hold) naming what
     the file could not reproduce: attached gates, hooks, a setting the record misses.
     """
@@ -208,6 +209,8 @@ def save(model, path: str | os.PathLike) -> None:
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name (.safetensors)")
     _refuse_what_a_file_cannot_hold(model)
     _backbone(model).use_grid(_backbone(model).native_grid)  # a model last run at another size: back to its own grid
     config = config_of(model)

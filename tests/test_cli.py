@@ -164,12 +164,21 @@ def saved(tmp_path_factory):
         (["bench", "--models", "{dir}/none.safetensors"], "no such file"),
         (["eval", "{dir}/m.safetensors", "--data", "{dir}/data", "--workers", "0"], "has 1000 classes but"),
         (["visualize", "--model", "{dir}/m.safetensors", "{dir}/none.png", "--out", "{dir}/r.png"], "no such image"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "2", "--out", "{dir}"], "is a folder: give a file name"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "2", "--out", "{dir}/m.pt2"], "ends in .safetensors"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--keep-qk", "0", "--out", "{dir}/x.safetensors"], "keep ratio"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-flops", "1.5", "--out", "{dir}/x.safetensors"], "flops must be"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "2", "--num-classes", "-3", "--out", "{dir}/x.safetensors"],
+         "--num-classes must be 0"),
+        (["bench", "--models", "{dir}/m.safetensors", "--batch", "0"], "--batch sizes must be at least 1"),
+        (["bench", "--models", "{dir}/m.safetensors", "--variant", "merge=0.5"], "a saved file is timed as it was saved"),
     ],
 )
 def test_command_line_mistakes_are_one_line_before_any_work(saved, argv, message, capsys):
     assert run([a.format(dir=saved) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert "random weights" not in err or "--checkpoint" in argv  # refused before a model was built
 
 
 def test_bench_times_a_saved_file_and_prints_the_table_once(saved, capsys):

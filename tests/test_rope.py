@@ -325,3 +325,16 @@ def test_merges_the_same_with_and_without_autograd(model_id):
     recorded = fast.forward_tokens(images)
     assert torch.equal(plain.owner, recorded.owner) and torch.equal(plain.size, recorded.size)
     assert torch.equal(plain.x, recorded.x.detach())
+
+
+@pytest.mark.parametrize("model_id, pool", [("eva02", "token"), ("eva02", "avgmax"), ("rope_axial_odd", "avg"), ("dinov3", "")])
+def test_saves_after_reset_classifier_changes_the_pooling(model_id, pool, tmp_path):
+    """timm's Eva places its final norm (norm or fc_norm) by global_pool when built; a new pooling later
+    keeps the norms, and the saved record says where they are."""
+    model = build(model_id)
+    fast = cait.compress(model, merge=cait.ATME(flops=0.8))
+    fast.reset_classifier(4, pool)
+    cait.save(fast, tmp_path / "m.safetensors")
+    images = images_for(model, 2)
+    with torch.no_grad():
+        assert torch.equal(cait.load(tmp_path / "m.safetensors")(images), fast(images))

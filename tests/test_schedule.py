@@ -93,3 +93,9 @@ def test_flops_input_size_errors():
         cait.flops(timm.create_model("deit_tiny_patch16_224", depth=1), (224, 224))
     with pytest.raises(ValueError, match="cannot tell the input size"):
         cait.flops(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("r", [2.5, -1, "3", [1.5, 2], True])
+def test_bad_counts_are_refused_by_name(r):
+    with pytest.raises(ValueError, match="ATME r must be a non-negative int or a list of them"):
+        cait.ATME(r=r)

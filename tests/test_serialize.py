@@ -217,6 +217,8 @@ def test_save_refuses_a_missing_folder_and_other_models(tmp_path):
         cait.save(cait.compress(tiny()), tmp_path / "no" / "m.safetensors")
     with pytest.raises(TypeError, match="made by cait.compress"):
         cait.save(build("deit_tiny"), tmp_path / "x.safetensors")
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        cait.save(cait.compress(tiny()), tmp_path)
 
 
 def rewrite_config(path, target, change):

@@ -173,6 +173,8 @@ def run(args) -> None:
         raise ValueError("--threads takes one count >= 1 (several only with --deploy)")
     if args.repeats is not None and args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
+    if args.batch and min(args.batch) < 1:
+        raise ValueError("--batch sizes must be at least 1")
     if not args.all:
         check_output(args.out)
     check_output(args.picture, "--picture")
@@ -199,6 +201,8 @@ def run(args) -> None:
     for text in variants:
         parse_variant(text)  # refuse a bad spec before any timing
     check_models(args.models)
+    if args.variant and all(is_saved_model(m) for m in args.models):
+        raise ValueError("--variant compresses timm models: a saved file is timed as it was saved (drop --variant)")
     if args.checkpoint and (len(args.models) != 1 or is_saved_model(args.models[0])):
         raise ValueError("--checkpoint needs exactly one timm model name in --models (a saved file holds its own weights)")
     check_checkpoint(args.checkpoint)

@@ -103,12 +103,18 @@ def load_images(folder: str, model, count: int):
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in tqdm(paths[:count], desc="calibration images", leave=False)])
 
 
-def check_output(path: str | None, flag: str = "--out") -> None:
-    """Refuse, before any work, an output file whose folder does not exist."""
+def check_output(path: str | None, flag: str = "--out", suffix: str | None = None) -> None:
+    """Refuse, before any work, an output file whose folder does not exist, that is a folder, or
+    (with ``suffix``) whose name has another extension."""
     if path:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder: give a file name")
+        extension = os.path.splitext(path)[1]
+        if suffix and extension and extension != suffix:
+            raise ValueError(f"{flag} {path}: a cait model file ends in {suffix}, not {extension}")
 
 
 def check_checkpoint(path: str | None) -> None:
@@ -166,6 +172,23 @@ def load_checkpoint(model, path: str, name: str) -> None:
         timm_load(model, path)
     except Exception as error:  # torch.load, safetensors and load_state_dict raise many kinds
         raise _checkpoint_error(path, name, error) from error
+
+
+def check_compression(args) -> None:
+    """Refuse bad merge and pruning arguments before any model is built (the specs validate themselves)."""
+    import cait
+
+    importance = args.importance or ("activation" if args.calibration else "weight")
+    if importance == "activation" and not args.calibration:
+        raise ValueError("--importance activation needs --calibration DIR")
+    if args.merge_flops is not None:
+        cait.ATME(flops=args.merge_flops, block=args.block)
+    elif args.merge_r is not None:
+        cait.ATME(r=args.merge_r[0] if len(args.merge_r) == 1 else args.merge_r, block=args.block)
+    if (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0):
+        cait.CDCP(qk=args.keep_qk, v=args.keep_v, mlp=args.keep_mlp, align=_align(args.align))
+    if getattr(args, "num_classes", None) is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes must be 0 (no head) or more, got {args.num_classes}")
 
 
 def compression(args, model, calibration_folder: str | None):

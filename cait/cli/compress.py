@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import EXAMPLES, add_compression_arguments, add_model_arguments, build_model, check_output, compression, describe
+from .common import (
+    EXAMPLES,
+    add_compression_arguments,
+    add_model_arguments,
+    build_model,
+    check_compression,
+    check_output,
+    compression,
+    describe,
+)
 
 
 def add_parser(commands) -> None:
@@ -28,7 +37,8 @@ def run(args) -> None:
     prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
     if args.merge_flops is None and args.merge_r is None and not prune_requested:
         raise ValueError("nothing to compress: give --merge-flops or --merge-r, and/or --keep-qk/--keep-v/--keep-mlp below 1")
-    check_output(args.out)
+    check_output(args.out, suffix=".safetensors")
+    check_compression(args)
     model = build_model(args)
     merge, prune = compression(args, model, args.calibration)
     fast = cait.compress(model, merge=merge, prune=prune)

@@ -10,6 +10,7 @@ from .common import (
     add_compression_arguments,
     add_model_arguments,
     build_model,
+    check_compression,
     compression,
     describe,
     device_of,
@@ -99,6 +100,7 @@ def run(args) -> None:
         raise ValueError("--teacher and --head are for --task segmentation")
     if args.model is None and not (args.task == "segmentation" and args.teacher):
         raise ValueError("--model is required (for --task segmentation it may come from --teacher instead)")
+    check_compression(args)
     distill = Distillation(args.alpha, args.temperature)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = device_of(args.device)
@@ -106,7 +108,7 @@ def run(args) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.setdevice_of(device)
+            torch.cuda.set_device(device)
     main_process = world == 1 or dist.get_rank() == 0
     torch.manual_seed(args.seed)
     setup = _segmentation_setup if args.task == "segmentation" else _classification_setup

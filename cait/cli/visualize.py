@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import add_compression_arguments, add_model_arguments, build_model, check_output, compression
+from .common import add_compression_arguments, add_model_arguments, build_model, check_compression, check_output, compression
 
 
 def add_parser(commands) -> None:
@@ -45,6 +45,7 @@ def run(args) -> None:
     else:
         if args.merge_flops is None and args.merge_r is None:
             raise ValueError("--model is a timm name: give --merge-flops or --merge-r to say how to merge")
+        check_compression(args)
         dense = build_model(args)
         merge, prune = compression(args, dense, args.calibration)
         model = cait.compress(dense, merge=merge, prune=prune)

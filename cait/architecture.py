@@ -108,14 +108,9 @@ def _head_classes(vit: nn.Module, strict: bool = True) -> int:
     return head.out_features
 
 
-def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
-    """The constructor settings of everything around the blocks (embedding, prefix tokens, norms,
-    pooling, head) read off ``vit``, whose blocks may already have been taken over. ``strict``:
-    refuse (:class:`Unsupported`) a head other than ``nn.Linear``/``nn.Identity``, else note timm's ``num_classes``."""
+def _grid_and_head(vit: nn.Module, strict: bool) -> dict:
+    """The settings every supported class shares: patch grid, input sizes, width, head and pooling."""
     embed = vit.patch_embed
-    if is_eva(vit):
-        return eva_settings(vit, strict)
-    final_norm = not (isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity))
     return dict(
         img_size=list(embed.img_size),
         patch_size=list(embed.patch_size),
@@ -123,6 +118,21 @@ def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
         embed_dim=vit.embed_dim,
         num_classes=_head_classes(vit, strict),
         global_pool=vit.global_pool,
+        dynamic_img_size=vit.dynamic_img_size,
+        dynamic_img_pad=getattr(embed, "dynamic_img_pad", False),
+    )
+
+
+def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
+    """The constructor settings of everything around the blocks (embedding, prefix tokens, norms,
+    pooling, head) read off ``vit``, whose blocks may already have been taken over. ``strict``:
+    refuse (:class:`Unsupported`) a head other than ``nn.Linear``/``nn.Identity``, else note timm's ``num_classes``."""
+    if is_eva(vit):
+        return eva_settings(vit, strict)
+    embed = vit.patch_embed
+    final_norm = not (isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity))
+    return dict(
+        _grid_and_head(vit, strict),
         class_token=vit.cls_token is not None,
         reg_tokens=vit.num_reg_tokens,
         no_embed_class=vit.no_embed_class,
@@ -131,8 +141,6 @@ def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
         final_norm=final_norm,
         fc_norm=not isinstance(vit.fc_norm, nn.Identity),
         pool_include_prefix=getattr(vit, "pool_include_prefix", False),  # timm < 1.0.16 has neither attribute nor setting
-        dynamic_img_size=vit.dynamic_img_size,
-        dynamic_img_pad=getattr(embed, "dynamic_img_pad", False),
         drop_rate=vit.head_drop.p,
         pos_drop_rate=vit.pos_drop.p,
         embed_norm_layer=None if isinstance(embed.norm, nn.Identity) else norm_spec(embed.norm),
@@ -141,18 +149,11 @@ def trunk_settings(vit: nn.Module, strict: bool = True) -> dict:
 
 def eva_settings(vit: nn.Module, strict: bool = True) -> dict:
     """timm ``Eva``: the settings read off the model that a name's defaults do not fix (sizes, head,
-    pooling, input sizes); the rest come from the timm name, and the proof :func:`cait.save` runs
-    (module-tree diff and probe) refuses a model whose name's defaults would rebuild it otherwise."""
-    embed = vit.patch_embed
+    pooling, input sizes, where the final norm sits); the rest come from the timm name, and the proof
+    :func:`cait.save` runs (module-tree diff and probe) refuses a model whose name's defaults would
+    rebuild it otherwise."""
     return dict(
-        img_size=list(embed.img_size),
-        patch_size=list(embed.patch_size),
-        in_chans=embed.proj.in_channels,
-        embed_dim=vit.embed_dim,
-        num_classes=_head_classes(vit, strict),
-        global_pool=vit.global_pool,
-        dynamic_img_size=vit.dynamic_img_size,
-        dynamic_img_pad=getattr(embed, "dynamic_img_pad", False),
+        _grid_and_head(vit, strict),
         # timm's Eva places its final norm by global_pool when built; reset_classifier changes the pooling, not the norms
         use_fc_norm=not isinstance(vit.fc_norm, nn.Identity),
         use_post_transformer_norm=not isinstance(vit.norm, nn.Identity),

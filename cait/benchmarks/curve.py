@@ -69,7 +69,7 @@ def cait_plan(dense, ratio: float, keep: float) -> tuple[ATME, CDCP | None]:
     """CAIT at ``ratio``: CDCP keeping ``keep`` of the q/k, v and MLP channels (None at 1.0) and ATME
     merging to the rest. Raises ``ValueError`` when pruning alone already costs less than ``ratio`` or
     merging cannot reach it."""
-    prune = None if keep == 1 else CDCP(qk=keep, v=keep, mlp=keep)
+    prune = None if keep == 1 else CDCP(qk=keep, v=keep, mlp=keep, align=1)
     pruned = 1.0 if prune is None else flops(compress(dense, prune=prune)) / flops(dense)
     if pruned < ratio:
         raise ValueError(f"keeping {keep} of the channels alone gives {pruned:.3f}x FLOPs, below {ratio}")

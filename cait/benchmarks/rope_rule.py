@@ -35,7 +35,7 @@ MODELS = {"axial": "vit_small_patch16_rope_224", "dinov3": "vit_small_patch16_di
 METHODS = {  # name: (merge target, CDCP or None)
     "ATME 0.6x": (0.6, None),
     "ATME 0.5x": (0.5, None),
-    "ATME+CDCP ~0.5x": (0.7, CDCP(qk=0.5, v=0.75, mlp=0.75)),
+    "ATME+CDCP ~0.5x": (0.7, CDCP(qk=0.5, v=0.75, mlp=0.75, align=1)),
 }
 
 

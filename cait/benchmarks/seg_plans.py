@@ -48,7 +48,7 @@ class Plan:
     def build(self, backbone, target: float) -> tuple[ATME, CDCP | None]:
         """``(merge, prune)`` giving the timm ``backbone`` about ``target`` times its FLOPs; ``ValueError``
         when this plan cannot reach it."""
-        prune = None if self.keep == 1 else CDCP(qk=self.keep, v=self.keep, mlp=self.keep)
+        prune = None if self.keep == 1 else CDCP(qk=self.keep, v=self.keep, mlp=self.keep, align=1)
         pruned = compress(backbone, prune=prune)
         share = flops(pruned) / flops(backbone)
         if share < target:

@@ -29,7 +29,9 @@ import torch
 from .atme import atme_step_reference, check_atme_inputs
 
 SOURCE = Path(__file__).with_name("csrc") / "atme_cpu.cpp"
-NAME = "cait_cpu_kernels"
+# One build per torch version: venvs with different torch share torch's extension cache folder, and a
+# library built against one torch does not load into another.
+NAME = "cait_cpu_kernels_torch" + torch.__version__.split("+")[0].replace(".", "_")
 # at::parallel_for is OpenMP in the header on Linux builds of torch: without the flag it runs serially.
 # The kernel then shares torch's libgomp (same soname, already loaded), so one thread pool serves both.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []

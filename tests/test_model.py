@@ -109,6 +109,8 @@ UNSUPPORTED = {  # timm name, overrides, reason in the message
 @pytest.mark.parametrize("model_id", UNSUPPORTED)
 def test_unsupported_models_are_refused_by_name(model_id):
     name, overrides, reason = UNSUPPORTED[model_id]
+    if not timm.is_model(name) or (model_id == "naflex" and not hasattr(timm.models, "naflexvit")):
+        pytest.skip(f"timm {timm.__version__} has no {model_id}")
     with pytest.raises(NotImplementedError, match=reason):
         cait.compress(timm.create_model(name, **overrides), merge=cait.ATME(r=1))
 
@@ -134,3 +136,17 @@ def test_cuda_graph_refuses_a_cpu_input():
     fast = cait.compress(build("deit_distilled"))
     with pytest.raises(ValueError, match="needs an example input on a CUDA device"):
         cait.cuda_graph(fast, torch.randn(1, *fast.input_size))
+
+
+def test_an_older_timm_refuses_the_newer_families_by_name():
+    """Where timm predates AttentionRope / masked attention pooling (before 1.0.16), Eva models and
+    attention pooling are refused with the reason; on newer timm they compress (tests/test_rope.py)."""
+    from models import too_old
+
+    if not too_old("siglip_map"):
+        pytest.skip(f"timm {timm.__version__} has both")
+    siglip = timm.create_model("vit_base_patch16_siglip_224", img_size=96, embed_dim=96, num_heads=3, depth=2)
+    with pytest.raises(NotImplementedError, match="takes attn_mask"):
+        cait.compress(siglip)
+    with pytest.raises(NotImplementedError, match="needs timm.layers.AttentionRope"):
+        cait.compress(timm.create_model("eva02_tiny_patch14_224", img_size=70, depth=2))

@@ -338,3 +338,22 @@ def test_saves_after_reset_classifier_changes_the_pooling(model_id, pool, tmp_pa
     images = images_for(model, 2)
     with torch.no_grad():
         assert torch.equal(cait.load(tmp_path / "m.safetensors")(images), fast(images))
+
+
+@pytest.mark.parametrize("model_id", ["dinov3", "pe_core_map"])
+def test_info_bench_and_segmentation_take_a_saved_rope_model(model_id, tmp_path, capsys):
+    from cait.segmentation import segmenter
+    from test_cli import run
+
+    model = build(model_id)
+    fast = cait.compress(model, merge=cait.ATME(flops=0.75), prune=cait.CDCP(qk=0.5, align=1))
+    cait.save(fast, tmp_path / "m.safetensors")
+    assert run(["info", str(tmp_path / "m.safetensors")]) == 0
+    assert run(["bench", "--models", str(tmp_path / "m.safetensors"), "--batch", "1", "--repeats", "1"]) == 0
+    assert "| saved |" in capsys.readouterr().out
+    seg = segmenter(cait.load(tmp_path / "m.safetensors"), 3).eval()
+    images = images_for(model, 2)
+    cait.save(seg, tmp_path / "seg.safetensors")
+    with torch.no_grad():
+        assert seg(images).shape == (2, 3, *images.shape[2:])
+        assert torch.equal(cait.load(tmp_path / "seg.safetensors")(images), seg(images))

@@ -68,3 +68,17 @@ def poisoned(monkeypatch):
 def moved(kwargs: dict, device: torch.device) -> dict:
     """``kwargs`` with its CPU tensors moved to ``device`` (tensors elsewhere, e.g. on ``meta``, stay)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in kwargs.items()}
+
+
+def zero_dropped_qkv(qkv: torch.nn.Linear, heads: int, head_dim: int, kept: dict) -> None:
+    """Zero the rows of a packed ``qkv`` (``[q heads | k heads | v heads]``) for the q/k and v channels
+    a pruned block did not keep (``kept["qk"]``, ``kept["v"]``: ``(heads, d)`` channel indices)."""
+    keep = torch.zeros(3, heads, head_dim, dtype=torch.bool)
+    for h in range(heads):
+        keep[0, h, kept["qk"][h]] = keep[1, h, kept["qk"][h]] = True
+        keep[2, h, kept["v"][h]] = True
+    drop = ~keep.flatten()
+    with torch.no_grad():
+        qkv.weight[drop] = 0
+        if qkv.bias is not None:
+            qkv.bias[drop] = 0

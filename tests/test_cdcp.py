@@ -8,7 +8,7 @@ import cait
 from cait.cdcp import kept_count
 from cait.cost import cost_model
 from cait_kernels.attention import EXPLICIT_LOGITS
-from conftest import rel_err
+from conftest import rel_err, zero_dropped_qkv
 from models import build, images_for
 
 PRUNE = cait.CDCP(qk=0.5, v=0.625, mlp=0.7, align=1)  # exact counts: 32, 40 and round(0.7 * 768) = 538
@@ -19,15 +19,7 @@ def zero_pruned_channels(dense, fast):
     the MLP hidden units that ``fast`` dropped. Their outputs then contribute exactly nothing."""
     with torch.no_grad():
         for block, pruned in zip(dense.blocks, fast.blocks):
-            heads, head_dim = block.attn.num_heads, block.attn.head_dim
-            keep = torch.zeros(3, heads, head_dim, dtype=torch.bool)
-            for h in range(heads):
-                keep[0, h, pruned.kept["qk"][h]] = keep[1, h, pruned.kept["qk"][h]] = True
-                keep[2, h, pruned.kept["v"][h]] = True
-            drop = ~keep.flatten()
-            block.attn.qkv.weight[drop] = 0
-            if block.attn.qkv.bias is not None:
-                block.attn.qkv.bias[drop] = 0
+            zero_dropped_qkv(block.attn.qkv, block.attn.num_heads, block.attn.head_dim, pruned.kept)
             hidden = torch.ones(block.mlp.fc2.in_features, dtype=torch.bool)
             hidden[pruned.kept["mlp"]] = False
             block.mlp.fc2.weight[:, hidden] = 0

@@ -10,7 +10,7 @@ from timm.layers.pos_embed_sincos import _build_grid, _rope_layout
 import cait
 from cait.gates import attach_gates
 from cait.rope import RotaryPositions, rotary_pairs
-from conftest import rel_err
+from conftest import rel_err, zero_dropped_qkv
 from models import ROPE, build, images_for
 
 
@@ -143,18 +143,9 @@ def test_rotary_pairs(half):
 
 def zero_dropped_pairs(dense_fast, pruned):
     """In an unpruned compressed copy: zero the q/k rows of the rotary pairs ``pruned`` dropped and
-    the v rows and MLP units it dropped: they then add exactly nothing."""
-    with torch.no_grad():
-        for block, small in zip(dense_fast.blocks, pruned.blocks):
-            heads, head_dim = block.attn.heads, block.attn.d_qk
-            keep = torch.zeros(3, heads, head_dim, dtype=torch.bool)
-            for h in range(heads):
-                keep[0, h, small.kept["qk"][h]] = keep[1, h, small.kept["qk"][h]] = True
-                keep[2, h, small.kept["v"][h]] = True
-            drop = ~keep.flatten()
-            block.attn.qkv.weight[drop] = 0
-            if block.attn.qkv.bias is not None:
-                block.attn.qkv.bias[drop] = 0
+    the v rows it dropped: they then add exactly nothing."""
+    for block, small in zip(dense_fast.blocks, pruned.blocks):
+        zero_dropped_qkv(block.attn.qkv, block.attn.heads, block.attn.d_qk, small.kept)
 
 
 @pytest.mark.parametrize("model_id", ["rope_axial_odd", "rope_mixed", "dinov3", "sbb_rope_registers"])

@@ -196,10 +196,9 @@ def compression(args, model, calibration_folder: str | None):
     calibration images from ``calibration_folder``."""
     import cait
 
+    check_compression(args)
     prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
     importance = args.importance or ("activation" if args.calibration else "weight")
-    if importance == "activation" and not calibration_folder:
-        raise ValueError("--importance activation needs --calibration DIR")
     merge = None
     if args.merge_flops is not None:
         merge = cait.ATME(flops=args.merge_flops, block=args.block)

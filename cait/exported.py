@@ -45,7 +45,8 @@ EXTRA = "pip install 'cait[export]' (onnx, onnxscript, onnxruntime)"
 @dataclass(frozen=True)
 class Exported:
     """What :func:`export` wrote: the file, its format and batch, the seconds it took (export and
-    check), and the relative error of the loaded file against eager on the probe images."""
+    check), the relative error of the loaded file against eager on the probe images, and the image
+    size ``(H, W)`` in pixels the file takes."""
 
     path: str
     format: str
@@ -53,6 +54,7 @@ class Exported:
     dynamic_batch: bool
     seconds: float
     error: float
+    img_size: tuple[int, int]
 
 
 def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
@@ -94,6 +96,22 @@ def _check_arguments(model, path, format, batch, dynamic_batch) -> None:
         missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
         if missing:
             raise NotImplementedError(f"ONNX export needs {', '.join(missing)}: {EXTRA}")
+
+
+def _input_size(model: nn.Module, img_size) -> tuple[int, int, int]:
+    """``(C, H, W)`` to trace: the model's own size, or ``img_size`` once the model is seen to take it
+    (its own error otherwise, before any work)."""
+    chans, *own = default_input_size(model)
+    if img_size is None:
+        return (chans, *own)
+    pair = (img_size, img_size) if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
+    whole = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    if not whole or min(pair) < 1:
+        raise ValueError(f"img_size must be a whole number of pixels >= 1 or a pair (H, W) of them, got {img_size!r}")
+    weight = next(model.parameters())
+    with torch.inference_mode():
+        model(torch.zeros(1, chans, *pair, dtype=weight.dtype, device=weight.device))
+    return (chans, *pair)
 
 
 def _importable(name: str) -> bool:
@@ -141,6 +159,8 @@ def load_exported(path: str | os.PathLike, *, threads: int | None = None, spinni
     format = _format_of(path)
     if format is None:
         raise ValueError(f"{path}: unknown export format (expected a name ending in {', '.join(SUFFIX.values())})")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder: give a file written by cait.export")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     if format == "onnx":
@@ -190,7 +210,15 @@ def default_path(source: str | os.PathLike, format: str) -> str:
     return os.path.splitext(os.fspath(source))[0] + SUFFIX[format]
 
 
-def export(model: nn.Module, path: str | os.PathLike, *, format: str = "pt2", batch: int = 1, dynamic_batch: bool = False) -> Exported:
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    format: str = "pt2",
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    img_size: int | tuple[int, int] | None = None,
+) -> Exported:
     """Write ``model`` for deployment in ``format`` and check the written file; see the module docstring.
 
     Args:
@@ -202,6 +230,9 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "pt2", ba
         batch: the batch size traced (and the only one the file takes without ``dynamic_batch``).
         dynamic_batch: the file takes any batch size >= 1 (not for ``aoti``); traced at ``max(batch, 2)``
             (``torch.export`` would specialize a batch of 1), checked at ``batch`` and ``batch + 1``.
+        img_size: the image size the file takes, ``H`` or ``(H, W)`` in pixels (default: the size the
+            model was built for). Another size needs a model that takes it (``dynamic_img_size=True``);
+            the file then holds that size's merge schedule and takes that size only.
 
     Returns:
         :class:`Exported`.
@@ -215,7 +246,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "pt2", ba
     path = os.fspath(path)
     weight = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    size = default_input_size(model)
+    size = _input_size(model, img_size)
     # torch.export specializes a batch of 1 (and 0): a dynamic batch is traced at 2 at least
     example = torch.randn(max(batch, 2) if dynamic_batch else batch, *size, generator=generator).to(weight)
     probes = [torch.randn(batch, *size, generator=generator).to(weight)]
@@ -228,7 +259,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, format: str = "pt2", ba
     except BaseException:
         os.remove(path)
         raise
-    return Exported(path, format, batch, dynamic_batch, time.perf_counter() - start, error)
+    return Exported(path, format, batch, dynamic_batch, time.perf_counter() - start, error, tuple(size[1:]))
 
 
 def _check(model: nn.Module, path: str, probes: list[torch.Tensor]) -> float:

@@ -131,6 +131,13 @@ class CompressedViT(TimmApi, nn.Module):
         """Tokens merged away in each block at the current :attr:`grid`."""
         return tuple(block.r for block in self.blocks)
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first, on every submodule: refuse in one sentence."""
+        raise NotImplementedError(
+            "torch.jit.script cannot compile a compressed model (its merge step is a custom op with data-dependent "
+            "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
+        )
+
     def set_schedule(self, schedule) -> None:
         """Merge ``schedule[i]`` tokens in block ``i`` at the native grid (other grids scale these
         counts, :func:`cait.schedule.scale_schedule`); proportional attention is on after the first merge."""

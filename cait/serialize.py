@@ -217,12 +217,22 @@ def save(model, path: str | os.PathLike) -> None:
     verify(model, config)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata={"cait": json.dumps(config)})
+    _usual_mode(path)
+
+
+def _usual_mode(path) -> None:
+    """Give the file the permissions ``open()`` would (safetensors writes 0600 whatever the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_config(path: str | os.PathLike) -> dict:
     """The cait config stored in a file written by :func:`save`; ValueError for foreign, older or newer files."""
     from safetensors import safe_open
 
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder: give a .safetensors file written by cait.save")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     try:
@@ -262,8 +272,8 @@ def is_cait_file(path: str | os.PathLike) -> bool:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the compressed model (or segmentation model) saved at ``path``; returns it in eval
-    mode on ``device``, in the dtype it was saved in. FileNotFoundError / ValueError name what is wrong
-    with a missing, foreign, older or newer file."""
+    mode on ``device``, in the dtype it was saved in. FileNotFoundError / IsADirectoryError /
+    ValueError name what is wrong with a missing, foreign, older or newer file, or a folder."""
     from safetensors.torch import load_file
 
     config = read_config(path)

@@ -147,6 +147,33 @@ def test_jit_trace_is_refused_with_one_sentence(compressed):
         torch.jit.trace(compressed, torch.randn(1, 3, 80, 80), check_trace=False)
 
 
+def test_jit_script_is_refused_with_one_sentence(compressed):
+    from cait.segmentation import segmenter
+
+    for model in (compressed, segmenter(compressed, 3)):  # also as a submodule
+        with pytest.raises(NotImplementedError, match=r"torch.jit.script cannot compile a compressed model.*cait export"):
+            torch.jit.script(model)
+
+
+def test_a_dynamic_size_model_exports_at_another_size(tmp_path):
+    model = cait.compress(small(img_size=64, dynamic_img_size=True), merge=cait.ATME(flops=0.7)).eval()
+    done = cait.export(model, tmp_path / "m.pt2", format="pt2", img_size=(80, 96))
+    assert done.img_size == (80, 96) and done.error < 1e-5
+    images = torch.randn(1, 3, 80, 96)
+    with torch.inference_mode():
+        assert rel_err(load_exported(done.path)(images), model(images)) < 1e-5
+    assert cait.export(model, tmp_path / "n.pt2", format="pt2").img_size == (64, 64)  # the native size by default
+
+
+@pytest.mark.parametrize(
+    "img_size, message", [(0, "img_size must be"), ((80,), "img_size must be"), ((80, 80.0), "img_size must be"), (96, "dynamic_img_size")]
+)
+def test_another_size_is_refused_before_any_work(compressed, img_size, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        cait.export(compressed, tmp_path / "m.pt2", img_size=img_size)
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -180,7 +207,15 @@ def test_cli_exports_a_saved_model(compressed, tmp_path, capsys):
     assert run(["export", str(saved), "--format", "pt2", "--batch", "2", "--dynamic-batch"]) == 0
     assert (tmp_path / "m.pt2").exists()
     printed = capsys.readouterr().out
-    assert "wrote" in printed and "any batch" in printed and "relative error" in printed
+    assert "wrote" in printed and "any batch" in printed and "80x80 px" in printed and "relative error" in printed
+
+
+def test_cli_exports_a_dynamic_size_model_at_another_size(tmp_path, capsys):
+    saved = tmp_path / "m.safetensors"
+    cait.save(cait.compress(small(depth=1, img_size=64), merge=cait.ATME(r=[3]), dynamic_img_size=True).eval(), saved)
+    assert run(["export", str(saved), "--format", "pt2", "--img-size", "96", "80"]) == 0
+    assert "96x80 px" in capsys.readouterr().out
+    assert load_exported(tmp_path / "m.pt2")(torch.randn(1, 3, 96, 80)).shape == (1, 1000)
 
 
 @pytest.mark.parametrize(
@@ -191,6 +226,8 @@ def test_cli_exports_a_saved_model(compressed, tmp_path, capsys):
         (["--format", "onnx", "--out", "OUT/m.pt2"], "a onnx file must end in .onnx"),
         (["--format", "pt2", "--out", "/no/such/folder/m.pt2"], "no such folder"),
         (["--format", "tflite"], "invalid choice"),
+        (["--format", "pt2", "--img-size", "96"], "dynamic_img_size"),
+        (["--format", "pt2", "--img-size", "96", "96", "3"], "--img-size takes H or H W"),
     ],
 )
 def test_cli_errors_are_one_line(compressed, tmp_path, capsys, argv, message):
@@ -205,10 +242,13 @@ def test_cli_errors_are_one_line(compressed, tmp_path, capsys, argv, message):
 
 
 @pytest.mark.parametrize(
-    "name, content, message", [("none.safetensors", None, "no such file"), ("x.safetensors", b"junk", "not a safetensors")]
+    "name, content, message",
+    [("none.safetensors", None, "no such file"), ("x.safetensors", b"junk", "not a safetensors"), ("folder", "dir", "is a folder")],
 )
 def test_cli_refuses_what_is_not_a_cait_file(tmp_path, capsys, name, content, message):
-    if content is not None:
+    if content == "dir":
+        (tmp_path / name).mkdir()
+    elif content is not None:
         (tmp_path / name).write_bytes(content)
     assert run(["export", str(tmp_path / name), "--format", "pt2"]) == 2
     err = capsys.readouterr().err

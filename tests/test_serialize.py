@@ -3,6 +3,7 @@ refused at save time by name, and old, foreign or damaged files are refused at l
 import functools
 import inspect
 import json
+import os
 
 import pytest
 import timm
@@ -221,6 +222,12 @@ def test_save_refuses_a_missing_folder_and_other_models(tmp_path):
         cait.save(cait.compress(tiny()), tmp_path)
 
 
+def test_saved_file_gets_the_permissions_open_would_give(tmp_path):
+    (tmp_path / "plain").write_text("")
+    cait.save(cait.compress(tiny()), tmp_path / "m.safetensors")
+    assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
+
+
 def rewrite_config(path, target, change):
     tensors = load_file(str(path))
     config = read_config(path)
@@ -250,6 +257,8 @@ def test_old_foreign_and_damaged_files_are_refused_at_load(tmp_path, change, mes
 def test_refusals(tmp_path):
     with pytest.raises(FileNotFoundError):
         cait.load(tmp_path / "missing.safetensors")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        cait.load(tmp_path)
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="no cait config"):
         cait.load(tmp_path / "plain.safetensors")

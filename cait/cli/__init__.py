@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, NotImplementedError, FileNotFoundError) as error:
+    except (ValueError, NotImplementedError, FileNotFoundError, IsADirectoryError) as error:
         parser.exit(2, f"cait {args.command}: error: {error}\n")
     except RuntimeError as error:
         if "Unknown model" not in str(error):

@@ -25,6 +25,13 @@ def add_parser(commands) -> None:
         "--dynamic-batch", action="store_true", help="the file takes any batch size >= 1 (pt2 and onnx; checked at N and N+1)"
     )
     e.add_argument(
+        "--img-size",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="image size the file takes: H, or H W (default: the model's; another size needs a model saved with dynamic_img_size)",
+    )
+    e.add_argument(
         "--out", metavar="PATH", help="where to write (default: FILE with the suffix .pt2, .onnx or .aoti.pt2; the suffix names the format)"
     )
     e.set_defaults(run=run)
@@ -34,8 +41,15 @@ def run(args) -> None:
     import cait
     from cait.exported import default_path
 
+    if args.img_size is not None and len(args.img_size) > 2:
+        raise ValueError(f"--img-size takes H or H W, got {len(args.img_size)} numbers")
     model = cait.load(args.file).eval()
     out = args.out or default_path(args.file, args.format)
-    done = cait.export(model, out, format=args.format, batch=args.batch, dynamic_batch=args.dynamic_batch)
+    size = None if args.img_size is None else tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    done = cait.export(model, out, format=args.format, batch=args.batch, dynamic_batch=args.dynamic_batch, img_size=size)
     shape = "any batch" if done.dynamic_batch else f"batch {done.batch}"
-    print(f"wrote {done.path} ({done.format}, {shape}; {done.seconds:.1f} s; checked against the model: relative error {done.error:.1e})")
+    height, width = done.img_size
+    print(
+        f"wrote {done.path} ({done.format}, {shape}, {height}x{width} px; {done.seconds:.1f} s; "
+        f"checked against the model: relative error {done.error:.1e})"
+    )

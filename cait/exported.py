@@ -24,6 +24,8 @@ way a deployment loads it and must reproduce the eager model's output on random 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -127,10 +129,23 @@ def _program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> to
         return torch.export.export(model, (example,), dynamic_shapes=shapes)
 
 
+@contextlib.contextmanager
+def _quiet_constant_folding():
+    """onnxscript's optimizer warns once per TopK (the stable sort of the merge step) that it cannot fold
+    an op with two outputs; that is expected (nothing to fold), so its warnings are held back."""
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        folding.setLevel(level)
+
+
 def _write(model: nn.Module, path: str, format: str, example: torch.Tensor, dynamic_batch: bool) -> None:
     if format == "onnx":
         shapes = ({0: "batch"},) if dynamic_batch else None
-        with torch.no_grad(), cait_kernels.backend("reference"):
+        with torch.no_grad(), cait_kernels.backend("reference"), _quiet_constant_folding():
             program = torch.onnx.export(
                 model,
                 (example,),

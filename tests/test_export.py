@@ -1,6 +1,7 @@
 """Export for deployment: pt2 round trip in a fresh process, ONNX in onnxruntime (owners and ties
 exact), AOTInductor, torch.jit.trace refused, and every bad argument of `cait export` as one line."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -134,6 +135,15 @@ def test_aoti_package_runs_the_compiled_model(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert rel_err(load_exported(tmp_path / "m.aoti.pt2")(images), fast(images)) < 1e-5
+
+
+def test_onnx_export_holds_back_the_expected_constant_folding_warnings(compressed, tmp_path, caplog):
+    """At a fixed batch onnxscript's optimizer meets constant TopKs (the merge step's stable sorts) and
+    would warn once per merging block that it cannot fold them."""
+    with caplog.at_level(logging.WARNING):
+        cait.export(compressed, tmp_path / "m.onnx", format="onnx")
+    assert not [r for r in caplog.records if "constant folding" in r.getMessage()]
+    assert logging.getLogger("onnxscript.optimizer._constant_folding").level == logging.NOTSET  # restored
 
 
 def test_a_dense_timm_model_exports_the_same_way(tmp_path):

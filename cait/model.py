@@ -89,6 +89,18 @@ class CompressedViT(TimmApi, nn.Module):
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
 
+    # what __init__ sets and forward reads: a pickle from an older cait that lacks one is refused on load
+    _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "grid", "merge", "schedules")
+
+    def __setstate__(self, state: dict) -> None:
+        missing = [name for name in self._INSTANCE_STATE if name not in state]
+        if missing:
+            raise ValueError(
+                f"this CompressedViT was pickled by an older cait (it has no {', '.join(missing)}): a pickle holds one "
+                f"version's objects; store models with cait.save, which later versions load or refuse by name"
+            )
+        super().__setstate__(state)
+
     @property
     def dynamic_img_size(self) -> bool:
         """True when the model takes images of other sizes than :attr:`input_size`."""

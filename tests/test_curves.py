@@ -42,6 +42,17 @@ def test_run_folder_keeps_models_scores_and_speeds(tmp_path):
         again.load(0, "out of reach")
 
 
+def test_a_model_pickled_by_an_older_cait_is_refused_by_name(tmp_path):
+    store = RunFolder(tmp_path / "runs")
+    store.save(0, "ATME @0.8", cait.compress(accuracy.small_vit(0), merge=cait.ATME(r=2)), {"top1": 0.5})
+    assert type(store.load(0, "ATME @0.8")) is cait.CompressedViT
+    older = cait.compress(accuracy.small_vit(0), merge=cait.ATME(r=2))
+    del older.native_grid, older.schedules  # what a CompressedViT of an older cait pickled
+    store.save(0, "ATME @0.8", older, {"top1": 0.5})
+    with pytest.raises(ValueError, match=r"pickled by an older cait \(it has no native_grid, schedules\).*delete it"):
+        store.load(0, "ATME @0.8")
+
+
 def _row(method, ratio, speed, score):
     return {"method": method, "flops_ratio": ratio, "img_per_s": speed, "top1_mean": score, "top1_std": 0.0}
 

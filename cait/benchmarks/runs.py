@@ -69,7 +69,10 @@ class RunFolder:
         path = self._model_path(seed, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no trained model {name!r} for seed {seed}; train it first (run without --time-only)")
-        return torch.load(path, map_location="cpu", weights_only=False).eval()
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False).eval()
+        except ValueError as error:  # pickled by an older cait (CompressedViT.__setstate__)
+            raise ValueError(f"{path}: {error}; delete it (and {name!r} in scores.json) to train it again") from error
 
     def scores(self, seed: int) -> dict:
         """``{name: scores}`` of every stored model of ``seed``."""

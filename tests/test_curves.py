@@ -159,7 +159,9 @@ def test_segmentation_schedule_shapes_hit_their_targets():
     front = seg_plans.schedule_for(cost, "front", 0.6, 2)
     two = seg_plans.schedule_for(cost, "two", 0.6, 2)
     assert front[0] > 0 and sum(front[1:]) == 0 and two[0] >= two[2] > 0 and sum(two) == two[0] + two[2]
-    for schedule in (front, two, seg_plans.schedule_for(cost, "ramp", 0.6, 4)):
+    later = seg_plans.schedule_for(cost, "two", 0.6, 2, first=1)
+    assert later[0] == 0 and later[1] >= later[3] > 0 and sum(later) == later[1] + later[3] and sum(later) > sum(two)
+    for schedule in (front, two, later, seg_plans.schedule_for(cost, "ramp", 0.6, 4)):
         assert cost.flops(schedule) / cost.flops((0,) * 6) == pytest.approx(0.6, abs=0.02)
     merge, prune = seg_plans.Plan("two", 4, 0.75).build(model, 0.5)
     fast = cait.compress(model, merge=merge, prune=prune)
@@ -170,6 +172,10 @@ def test_segmentation_schedule_shapes_hit_their_targets():
         seg_plans.schedule_for(cost, "middle", 0.6, 2)
     with pytest.raises(ValueError, match="below 0.9"):
         seg_plans.Plan("ramp", 2, 0.75).build(model, 0.9)
+    with pytest.raises(ValueError, match="from block 0"):
+        seg_plans.schedule_for(cost, "ramp", 0.6, 2, first=1)
+    assert str(seg_plans.Plan("two", 4, 0.75, 1)) == "two from block 1, tile 4, keep 0.75"
+    assert str(seg_plans.Plan("two", 4, 0.75)) == "two, tile 4, keep 0.75"  # the names cached scores are kept under
 
 
 def test_segmentation_choice_prefers_validation_miou_among_the_fast():

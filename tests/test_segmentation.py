@@ -288,15 +288,19 @@ def test_segmentation_tuning_quick_run_scores_every_candidate(tmp_path, monkeypa
     monkeypatch.setattr(seg_plans, "SHAPES", ("two", "front"))
     monkeypatch.setattr(seg_plans, "TILES", (4,))
     monkeypatch.setattr(seg_plans, "KEEPS", (0.75,))
+    monkeypatch.setattr(seg_plans, "FIRSTS", (0, 1))
     monkeypatch.setattr(seg_plans, "ALGM_SHARES", (0.5,))
     out = tmp_path / "tune.json"
     argv = ["bench", "--segmentation", "--tune", "--epochs", "1", "--finetune-epochs", "1", "--work", str(tmp_path), "--out", str(out)]
     assert run(argv) == 0
     data = json.loads(out.read_text())
     candidates = [c for c in data["candidates"] if c["method"] != "dense"]
-    assert [(c["method"], c.get("shape"), c.get("local_share")) for c in candidates] == [
-        ("CAIT", "two", None), ("CAIT", "front", None), ("ALGM-style", None, 0.5)
+    assert [(c["method"], c.get("shape"), c.get("first"), c.get("local_share")) for c in candidates] == [
+        ("CAIT", "two", 0, None), ("CAIT", "front", 0, None), ("CAIT", "two", 1, None), ("CAIT", "front", 1, None),
+        ("ALGM-style", None, None, 0.5),
     ]  # fmt: skip
     assert all(0 <= c["val_miou"] <= 1 and c["img_per_s"] > 0 and abs(c["flops_ratio"] - 0.5) < 0.03 for c in candidates)
     assert candidates[0]["schedule"][0] > 0 and candidates[0]["schedule"][2] > 0 and sum(candidates[1]["schedule"][1:]) == 0
-    assert set(data["chosen"]) == {"CAIT", "ALGM-style"} and data["chosen"]["ALGM-style"] == {"0.5": candidates[2]["name"]}
+    assert candidates[2]["schedule"][0] == 0 and candidates[2]["schedule"][1] > 0 and candidates[2]["schedule"][3] > 0
+    assert candidates[3]["schedule"][0] == 0 and sum(candidates[3]["schedule"][2:]) == 0
+    assert set(data["chosen"]) == {"CAIT", "ALGM-style"} and data["chosen"]["ALGM-style"] == {"0.5": candidates[4]["name"]}

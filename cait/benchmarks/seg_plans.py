@@ -1,14 +1,16 @@
 """CAIT's merge schedule for the segmentation benchmark, chosen again now that a merge step is cheap,
 and ALGM's split between its two steps, both on a validation split.
 
-A :class:`Plan` fixes where ATME merges (``shape``), its tile and CDCP's channel keep ratio; the
-token count follows from the FLOPs target. Shapes: ``ramp`` (a constant rate from the first block:
-:class:`cait.ATME` with ``flops=``), ``front`` (everything in block 0) and ``two`` (half in block 0,
-half in block ``depth // 3``: where ALGM merges). :func:`tune` fine-tunes every plan (and ALGM at
-every local share of :data:`ALGM_SHARES`) for a few epochs from seed 0's trained dense model on the
-training canvases, scores it on validation canvases (new canvases of the training digits; the test
-digits stay unseen), times every candidate in one process, and :func:`choose` takes per FLOPs target
-the best validation mIoU among the candidates at least :data:`SPEED_FLOOR` as fast as the fastest.
+A :class:`Plan` fixes where ATME merges (``shape`` and its ``first`` block), its tile and CDCP's
+channel keep ratio; the token count follows from the FLOPs target. Shapes: ``ramp`` (a constant rate
+from block 0: :class:`cait.ATME` with ``flops=``), ``front`` (everything in block ``first``) and
+``two`` (half in block ``first``, half ``depth // 3`` blocks later: ALGM's spacing), with ``first``
+0 or 1 (1: block 0 runs on every patch first, as the plan before re-tuning did). :func:`tune`
+fine-tunes every plan (and ALGM at every local share of :data:`ALGM_SHARES`) for a few epochs from
+seed 0's trained dense model on the training canvases, scores it on validation canvases (new
+canvases of the training digits; the test digits stay unseen), times every candidate in one process,
+and :func:`choose` takes per FLOPs target the best validation mIoU among the candidates at least
+:data:`SPEED_FLOOR` as fast as the fastest.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..schedule import ATME
 from ..train.finetune import Student, teacher_of
 
 SHAPES = ("ramp", "front", "two")
+FIRSTS = (0, 1)  # the block where front and two start merging
 TILES = (2, 4)
 KEEPS = (1.0, 0.75)
 ALGM_SHARES = (0.25, 0.5, 0.75)
@@ -35,15 +38,17 @@ SPEED_FLOOR = 0.9
 
 @dataclass(frozen=True)
 class Plan:
-    """Where CAIT merges (``shape``: ``ramp``, ``front`` or ``two``), its ATME ``tile`` (2 or 4) and the
-    share of q/k, v and MLP channels CDCP keeps (``keep``; 1.0: no pruning)."""
+    """Where CAIT merges (``shape``: ``ramp``, ``front`` or ``two``, from block ``first``), its ATME
+    ``tile`` (2 or 4) and the share of q/k, v and MLP channels CDCP keeps (``keep``; 1.0: no pruning)."""
 
     shape: str
     tile: int
     keep: float
+    first: int = 0
 
     def __str__(self) -> str:
-        return f"{self.shape}, tile {self.tile}, keep {self.keep:g}"
+        start = f" from block {self.first}" if self.first else ""
+        return f"{self.shape}{start}, tile {self.tile}, keep {self.keep:g}"
 
     def build(self, backbone, target: float) -> tuple[ATME, CDCP | None]:
         """``(merge, prune)`` giving the timm ``backbone`` about ``target`` times its FLOPs; ``ValueError``
@@ -53,13 +58,17 @@ class Plan:
         share = flops(pruned) / flops(backbone)
         if share < target:
             raise ValueError(f"keeping {self.keep:g} of the channels alone gives {share:.3f}x FLOPs, below {target}")
-        return ATME(r=list(schedule_for(cost_model(pruned), self.shape, min(1.0, target / share), self.tile)), block=self.tile), prune
+        schedule = schedule_for(cost_model(pruned), self.shape, min(1.0, target / share), self.tile, self.first)
+        return ATME(r=list(schedule), block=self.tile), prune
 
 
-def schedule_for(cost, shape: str, target: float, tile: int) -> tuple[int, ...]:
-    """Tokens merged per block in ``shape`` at the FLOPs ratio nearest ``target`` (``ValueError`` when
-    the nearest is more than 0.02 away or ``shape`` is unknown)."""
+def schedule_for(cost, shape: str, target: float, tile: int, first: int = 0) -> tuple[int, ...]:
+    """Tokens merged per block in ``shape`` (from block ``first``; ``ramp`` starts at 0) at the FLOPs
+    ratio nearest ``target`` (``ValueError`` when the nearest is more than 0.02 away or ``shape`` is
+    unknown)."""
     if shape == "ramp":
+        if first:
+            raise ValueError("a ramp schedule merges from block 0")
         return ATME(flops=target, block=tile).schedule(cost)
     if shape not in SHAPES:
         raise ValueError(f"schedule shape must be one of {SHAPES}, got {shape!r}")
@@ -68,8 +77,8 @@ def schedule_for(cost, shape: str, target: float, tile: int) -> tuple[int, ...]:
     best = None
     for total in range(ATME(r=0, block=tile).limit(cost.grid) + 1):
         schedule = [0] * depth
-        schedule[0] = total if shape == "front" else total - total // 2
-        schedule[depth // 3] += 0 if shape == "front" else total // 2
+        schedule[first] = total if shape == "front" else total - total // 2
+        schedule[first + depth // 3] += 0 if shape == "front" else total // 2
         gap = abs(cost.flops(schedule) / dense - target)
         if best is None or gap < best[0]:
             best = (gap, tuple(schedule))
@@ -79,7 +88,8 @@ def schedule_for(cost, shape: str, target: float, tile: int) -> tuple[int, ...]:
 
 
 def plans() -> list[Plan]:
-    return [Plan(shape, tile, keep) for shape, tile, keep in itertools.product(SHAPES, TILES, KEEPS)]
+    grid = itertools.product(FIRSTS, SHAPES, TILES, KEEPS)
+    return [Plan(shape, tile, keep, first) for first, shape, tile, keep in grid if not (shape == "ramp" and first)]
 
 
 def tune(store, targets, seed: int = 0, epochs: int = 30, finetune_epochs: int = 2, repeats: int = 5, progress=None) -> list[dict]:

@@ -46,7 +46,7 @@ SIZE, TRAIN, TEST, BATCH = 48, 1536, 256, 64
 EPOCHS, FINETUNE_EPOCHS = 30, 6
 TARGETS = (0.6, 0.5, 0.4)  # backbone FLOPs ratios
 # Chosen by `cait bench --segmentation --tune` (bench/results/segmentation-tuning-digits.json).
-PLANS = {0.6: Plan("front", 4, 0.75), 0.5: Plan("two", 4, 0.75), 0.4: Plan("two", 4, 0.75)}
+PLANS = {0.6: Plan("front", 4, 0.75), 0.5: Plan("front", 4, 0.75, first=1), 0.4: Plan("two", 2, 0.75)}
 ALGM_SHARES = {0.6: 0.5, 0.5: 0.5, 0.4: 0.75}
 EARLIER = ATME(r=[0, 24, 0, 0, 0, 0]), CDCP(qk=0.5, v=0.75, mlp=0.75, align=1)  # the plan before re-tuning, about 0.61x
 DISTILL = Distillation(alpha=0.5, temperature=1.0)

@@ -14,7 +14,8 @@ way a deployment loads it and must reproduce the eager model's output on random 
   Checked in ``onnxruntime``.
 - ``aoti``: an AOTInductor package (``torch._inductor.aoti_compile_and_package``): the model
   compiled ahead of time to a shared library (inductor with weight freezing, as
-  :func:`cait.optimize`), loaded with ``torch._inductor.aoti_load_package``.
+  :func:`cait.optimize`), for one input shape, which the package records: :func:`load_exported`
+  refuses another (:class:`AotiRunner`; torch's own loader would read any input at that shape).
   On CPU it calls the C++ ATME step through the op registry, so the loading process imports
   ``cait_kernels`` first.
 
@@ -25,7 +26,9 @@ way a deployment loads it and must reproduce the eager model's output on random 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from .compiled import relative_error
 from .cost import default_input_size
 
 FORMATS = ("pt2", "onnx", "aoti")
+INPUT_KEY = "cait_input"  # an AOTInductor package's metadata entry: the input it was compiled for
 SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "aoti": ".aoti.pt2"}  # what load_exported reads the format from
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 EXTRA = "pip install 'cait[export]' (onnx, onnxscript, onnxruntime)"
@@ -106,10 +110,13 @@ def _input_size(model: nn.Module, img_size) -> tuple[int, int, int]:
     chans, *own = default_input_size(model)
     if img_size is None:
         return (chans, *own)
-    pair = (img_size, img_size) if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
-    whole = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
-    if not whole or min(pair) < 1:
+    def whole(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    pair = (img_size, img_size) if whole(img_size) else img_size
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(whole(v) for v in pair)) or min(pair) < 1:
         raise ValueError(f"img_size must be a whole number of pixels >= 1 or a pair (H, W) of them, got {img_size!r}")
+    pair = tuple(int(v) for v in pair)
     weight = next(model.parameters())
     with torch.inference_mode():
         model(torch.zeros(1, chans, *pair, dtype=weight.dtype, device=weight.device))
@@ -162,7 +169,9 @@ def _write(model: nn.Module, path: str, format: str, example: torch.Tensor, dyna
         torch.export.save(program, path)
     else:  # compiled as cait.optimize compiles: inductor with the weights frozen into constants
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            torch._inductor.aoti_compile_and_package(program, package_path=path)
+            traced = {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch."), "device": example.device.type}
+            configs = {"aot_inductor.metadata": {INPUT_KEY: json.dumps(traced)}}
+            torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
 
 
 def load_exported(path: str | os.PathLike, *, threads: int | None = None, spinning: bool = True):
@@ -181,13 +190,39 @@ def load_exported(path: str | os.PathLike, *, threads: int | None = None, spinni
     if format == "onnx":
         return OnnxRunner(path, threads, spinning)
     if format == "aoti":
-        return torch._inductor.aoti_load_package(path)
+        return AotiRunner(path)
     return torch.export.load(path).module()
 
 
 def _format_of(path: str) -> str | None:
     """The format a file name says (``.aoti.pt2`` before ``.pt2``), or None."""
     return next((f for f in ("aoti", "pt2", "onnx") if path.endswith(SUFFIX[f])), None)
+
+
+class AotiRunner:
+    """An AOTInductor package, called like the model: ``runner(images)`` -> the output. The compiled
+    code reads its input at the shape it was traced with whatever it is given, so the runner refuses
+    (``ValueError``) images of another shape, dtype or device, and files without the record of that
+    input (not written by :func:`export`)."""
+
+    def __init__(self, path: str):
+        self.model = torch._inductor.aoti_load_package(path)
+        record = self.model.get_metadata().get(INPUT_KEY)
+        if record is None:
+            raise ValueError(f"{path} does not record the input it was compiled for (not written by cait.export): export it again")
+        self.input = json.loads(record)
+        self.path = path
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        shape, dtype, device = self.input["shape"], self.input["dtype"], self.input["device"]
+        got = (list(images.shape), str(images.dtype).removeprefix("torch."), images.device.type) if torch.is_tensor(images) else None
+        if got != (shape, dtype, device):
+            raise ValueError(
+                f"{self.path} was compiled for {dtype} images of shape {tuple(shape)} on {device}, got "
+                + (f"{got[1]} images of shape {tuple(got[0])} on {got[2]}" if got else type(images).__name__)
+                + " (an AOTInductor package takes one input shape: export again for another)"
+            )
+        return self.model(images)
 
 
 class OnnxRunner:

@@ -9,13 +9,39 @@ from cait_kernels import atme_step, pruned_attention
 from .tokens import TokenState
 
 
-class CompressedAttention(nn.Module):
+class CompressedModule:
+    """What cait's modules share (a mixin before ``nn.Module``): ``torch.jit.script`` is refused in one
+    sentence, and a pickle from an older cait that lacks one of ``_INSTANCE_STATE`` (the plain
+    attributes ``__init__`` sets and ``forward`` reads) is refused when it is loaded."""
+
+    _INSTANCE_STATE: tuple[str, ...] = ()
+
+    def __setstate__(self, state: dict) -> None:
+        missing = [name for name in self._INSTANCE_STATE if name not in state]
+        if missing:
+            raise ValueError(
+                f"this {type(self).__name__} was pickled by an older cait (it has no {', '.join(missing)}): a pickle holds "
+                f"one version's objects; store models with cait.save, which later versions load or refuse by name"
+            )
+        super().__setstate__(state)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first, on every submodule."""
+        raise NotImplementedError(
+            "torch.jit.script cannot compile a compressed model (its merge step is a custom op with data-dependent "
+            "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
+        )
+
+
+class CompressedAttention(CompressedModule, nn.Module):
     """timm ``Attention`` computed by :func:`cait_kernels.pruned_attention` on the packed qkv.
 
     Takes over the projections of ``attn`` (no copy). The qkv output is in the materialized layout
     ``[q heads | k heads | v heads]`` with ``d_qk`` / ``d_v`` channels per head; the softmax scale
     stays the original ``head_dim ** -0.5``.
     """
+
+    _INSTANCE_STATE = ("heads", "d_qk", "d_v", "scale", "qk_normed", "metric_channels", "positions")
 
     def __init__(self, attn: nn.Module):
         super().__init__()
@@ -59,7 +85,7 @@ class CompressedAttention(nn.Module):
         return torch.cat([q, k, v], dim=-1)
 
 
-class CompressedBlock(nn.Module):
+class CompressedBlock(CompressedModule, nn.Module):
     """timm pre-norm ``Block`` that merges ``r`` tokens between its attention and its MLP.
 
     ``proportional``: add ``log(size)`` to the attention logits (on once any earlier block merged).
@@ -67,6 +93,8 @@ class CompressedBlock(nn.Module):
     ``kept``: the channels CDCP kept (lists of indices, None for all). LayerScale (``ls1``/``ls2``)
     and stochastic depth are kept.
     """
+
+    _INSTANCE_STATE = ("r", "proportional", "grid", "prefix", "tile", "kept", "index")
 
     def __init__(self, block: nn.Module, *, grid: tuple[int, int], prefix: int, tile: int, r: int = 0, proportional: bool = False):
         super().__init__()

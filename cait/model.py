@@ -11,7 +11,7 @@ from . import architecture
 from .cdcp import CDCP, apply_cdcp
 from .cost import cost_model
 from .eva import as_vit_block, is_eva, timm_state_dict
-from .layers import CompressedBlock
+from .layers import CompressedBlock, CompressedModule
 from .rope import DEFAULT_RULE, RotaryPositions
 from .schedule import ATME, scale_schedule
 from .support import allow_any_size, check_supported
@@ -44,7 +44,7 @@ class BlocksTakenOver(nn.Module):
         return True
 
 
-class CompressedViT(TimmApi, nn.Module):
+class CompressedViT(TimmApi, CompressedModule, nn.Module):
     """A timm ``VisionTransformer`` or ``Eva`` with ATME merging and CDCP channel pruning.
 
     ``vit`` is the timm model without its blocks: it keeps the patch and position embeddings, the
@@ -89,17 +89,7 @@ class CompressedViT(TimmApi, nn.Module):
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
 
-    # what __init__ sets and forward reads: a pickle from an older cait that lacks one is refused on load
     _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "grid", "merge", "schedules")
-
-    def __setstate__(self, state: dict) -> None:
-        missing = [name for name in self._INSTANCE_STATE if name not in state]
-        if missing:
-            raise ValueError(
-                f"this CompressedViT was pickled by an older cait (it has no {', '.join(missing)}): a pickle holds one "
-                f"version's objects; store models with cait.save, which later versions load or refuse by name"
-            )
-        super().__setstate__(state)
 
     @property
     def dynamic_img_size(self) -> bool:
@@ -142,13 +132,6 @@ class CompressedViT(TimmApi, nn.Module):
     def schedule(self) -> tuple[int, ...]:
         """Tokens merged away in each block at the current :attr:`grid`."""
         return tuple(block.r for block in self.blocks)
-
-    def __prepare_scriptable__(self):
-        """``torch.jit.script`` calls this first, on every submodule: refuse in one sentence."""
-        raise NotImplementedError(
-            "torch.jit.script cannot compile a compressed model (its merge step is a custom op with data-dependent "
-            "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
-        )
 
     def set_schedule(self, schedule) -> None:
         """Merge ``schedule[i]`` tokens in block ``i`` at the native grid (other grids scale these
@@ -199,7 +182,7 @@ class CompressedViT(TimmApi, nn.Module):
             if tuple(images.shape[2:]) != (height, width):
                 raise ValueError(
                     f"images must have shape (B, {chans}, {height}, {width}), got {tuple(images.shape)}; "
-                    f"compress with dynamic_img_size=True to take other sizes"
+                    f"compress it with cait.compress(..., dynamic_img_size=True) to take other sizes"
                 )
             return self.native_grid
         embed, size = self.vit.patch_embed, tuple(images.shape[2:])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import torch
 from torch import nn
@@ -216,15 +217,18 @@ def save(model, path: str | os.PathLike) -> None:
     config = config_of(model)
     verify(model, config)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"cait": json.dumps(config)})
-    _usual_mode(path)
+    target = os.path.realpath(os.fspath(path))  # through a symbolic link, as open() writes
+    kept = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else None
+    save_file(tensors, target, metadata={"cait": json.dumps(config)})
+    os.chmod(target, _usual_mode() if kept is None else kept)
 
 
-def _usual_mode(path) -> None:
-    """Give the file the permissions ``open()`` would (safetensors writes 0600 whatever the umask)."""
+def _usual_mode() -> int:
+    """The permissions ``open()`` gives a new file (safetensors writes 0600 whatever the umask, and
+    replaces an existing file): 0666 less the umask."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return 0o666 & ~umask
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import onnxruntime
 import pytest
 import timm
@@ -133,8 +134,14 @@ def test_aoti_package_runs_the_compiled_model(tmp_path):
     done = cait.export(fast, tmp_path / "m.aoti.pt2", format="aoti", batch=2)
     assert done.error < 1e-5
     images = torch.randn(2, 3, 64, 64)
+    runner = load_exported(tmp_path / "m.aoti.pt2")
     with torch.inference_mode():
-        assert rel_err(load_exported(tmp_path / "m.aoti.pt2")(images), fast(images)) < 1e-5
+        assert rel_err(runner(images), fast(images)) < 1e-5
+    # the compiled code would read any input at its traced shape: the runner refuses others
+    for other, what in [(torch.randn(3, 3, 64, 64), r"shape \(3, 3, 64, 64\)"), (torch.randn(2, 3, 80, 80), "shape"),
+                        (images.double(), "float64 images"), (images.numpy(), "ndarray")]:  # fmt: skip
+        with pytest.raises(ValueError, match=r"compiled for float32 images of shape \(2, 3, 64, 64\) on cpu, got .*" + what):
+            runner(other)
 
 
 def test_onnx_export_holds_back_the_expected_constant_folding_warnings(compressed, tmp_path, caplog):
@@ -173,6 +180,7 @@ def test_a_dynamic_size_model_exports_at_another_size(tmp_path):
     with torch.inference_mode():
         assert rel_err(load_exported(done.path)(images), model(images)) < 1e-5
     assert cait.export(model, tmp_path / "n.pt2", format="pt2").img_size == (64, 64)  # the native size by default
+    assert cait.export(model, tmp_path / "k.pt2", format="pt2", img_size=np.int64(48)).img_size == (48, 48)  # numpy ints too
 
 
 @pytest.mark.parametrize(

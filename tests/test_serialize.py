@@ -223,9 +223,19 @@ def test_save_refuses_a_missing_folder_and_other_models(tmp_path):
 
 
 def test_saved_file_gets_the_permissions_open_would_give(tmp_path):
+    def mode(path):
+        return os.stat(path).st_mode & 0o777
+
     (tmp_path / "plain").write_text("")
-    cait.save(cait.compress(tiny()), tmp_path / "m.safetensors")
-    assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
+    model = cait.compress(tiny())
+    cait.save(model, tmp_path / "m.safetensors")
+    assert mode(tmp_path / "m.safetensors") == mode(tmp_path / "plain")
+    os.chmod(tmp_path / "m.safetensors", 0o600)
+    cait.save(model, tmp_path / "m.safetensors")  # written again: keeps its permissions, as open() would
+    assert mode(tmp_path / "m.safetensors") == 0o600
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "m.safetensors")
+    cait.save(model, tmp_path / "link.safetensors")  # through the link, to its target
+    assert (tmp_path / "link.safetensors").is_symlink() and cait.load(tmp_path / "link.safetensors") is not None
 
 
 def rewrite_config(path, target, change):

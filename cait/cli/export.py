@@ -14,9 +14,9 @@ def add_parser(commands) -> None:
         "would and check that it reproduces the model on random images (else nothing is written). Formats:\n"
         "  pt2   torch.export ExportedProgram: torch.export.load(FILE) in a process that imported cait_kernels\n"
         "  onnx  standard ONNX operators only (opset 18), checked in onnxruntime; needs pip install 'cait[export]'\n"
-        "  aoti  AOTInductor package (compiled ahead of time, CPU): torch._inductor.aoti_load_package(FILE) after "
-        "import cait_kernels\n"
-        "torch.jit.trace is not supported: this command replaces it.",
+        "  aoti  AOTInductor package (compiled ahead of time, CPU, one input shape): cait.load_exported(FILE), which refuses "
+        "other shapes\n"
+        "torch.jit.trace and torch.jit.script are not supported: this command replaces them.",
     )
     e.add_argument("file", help="a .safetensors file written by cait (cait compress, cait finetune, cait.save)")
     e.add_argument("--format", required=True, choices=("pt2", "onnx", "aoti"), help="what to write (see above)")

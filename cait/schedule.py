@@ -55,7 +55,7 @@ class ATME:
         """Tokens merged away in each block of the model that ``cost`` describes."""
         depth, limit = len(cost.blocks), self.limit(cost.grid)
         if self.flops is not None:
-            return _solve(cost, self.flops, limit)
+            return _solve(cost, self.flops, limit, self.block)
         counts = (self.r,) * depth if isinstance(self.r, int) else self.r
         if len(counts) != depth:
             raise ValueError(f"ATME r lists {len(counts)} counts but the model has {depth} blocks")
@@ -95,7 +95,7 @@ def _ramp(rate: float, depth: int, limit: int) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip([0] + merged, merged))
 
 
-def _solve(cost: CostModel, target: float, limit: int) -> tuple[int, ...]:
+def _solve(cost: CostModel, target: float, limit: int, block: int) -> tuple[int, ...]:
     depth = len(cost.blocks)
     dense = cost.flops((0,) * depth)
 
@@ -105,8 +105,9 @@ def _solve(cost: CostModel, target: float, limit: int) -> tuple[int, ...]:
     lowest = ratio(limit)
     if target < lowest:
         raise ValueError(
-            f"ATME flops={target} is out of reach: merging alone gets this model down to {lowest:.3f} at most; "
-            f"add channel pruning or use block=4"
+            f"ATME flops={target} is out of reach: merging gets this model (its channels as they are, a {cost.grid[0]}x"
+            f"{cost.grid[1]} grid, {block}x{block} tiles) down to {lowest:.3f} at most; prune (more) channels with CDCP, "
+            f"use block=4 or larger images"
         )
     slow, fast = 0.0, float(limit)  # ratio(slow) > target >= ratio(fast) once the loop starts
     if ratio(slow) <= target:

@@ -83,7 +83,7 @@ def _check_arguments(model, path, format, batch, dynamic_batch) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         raise ValueError(f"batch must be a whole number >= 1, got {batch!r}")
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be True or False, got {dynamic_batch!r}")
@@ -206,7 +206,10 @@ class AotiRunner:
     input (not written by :func:`export`)."""
 
     def __init__(self, path: str):
-        self.model = torch._inductor.aoti_load_package(path)
+        try:
+            self.model = torch._inductor.aoti_load_package(path)
+        except RuntimeError as error:  # torch's own multi-line message for a foreign or damaged file
+            raise ValueError(f"{path} is not an AOTInductor package that loads here ({str(error).splitlines()[0]})") from error
         record = self.model.get_metadata().get(INPUT_KEY)
         if record is None:
             raise ValueError(f"{path} does not record the input it was compiled for (not written by cait.export): export it again")
@@ -222,7 +225,7 @@ class AotiRunner:
                 + (f"{got[1]} images of shape {tuple(got[0])} on {got[2]}" if got else type(images).__name__)
                 + " (an AOTInductor package takes one input shape: export again for another)"
             )
-        return self.model(images)
+        return self.model(images.contiguous())  # the compiled code assumes the traced (contiguous) strides
 
 
 class OnnxRunner:

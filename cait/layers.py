@@ -17,7 +17,8 @@ class CompressedModule:
     _INSTANCE_STATE: tuple[str, ...] = ()
 
     def __setstate__(self, state: dict) -> None:
-        missing = [name for name in self._INSTANCE_STATE if name not in state]
+        held = {*state, *state.get("_modules", {}), *state.get("_buffers", {}), *state.get("_parameters", {})}
+        missing = [name for name in self._INSTANCE_STATE if name not in held]
         if missing:
             raise ValueError(
                 f"this {type(self).__name__} was pickled by an older cait (it has no {', '.join(missing)}): a pickle holds "
@@ -41,7 +42,7 @@ class CompressedAttention(CompressedModule, nn.Module):
     stays the original ``head_dim ** -0.5``.
     """
 
-    _INSTANCE_STATE = ("heads", "d_qk", "d_v", "scale", "qk_normed", "metric_channels", "positions")
+    _INSTANCE_STATE = ("heads", "d_qk", "d_v", "scale", "qk_normed", "metric_channels", "positions", "gate", "norm", "rope_channels")
 
     def __init__(self, attn: nn.Module):
         super().__init__()

@@ -89,7 +89,8 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
 
-    _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "grid", "merge", "schedules")
+    _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "grid", "merge", "schedules", "num_prefix_tokens",
+                       "num_features", "embed_dim", "pretrained_cfg", "cell_index")  # fmt: skip
 
     @property
     def dynamic_img_size(self) -> bool:
@@ -182,7 +183,7 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
             if tuple(images.shape[2:]) != (height, width):
                 raise ValueError(
                     f"images must have shape (B, {chans}, {height}, {width}), got {tuple(images.shape)}; "
-                    f"compress it with cait.compress(..., dynamic_img_size=True) to take other sizes"
+                    f"compress it with dynamic_img_size=True (cait.compress, or cait compress --dynamic-img-size) to take other sizes"
                 )
             return self.native_grid
         embed, size = self.vit.patch_embed, tuple(images.shape[2:])

@@ -62,7 +62,8 @@ class ATME:
         if sum(counts) > limit:
             raise ValueError(
                 f"ATME r merges {sum(counts)} tokens in all, but a {cost.grid[0]}x{cost.grid[1]} grid in "
-                f"{self.block}x{self.block} tiles allows at most {limit} (cells - tiles): lower r or use block=4"
+                f"{self.block}x{self.block} tiles allows at most {limit} (cells - tiles): lower r"
+                + (" or use block=4" if self.block == 2 else "")
             )
         return tuple(counts)
 
@@ -105,9 +106,11 @@ def _solve(cost: CostModel, target: float, limit: int, block: int) -> tuple[int,
     lowest = ratio(limit)
     if target < lowest:
         raise ValueError(
-            f"ATME flops={target} is out of reach: merging gets this model (its channels as they are, a {cost.grid[0]}x"
-            f"{cost.grid[1]} grid, {block}x{block} tiles) down to {lowest:.3f} at most; prune (more) channels with CDCP, "
-            f"use block=4 or larger images"
+            f"ATME flops={target} is out of reach: merging gets this model (a {cost.grid[0]}x{cost.grid[1]} grid in "
+            f"{block}x{block} tiles) down to {lowest:.3f} of its FLOPs at most; "
+            + ("use block=4, " if block == 2 else "")
+            + "give larger images, or ask merging for less and take the rest from CDCP pruning (flops= is relative to "
+            "the model's own channels)"
         )
     slow, fast = 0.0, float(limit)  # ratio(slow) > target >= ratio(fast) once the loop starts
     if ratio(slow) <= target:

@@ -137,11 +137,17 @@ def test_aoti_package_runs_the_compiled_model(tmp_path):
     runner = load_exported(tmp_path / "m.aoti.pt2")
     with torch.inference_mode():
         assert rel_err(runner(images), fast(images)) < 1e-5
+    with torch.inference_mode():  # other strides are made contiguous (the compiled code assumes the traced ones)
+        for strided in (images.contiguous(memory_format=torch.channels_last), torch.randn(4, 3, 64, 64)[::2]):
+            assert rel_err(runner(strided), fast(strided)) < 1e-5
     # the compiled code would read any input at its traced shape: the runner refuses others
     for other, what in [(torch.randn(3, 3, 64, 64), r"shape \(3, 3, 64, 64\)"), (torch.randn(2, 3, 80, 80), "shape"),
                         (images.double(), "float64 images"), (images.numpy(), "ndarray")]:  # fmt: skip
         with pytest.raises(ValueError, match=r"compiled for float32 images of shape \(2, 3, 64, 64\) on cpu, got .*" + what):
             runner(other)
+    (tmp_path / "junk.aoti.pt2").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="is not an AOTInductor package that loads here"):
+        load_exported(tmp_path / "junk.aoti.pt2")
 
 
 def test_onnx_export_holds_back_the_expected_constant_folding_warnings(compressed, tmp_path, caplog):
@@ -180,7 +186,8 @@ def test_a_dynamic_size_model_exports_at_another_size(tmp_path):
     with torch.inference_mode():
         assert rel_err(load_exported(done.path)(images), model(images)) < 1e-5
     assert cait.export(model, tmp_path / "n.pt2", format="pt2").img_size == (64, 64)  # the native size by default
-    assert cait.export(model, tmp_path / "k.pt2", format="pt2", img_size=np.int64(48)).img_size == (48, 48)  # numpy ints too
+    done = cait.export(model, tmp_path / "k.pt2", format="pt2", img_size=np.int64(48), batch=np.int64(2))  # numpy ints too
+    assert done.img_size == (48, 48) and done.batch == 2
 
 
 @pytest.mark.parametrize(
@@ -230,7 +237,9 @@ def test_cli_exports_a_saved_model(compressed, tmp_path, capsys):
 
 def test_cli_exports_a_dynamic_size_model_at_another_size(tmp_path, capsys):
     saved = tmp_path / "m.safetensors"
-    cait.save(cait.compress(small(depth=1, img_size=64), merge=cait.ATME(r=[3]), dynamic_img_size=True).eval(), saved)
+    argv = ["compress", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--merge-flops", "0.8", "--dynamic-img-size"]
+    argv += ["--out", str(saved)]
+    assert run(argv) == 0 and cait.load(saved).dynamic_img_size
     assert run(["export", str(saved), "--format", "pt2", "--img-size", "96", "80"]) == 0
     assert "96x80 px" in capsys.readouterr().out
     assert load_exported(tmp_path / "m.pt2")(torch.randn(1, 3, 96, 80)).shape == (1, 1000)

@@ -27,6 +27,12 @@ def add_parser(commands) -> None:
     )
     add_model_arguments(c)
     add_compression_arguments(c)
+    c.add_argument(
+        "--dynamic-img-size",
+        action="store_true",
+        help="the compressed model also takes images of other sizes (position embeddings interpolated as timm does, "
+        "the merge schedule solved per grid)",
+    )
     c.add_argument("--out", required=True, metavar="FILE", help="where to write the compressed model (.safetensors)")
     c.set_defaults(run=run)
 
@@ -41,7 +47,7 @@ def run(args) -> None:
     check_compression(args)
     model = build_model(args)
     merge, prune = compression(args, model, args.calibration)
-    fast = cait.compress(model, merge=merge, prune=prune)
+    fast = cait.compress(model, merge=merge, prune=prune, dynamic_img_size=args.dynamic_img_size)
     cait.save(fast, args.out)
     print(f"wrote {args.out}\n")
     describe(fast, dense=model)

@@ -83,7 +83,7 @@ def _check_arguments(model, path, format, batch, dynamic_batch) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+    if not _whole(batch) or batch < 1:
         raise ValueError(f"batch must be a whole number >= 1, got {batch!r}")
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be True or False, got {dynamic_batch!r}")
@@ -104,17 +104,19 @@ def _check_arguments(model, path, format, batch, dynamic_batch) -> None:
             raise NotImplementedError(f"ONNX export needs {', '.join(missing)}: {EXTRA}")
 
 
+def _whole(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _input_size(model: nn.Module, img_size) -> tuple[int, int, int]:
     """``(C, H, W)`` to trace: the model's own size, or ``img_size`` once the model is seen to take it
     (its own error otherwise, before any work)."""
     chans, *own = default_input_size(model)
     if img_size is None:
         return (chans, *own)
-    def whole(v) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    pair = (img_size, img_size) if whole(img_size) else img_size
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(whole(v) for v in pair)) or min(pair) < 1:
+    pair = (img_size, img_size) if _whole(img_size) else img_size
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_whole(v) for v in pair)) or min(pair) < 1:
         raise ValueError(f"img_size must be a whole number of pixels >= 1 or a pair (H, W) of them, got {img_size!r}")
     pair = tuple(int(v) for v in pair)
     weight = next(model.parameters())
@@ -169,8 +171,7 @@ def _write(model: nn.Module, path: str, format: str, example: torch.Tensor, dyna
         torch.export.save(program, path)
     else:  # compiled as cait.optimize compiles: inductor with the weights frozen into constants
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            traced = {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch."), "device": example.device.type}
-            configs = {"aot_inductor.metadata": {INPUT_KEY: json.dumps(traced)}}
+            configs = {"aot_inductor.metadata": {INPUT_KEY: json.dumps(_input_record(example))}}
             torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
 
 
@@ -199,6 +200,11 @@ def _format_of(path: str) -> str | None:
     return next((f for f in ("aoti", "pt2", "onnx") if path.endswith(SUFFIX[f])), None)
 
 
+def _input_record(images: torch.Tensor) -> dict:
+    """What an AOTInductor package records of the input it was compiled for (JSON-ready)."""
+    return {"shape": list(images.shape), "dtype": str(images.dtype).removeprefix("torch."), "device": images.device.type}
+
+
 class AotiRunner:
     """An AOTInductor package, called like the model: ``runner(images)`` -> the output. The compiled
     code reads its input at the shape it was traced with whatever it is given, so the runner refuses
@@ -217,12 +223,12 @@ class AotiRunner:
         self.path = path
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        shape, dtype, device = self.input["shape"], self.input["dtype"], self.input["device"]
-        got = (list(images.shape), str(images.dtype).removeprefix("torch."), images.device.type) if torch.is_tensor(images) else None
-        if got != (shape, dtype, device):
+        got = _input_record(images) if torch.is_tensor(images) else None
+        if got != self.input:
+            want = self.input
             raise ValueError(
-                f"{self.path} was compiled for {dtype} images of shape {tuple(shape)} on {device}, got "
-                + (f"{got[1]} images of shape {tuple(got[0])} on {got[2]}" if got else type(images).__name__)
+                f"{self.path} was compiled for {want['dtype']} images of shape {tuple(want['shape'])} on {want['device']}, got "
+                + (f"{got['dtype']} images of shape {tuple(got['shape'])} on {got['device']}" if got else type(images).__name__)
                 + " (an AOTInductor package takes one input shape: export again for another)"
             )
         return self.model(images.contiguous())  # the compiled code assumes the traced (contiguous) strides

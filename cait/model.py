@@ -63,6 +63,9 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
     :attr:`schedule` describe the last input.
     """
 
+    _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "grid", "merge", "schedules", "num_prefix_tokens",
+                       "num_features", "embed_dim", "pretrained_cfg", "cell_index")  # fmt: skip
+
     def __init__(
         self, vit: nn.Module, tile: int = 2, source: dict | None = None, position: str = DEFAULT_RULE, dynamic_img_size: bool = False
     ):
@@ -88,9 +91,6 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         self.register_buffer("cell_index", cells, persistent=False)  # the native grid's cells in raster order
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
-
-    _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "grid", "merge", "schedules", "num_prefix_tokens",
-                       "num_features", "embed_dim", "pretrained_cfg", "cell_index")  # fmt: skip
 
     @property
     def dynamic_img_size(self) -> bool:

@@ -71,7 +71,7 @@ class RunFolder:
             raise FileNotFoundError(f"{path}: no trained model {name!r} for seed {seed}; train it first (run without --time-only)")
         try:
             return torch.load(path, map_location="cpu", weights_only=False).eval()
-        except ValueError as error:  # pickled by an older cait (CompressedViT.__setstate__)
+        except ValueError as error:  # pickled by an older cait (cait.layers.CompressedModule)
             raise ValueError(f"{path}: {error}; delete it (and {name!r} in scores.json) to train it again") from error
 
     def scores(self, seed: int) -> dict:

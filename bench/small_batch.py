@@ -58,8 +58,9 @@ def gemm_table() -> list[dict]:
 
 def slice_merge(block, state: TokenState, metric) -> TokenState:
     """A merge step that costs nothing: the first ``T - r`` tokens (same shapes as a real merge)."""
-    keep = state.x.shape[1] - block.r
-    return TokenState(state.x[:, :keep], state.size[:, :keep], state.owner) if block.r else state
+    r = block.count(state)
+    keep = state.x.shape[1] - r
+    return state.merged(state.x[:, :keep], state.size[:, :keep], state.owner) if r else state
 
 
 def free_merge_rows(models: list[str], variant: str, batch: int, repeats: int) -> list[dict]:

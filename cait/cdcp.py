@@ -186,7 +186,8 @@ def activation_scores(model, images: torch.Tensor, chunk: int = 32) -> list[Scor
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    tokens = images.shape[0] * (model.num_prefix_tokens + model.grid[0] * model.grid[1])
+    grid = model.grid_of(images)
+    tokens = images.shape[0] * (model.num_prefix_tokens + grid[0] * grid[1])
     return [_scores(b, (qkv / tokens).sqrt(), (hidden / tokens).sqrt()) for b, (qkv, hidden) in zip(model.blocks, sums)]
 
 

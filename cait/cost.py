@@ -118,9 +118,9 @@ class CostModel:
         return total + self.head * (tokens if self.head_per_token else 1) + self.pool + self.pool_per_token * pooled
 
 
-def cost_model(model: nn.Module, grid: tuple[int, int] | None = None) -> CostModel:
-    """Cost model of a :class:`cait.CompressedViT` on ``grid`` (default: the grid it was built for),
-    pruned channel counts included, schedule ignored."""
+def cost_model(model: nn.Module, grid: tuple[int, int] | None = None, patch: tuple[int, int] | None = None) -> CostModel:
+    """Cost model of a :class:`cait.CompressedViT` on ``grid`` (default: the grid it was built for)
+    with ``patch`` px patches (default: its own), pruned channel counts included, schedule ignored."""
     blocks = tuple(
         BlockCost(
             attn_linear=linear_flops(block.attn),
@@ -132,7 +132,8 @@ def cost_model(model: nn.Module, grid: tuple[int, int] | None = None) -> CostMod
     vit = model.vit
     conv = vit.patch_embed.proj
     grid = tuple(vit.patch_embed.grid_size if grid is None else grid)
-    embed = 2 * grid[0] * grid[1] * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    kernel = tuple(conv.kernel_size if patch is None else patch)
+    embed = 2 * grid[0] * grid[1] * conv.out_channels * conv.in_channels * kernel[0] * kernel[1]
     head = linear_flops(vit.head) + linear_flops(getattr(vit, "head_dist", nn.Identity()))
     pool = getattr(vit, "attn_pool", None)
     if pool is None:

@@ -55,7 +55,9 @@ class CompressedAttention(CompressedModule, nn.Module):
         self.qk_normed = not isinstance(attn.q_norm, nn.Identity)
         self.metric_channels = None  # (heads, d) qk channels the metric averages; set by dynamic CDCP gates
         self.positions = None  # cait.rope.RotaryPositions of a RoPE model (shared, not a submodule)
-        self.register_buffer("rope_channels", None, persistent=False)  # (heads, d_qk) kept qk channels of a pruned RoPE head
+        # (heads, d_qk) kept qk channels of a pruned RoPE head: which rotary frequencies its channels get, so it is
+        # part of state_dict() (a model loading another's weights takes its channel map too)
+        self.register_buffer("rope_channels", None)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, with_metric: bool = False, rope: torch.Tensor | None = None):
         """x ``(B, T, C)``, size ``(B, T)`` or None, rope: the sin/cos of the spatial tokens
@@ -87,45 +89,57 @@ class CompressedAttention(CompressedModule, nn.Module):
 
 
 class CompressedBlock(CompressedModule, nn.Module):
-    """timm pre-norm ``Block`` that merges ``r`` tokens between its attention and its MLP.
+    """timm pre-norm ``Block`` that merges tokens between its attention and its MLP.
 
-    ``proportional``: add ``log(size)`` to the attention logits (on once any earlier block merged).
-    ``grid``, ``prefix``, ``tile``: the patch grid, prefix token count and ATME tile side.
+    ``r``: tokens this block merges away on the model's own grid (the model's schedule, set by
+    :meth:`cait.CompressedViT.set_schedule`); what one call merges comes with its token state
+    (``state.schedule[index]`` on ``state.grid``), so the block holds no per-call state.
+    Proportional attention (``log(size)`` added to the logits) is on once an earlier block merged.
+    ``prefix``, ``tile``: prefix token count and ATME tile side; ``index``: position in the model.
     ``kept``: the channels CDCP kept (lists of indices, None for all). LayerScale (``ls1``/``ls2``)
     and stochastic depth are kept.
     """
 
-    _INSTANCE_STATE = ("r", "proportional", "grid", "prefix", "tile", "kept", "index")
+    _INSTANCE_STATE = ("r", "prefix", "tile", "kept", "index")
 
-    def __init__(self, block: nn.Module, *, grid: tuple[int, int], prefix: int, tile: int, r: int = 0, proportional: bool = False):
+    def __init__(self, block: nn.Module, *, prefix: int, tile: int, r: int = 0):
         super().__init__()
         self.norm1, self.attn = block.norm1, CompressedAttention(block.attn)
         self.ls1, self.drop_path1 = block.ls1, block.drop_path1
         self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
-        self.r, self.proportional, self.grid, self.prefix, self.tile = r, proportional, tuple(grid), prefix, tile
+        self.r, self.prefix, self.tile = r, prefix, tile
         self.kept = {"qk": None, "v": None, "mlp": None}
-        self.index = 0  # position in the model (per-block RoPE frequencies)
+        self.index = 0  # position in the model (its count in a schedule, per-block RoPE frequencies)
 
     def forward(self, state: TokenState) -> TokenState:
         x, metric = self.attend(state)
-        state = self.merge(TokenState(x, state.size, state.owner), metric)
+        state = self.merge(state.merged(x, state.size, state.owner), metric)
         x = state.x + self.drop_path2(self.ls2(self.mlp(self.norm2(state.x))))
-        return TokenState(x, state.size, state.owner)
+        return state.merged(x, state.size, state.owner)
+
+    def count(self, state: TokenState) -> int:
+        """Tokens this block merges away in the pass ``state`` belongs to."""
+        return state.schedule[self.index]
+
+    def proportional(self, state: TokenState) -> bool:
+        """True when an earlier block of this pass merged: attention then adds ``log(size)``."""
+        return any(state.schedule[: self.index])
 
     def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention half: ``x (B, T, C)`` after the attention residual, and the ATME metric
         ``(B, T, d_qk)`` when this block merges (else None)."""
         positions, tokens = self.attn.positions, state.x.shape[1] - self.prefix
-        rope = None if positions is None else positions.embedding(state.owner, state.size, self.grid, tokens, self.index)
-        out, metric = self.attn(self.norm1(state.x), size=state.size if self.proportional else None, with_metric=self.r > 0, rope=rope)
+        rope = None if positions is None else positions.embedding(state.owner, state.size, state.grid, tokens, self.index)
+        size = state.size if self.proportional(state) else None
+        out, metric = self.attn(self.norm1(state.x), size=size, with_metric=self.count(state) > 0, rope=rope)
         return state.x + self.drop_path1(self.ls1(out)), metric
 
     def merge(self, state: TokenState, metric: torch.Tensor | None) -> TokenState:
         """This block's ATME step on ``state`` (``r`` tokens fewer; unchanged when ``r = 0``)."""
-        if not self.r:
+        r = self.count(state)
+        if not r:
             return state
-        x, size, owner = atme_step(state.x, metric, state.size, state.owner, r=self.r, grid=self.grid, prefix=self.prefix, block=self.tile)
-        return TokenState(x, size, owner)
+        return state.merged(*atme_step(state.x, metric, state.size, state.owner, r=r, grid=state.grid, prefix=self.prefix, block=self.tile))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, proportional={self.proportional}, d_qk={self.attn.d_qk}, d_v={self.attn.d_v}"
+        return f"r={self.r}, d_qk={self.attn.d_qk}, d_v={self.attn.d_v}"

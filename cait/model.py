@@ -44,6 +44,14 @@ class BlocksTakenOver(nn.Module):
         return True
 
 
+# timm's modules and parameters around the blocks: read, assigned and deleted on the compressed model as on
+# timm's (``fast.head = nn.Linear(...)``, ``fast.patch_embed.patch_size``); they live in ``fast.vit``
+TIMM_PARTS = frozenset({
+    "patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre", "norm", "fc_norm", "attn_pool",
+    "head_drop", "head", "head_dist",
+})  # fmt: skip
+
+
 class CompressedViT(TimmApi, CompressedModule, nn.Module):
     """A timm ``VisionTransformer`` or ``Eva`` with ATME merging and CDCP channel pruning.
 
@@ -58,12 +66,14 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
     Same interface as the timm model (``forward``, ``forward_features``, ``forward_head`` and timm's
     model API, :class:`cait.timm_api.TimmApi`) plus ``forward_tokens`` (the full
     :class:`TokenState`) and ``forward_dense`` (features on the grid). ``forward_features`` returns
-    the merged tokens ``(B, P+N', C)``. With ``dynamic_img_size`` the model takes other input sizes;
-    each call sets the blocks to the grid of its images (:meth:`use_grid`), so :attr:`grid` and
-    :attr:`schedule` describe the last input.
+    the merged tokens ``(B, P+N', C)``. With ``dynamic_img_size`` the model takes other input sizes:
+    each call solves or scales the schedule for its images' grid (:meth:`schedule_for`, cached) and
+    carries grid and schedule in its :class:`TokenState`, so one model serves several threads with
+    several sizes at once; :attr:`grid` and :attr:`schedule` are the model's own (its
+    :attr:`input_size`, changed by :meth:`set_input_size`).
     """
 
-    _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "grid", "merge", "schedules", "num_prefix_tokens",
+    _INSTANCE_STATE = ("source", "eva", "rope", "tile", "position", "native_grid", "merge", "schedules", "num_prefix_tokens",
                        "num_features", "embed_dim", "pretrained_cfg", "cell_index")  # fmt: skip
 
     def __init__(
@@ -79,18 +89,42 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         if dynamic_img_size:
             allow_any_size(vit)
         self.vit, self.tile, self.position = vit, tile, position
-        self.native_grid = self.grid = tuple(vit.patch_embed.grid_size)
+        self.native_grid = tuple(vit.patch_embed.grid_size)
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.num_features, self.embed_dim = vit.num_features, vit.embed_dim
         self.pretrained_cfg = self.default_cfg = getattr(vit, "pretrained_cfg", {})
-        self.blocks = nn.ModuleList(CompressedBlock(b, grid=self.grid, prefix=self.num_prefix_tokens, tile=tile) for b in blocks)
+        self.blocks = nn.ModuleList(CompressedBlock(b, prefix=self.num_prefix_tokens, tile=tile) for b in blocks)
         positions = None if self.rope is None else RotaryPositions(self.rope, position, self.num_prefix_tokens)
         for index, block in enumerate(self.blocks):
             block.index, block.attn.positions = index, positions
         cells = torch.arange(self.grid[0] * self.grid[1], dtype=torch.int32)
         self.register_buffer("cell_index", cells, persistent=False)  # the native grid's cells in raster order
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
+        # merge counts per grid: the native grid's set by set_schedule / set_merge, others filled on first use
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            vit = self.__dict__.get("_modules", {}).get("vit")
+            if name in TIMM_PARTS and vit is not None and hasattr(vit, name):
+                return getattr(vit, name)
+            raise
+
+    def __setattr__(self, name: str, value) -> None:
+        vit = self.__dict__.get("_modules", {}).get("vit")
+        if name in TIMM_PARTS and vit is not None:
+            setattr(vit, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        vit = self.__dict__.get("_modules", {}).get("vit")
+        if name in TIMM_PARTS and vit is not None:
+            delattr(vit, name)
+        else:
+            super().__delattr__(name)
 
     @property
     def dynamic_img_size(self) -> bool:
@@ -130,8 +164,18 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         return arch
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """``(H, W)``, the patch grid of the model's own :attr:`input_size` (an input's: :meth:`grid_of`)."""
+        return self.native_grid
+
+    @property
+    def merges(self) -> bool:
+        """True when some input size gets a schedule that merges tokens."""
+        return any(self.schedule) or (self.merge is not None and self.merge.flops is not None and self.merge.flops < 1)
+
+    @property
     def schedule(self) -> tuple[int, ...]:
-        """Tokens merged away in each block at the current :attr:`grid`."""
+        """Tokens merged away in each block on the model's own :attr:`grid` (another grid's: :meth:`schedule_for`)."""
         return tuple(block.r for block in self.blocks)
 
     def set_schedule(self, schedule) -> None:
@@ -139,35 +183,63 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         counts, :func:`cait.schedule.scale_schedule`); proportional attention is on after the first merge."""
         if len(schedule) != len(self.blocks):
             raise ValueError(f"schedule lists {len(schedule)} counts but the model has {len(self.blocks)} blocks")
-        self.merge, self.schedules = None, {self.native_grid: tuple(int(r) for r in schedule)}
-        self.use_grid(self.grid, refresh=True)
+        self.merge = None
+        self._set_native_schedule(tuple(int(r) for r in schedule))
 
     def set_merge(self, merge: ATME) -> None:
         """Merge by ``merge`` at every grid: a FLOPs target is solved per grid, counts are scaled
         from the native grid (both on first use of a grid, then cached in :attr:`schedules`)."""
-        self.merge, self.schedules = merge, {self.native_grid: merge.schedule(cost_model(self))}
-        self.use_grid(self.grid, refresh=True)
+        counts = merge.schedule(cost_model(self))
+        self.merge = merge
+        self._set_native_schedule(counts)
+
+    def _set_native_schedule(self, counts: tuple[int, ...]) -> None:
+        self.schedules = {self.native_grid: counts}
+        for block, r in zip(self.blocks, counts):
+            block.r = r
 
     def schedule_for(self, grid: tuple[int, int]) -> tuple[int, ...]:
-        """The merge counts per block on ``grid``."""
-        grid = tuple(grid)
-        if grid not in self.schedules:
+        """The merge counts per block on ``grid``: solved (a FLOPs target) or scaled (counts) on first
+        use, then cached in :attr:`schedules`. Safe from several threads: the cache only gains entries,
+        each written once with the value any thread would compute."""
+        grid = (int(grid[0]), int(grid[1]))
+        counts = self.schedules.get(grid)
+        if counts is None:
             if self.merge is not None and self.merge.flops is not None:
-                self.schedules[grid] = self.merge.schedule(cost_model(self, grid))
+                counts = self.merge.schedule(cost_model(self, grid))
             else:
-                self.schedules[grid] = scale_schedule(self.schedules[self.native_grid], self.native_grid, grid, self.tile)
-        return self.schedules[grid]
+                counts = scale_schedule(self.schedules[self.native_grid], self.native_grid, grid, self.tile)
+            self.schedules[grid] = counts
+        return counts
 
-    def use_grid(self, grid: tuple[int, int], refresh: bool = False) -> None:
-        """Set every block to ``grid`` and its schedule (:meth:`embed` does it for every input)."""
-        grid = tuple(grid)
-        if grid == self.grid and not refresh:
-            return
-        schedule = self.schedule_for(grid)
-        self.grid, merged = grid, 0
-        for block, r in zip(self.blocks, schedule):
-            block.grid, block.r, block.proportional = grid, r, merged > 0
-            merged += r
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ``set_input_size``: a new input size ``img_size`` (int or ``(H, W)`` px) and/or patch
+        size ``patch_size`` for the model itself. timm resamples the position embedding (and the patch
+        projection for a new patch size) and a RoPE model's rotary grid follows; the merge schedule
+        follows as for any input size: a FLOPs target is solved for the new grid, counts are scaled to
+        it. Raises ``ValueError`` before changing anything when the sizes give no patch grid or the
+        counts cannot hold on it, ``NotImplementedError`` on a timm without ``set_input_size``.
+        :func:`cait.save` records the new size (a reloaded model is the same function)."""
+        if not hasattr(self.vit, "set_input_size"):
+            import timm
+
+            raise NotImplementedError(f"timm {timm.__version__} has no set_input_size for {type(self.vit).__name__}: upgrade timm")
+        embed = self.vit.patch_embed
+        size = tuple(embed.img_size) if img_size is None else _pair("img_size", img_size)
+        patch = tuple(embed.patch_size) if patch_size is None else _pair("patch_size", patch_size)
+        grid = (size[0] // patch[0], size[1] // patch[1])  # as timm's PatchEmbed
+        if min(grid) < 1:
+            raise ValueError(f"img_size {size[0]}x{size[1]} px holds no {patch[0]}x{patch[1]} px patch")
+        if self.merge is not None and self.merge.flops is not None:
+            counts = self.merge.schedule(cost_model(self, grid, patch))
+        else:
+            counts = scale_schedule(self.schedule, self.native_grid, grid, self.tile)
+        self.vit.set_input_size(img_size=size, patch_size=patch)
+        if self.rope is not None and hasattr(self.rope, "update_feat_shape"):  # as timm's Eva.set_input_size
+            self.rope.update_feat_shape(self.vit.patch_embed.grid_size)
+        self.native_grid = tuple(self.vit.patch_embed.grid_size)
+        self.cell_index = torch.arange(grid[0] * grid[1], dtype=torch.int32, device=self.cell_index.device)
+        self._set_native_schedule(counts)
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -176,6 +248,12 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
 
     def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
         """The patch grid of images ``(B, C, H, W)``; refuses (``ValueError``) sizes the model cannot take."""
+        if tuple(self.vit.patch_embed.grid_size) != self.native_grid:
+            raise RuntimeError(
+                f"the timm model inside was resized to a {self.vit.patch_embed.grid_size[0]}x{self.vit.patch_embed.grid_size[1]} "
+                f"grid behind the compressed model's back (its schedules belong to {self.native_grid[0]}x{self.native_grid[1]}): "
+                f"call set_input_size on the compressed model itself, which solves its schedules for the new size"
+            )
         chans, height, width = self.input_size
         if images.dim() != 4 or images.shape[1] != chans:
             raise ValueError(f"images must have shape (B, {chans}, H, W), got {tuple(images.shape)}")
@@ -196,28 +274,31 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
 
     def embed(self, images: torch.Tensor) -> TokenState:
         """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per
-        cell); sets the blocks to the images' grid (:meth:`use_grid`). Refuses ``torch.jit.trace`` (and
-        the TorchScript ONNX exporter): see :func:`cait.export`."""
+        cell) with the images' grid and its schedule (:meth:`schedule_for`). Refuses
+        ``torch.jit.trace`` (and the TorchScript ONNX exporter): see :func:`cait.export`."""
         if torch.jit.is_tracing():
             raise NotImplementedError(
                 "torch.jit.trace cannot record a compressed model (its merge step is a custom op with data-dependent "
                 "control flow); use `cait export` / cait.export (torch.export, ONNX through the dynamo exporter, AOTInductor)"
             )
-        self.use_grid(self.grid_of(images))
+        grid = self.grid_of(images)
+        schedule = self.schedule_for(grid)
         if images.shape[0] == 0:  # timm's dynamic-size path cannot view an empty batch: embed one image, keep none
             # (shape[0], not len(): len() would pin a traced batch dimension to its example value)
-            return TokenState(*(t[:0] for t in self.embed(images.new_zeros(1, *images.shape[1:]))))
+            one = self.embed(images.new_zeros(1, *images.shape[1:]))
+            return one.merged(one.x[:0], one.size[:0], one.owner[:0])
         x = self.vit._pos_embed(self.vit.patch_embed(images))
         x = self.vit.norm_pre(x[0] if self.eva else x)  # Eva's _pos_embed also returns its rope table (None here)
-        batch, cells = x.shape[0], self.grid[0] * self.grid[1]
+        batch, cells = x.shape[0], grid[0] * grid[1]
         if x.shape[1] != self.num_prefix_tokens + cells:
             raise ValueError(
-                f"timm's embedding gave {x.shape[1]} tokens, not {self.num_prefix_tokens} prefix + {cells} patch tokens "
-                f"(timm before 1.0.16 drops the class token when pos_embed='none'): upgrade timm"
+                f"timm's embedding gave {x.shape[1]} tokens for a {grid[0]}x{grid[1]} grid, not {self.num_prefix_tokens} prefix + "
+                f"{cells} patch tokens (timm before 1.0.16 drops the class token when pos_embed='none'): upgrade timm"
             )
         size = x.new_ones(batch, x.shape[1], dtype=torch.float32)
-        owner = self.cell_index if self.grid == self.native_grid else torch.arange(cells, dtype=torch.int32, device=x.device)
-        return TokenState(x, size, owner.expand(batch, -1))
+        # cells in raster order: the same numbers on any grid of as many cells
+        owner = self.cell_index if self.cell_index.numel() == cells else torch.arange(cells, dtype=torch.int32, device=x.device)
+        return TokenState(x, size, owner.expand(batch, -1), grid, schedule)
 
     def forward_tokens(self, images: torch.Tensor) -> TokenState:
         """images ``(B, C, H, W)`` -> the final :class:`TokenState` (after the final norm)."""
@@ -238,10 +319,10 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         (``map``) by ``log(size)`` for every key (a merged token weighs as the cells it holds); both
         need it. Token and max pooling are exact without it. The weighted mean accumulates in fp32
         and rounds once (in fp16, a sum of ``size * x`` over 196 tokens overflows once a channel passes
-        ~330, and real ViTs carry such channels). With one token per cell (nothing merged) timm's own
-        head runs."""
-        merged = x.shape[1] != self.num_prefix_tokens + self.grid[0] * self.grid[1]
-        if self.global_pool not in ("avg", "avgmax", "map") or not merged:
+        ~330, and real ViTs carry such channels). Without ``size`` timm's own head runs: on a model
+        that never merges; refused (``ValueError``) for average and attention pooling on one that does
+        (the tokens alone do not say whether they were merged)."""
+        if self.global_pool not in ("avg", "avgmax", "map") or (size is None and not self.merges):
             return self.vit.forward_head(x, pre_logits)
         if size is None:
             raise ValueError(
@@ -267,7 +348,7 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         """images ``(B, C, H, W)`` -> logits ``(B, classes)``, as the timm model."""
         refuse_masks(attn_mask, is_causal)
         state = self.forward_tokens(images)
-        return self.forward_head(state.x, size=state.size)
+        return self.forward_head(state.x, size=state.size if any(state.schedule) else None)  # unmerged: timm's own head
 
     def timm_model(self) -> nn.Module:
         """The plain timm model with a copy of these weights (merging dropped), rebuilt from
@@ -284,7 +365,15 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         """images ``(B, C, H, W)`` -> final features ``(B, C, Hp, Wp)`` on the images' patch grid: each
         cell gets the feature of the token holding it (stride = patch size)."""
         state = self.forward_tokens(images)
-        return self.to_grid(state.x, state.owner)
+        return self.to_grid(state.x, state.owner, state.grid)
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    """``value`` (an int or two) as ``(H, W)`` of positive whole numbers; ValueError otherwise."""
+    pair = (value, value) if isinstance(value, int) or hasattr(value, "__index__") else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not hasattr(v, "__index__") or int(v) < 1 for v in pair):
+        raise ValueError(f"{name} must be a whole number >= 1 or two of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:

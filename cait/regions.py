@@ -34,7 +34,7 @@ def merge_owners(model, images: torch.Tensor) -> list[torch.Tensor]:
         state = backbone.embed(images)
         for block in backbone.blocks:
             state = block(state)
-            owners.append(state.owner.reshape(len(images), *backbone.grid))
+            owners.append(state.owner.reshape(len(images), *state.grid))
     return owners
 
 

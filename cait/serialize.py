@@ -33,6 +33,7 @@ FORMAT_HISTORY = {
     "or `cait compress`)",
 }
 
+CONFIG_FIXED = ("attn.rope_channels",)  # tensors in state_dict() that the config's kept channels also give
 CONFIG_KEYS = (("timm", dict), ("tile", int), ("schedule", list), ("kept", list))
 ARCHITECTURE_KEYS = (
     ("name", (str, type(None))), ("class", str), ("kwargs", dict), ("drop_path", list), ("flags", dict), ("pretrained_cfg", dict),
@@ -110,7 +111,10 @@ def skeleton(config: dict) -> nn.Module:
         raise ValueError(f"the config lists kept channels for {len(config['kept'])} blocks, the architecture has {len(model.blocks)}")
     for i, (block, kept) in enumerate(zip(model.blocks, config["kept"])):
         if any(v is not None for v in kept.values()):
-            prune_block(block, _kept_tensors(i, block, kept))
+            indices = _kept_tensors(i, block, kept)
+            prune_block(block, indices)
+            if block.attn.rope_channels is not None:  # fixed by the config: fill() checks the file agrees
+                block.attn.rope_channels = indices["qk"]
     model.set_schedule(config["schedule"])
     if config.get("merge_flops") is not None:  # other input sizes solve the same FLOPs target, as the saved model did
         model.merge = ATME(flops=float(config["merge_flops"]), block=config["tile"], position=position)
@@ -143,6 +147,13 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Give a :func:`skeleton` its tensors (no copy: ``load_state_dict(assign=True)``); eval mode.
     ValueError naming the first tensor that is missing, unexpected or of another shape."""
     expected = model.state_dict()
+    # What the config already fixes (a pruned RoPE head's channel map, from its kept channels): the file must
+    # agree; files written before the map joined state_dict() lack it and take the config's
+    fixed = {k: v for k, v in expected.items() if k.endswith(CONFIG_FIXED)}
+    for name, value in fixed.items():
+        if name in tensors and not torch.equal(tensors[name].cpu().long(), value.cpu().long()):
+            raise ValueError(f"the weights disagree with the config: {name} is not the channel map the config's kept channels give")
+    tensors = {**{k: v for k, v in fixed.items() if k not in tensors}, **tensors}
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     reshaped = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
@@ -213,7 +224,6 @@ def save(model, path: str | os.PathLike) -> None:
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name (.safetensors)")
     _refuse_what_a_file_cannot_hold(model)
-    _backbone(model).use_grid(_backbone(model).native_grid)  # a model last run at another size: back to its own grid
     config = config_of(model)
     verify(model, config)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
@@ -274,6 +284,15 @@ def is_cait_file(path: str | os.PathLike) -> bool:
         return False
 
 
+def _without_classifier(tensors: dict, expected: dict) -> dict:
+    """A segmentation file's tensors less those of the backbone parts a :class:`Segmenter` drops
+    (:func:`cait.segmentation.drop_classifier`), which the dense features never used."""
+    from .segmentation.model import CLASSIFIER_PARTS
+
+    prefixes = tuple(f"backbone.vit.{part}." for part in CLASSIFIER_PARTS)
+    return {name: t for name, t in tensors.items() if name in expected or not name.startswith(prefixes)}
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the compressed model (or segmentation model) saved at ``path``; returns it in eval
     mode on ``device``, in the dtype it was saved in. FileNotFoundError / IsADirectoryError /
@@ -286,7 +305,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
     except Exception as error:  # safetensors' own error types
         raise ValueError(f"{path}: cannot read its tensors ({error})") from error
     try:
-        model = fill(skeleton(config), tensors)
+        model = skeleton(config)
+        if "head" in config:  # files from before segmenters dropped their backbone's classifier hold its (unused) tensors
+            tensors = _without_classifier(tensors, model.state_dict())
+        model = fill(model, tensors)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     return model.to(device).eval()

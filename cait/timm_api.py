@@ -56,6 +56,11 @@ class TimmApi:
 
     grad_checkpointing = False
 
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the features the classifier takes (timm's ``head_hidden_size``)."""
+        return getattr(self.vit, "head_hidden_size", self.num_features)  # older timm has only num_features
+
     def get_classifier(self) -> nn.Module:
         """The classifier head (a distilled model: the pair ``(head, head_dist)``), as timm."""
         return self.vit.get_classifier()
@@ -137,7 +142,7 @@ class TimmApi:
         prefix = self.num_prefix_tokens
         tokens = [self.vit.norm(s.x) if norm else s.x for s in states]
         if output_fmt == "NCHW":
-            spatial = [self.to_grid(t, s.owner) for t, s in zip(tokens, states)]
+            spatial = [self.to_grid(t, s.owner, s.grid) for t, s in zip(tokens, states)]
         else:
             spatial = [t[:, prefix:] for t in tokens]
         prefixes = [t[:, :prefix] for t in tokens] if prefix else None
@@ -162,10 +167,10 @@ class TimmApi:
             intermediates_only=True, attn_mask=attn_mask,
         )  # fmt: skip
 
-    def to_grid(self, tokens: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, P+N, C)`` with their ``owner`` ``(B, H*W)`` -> ``(B, C, H, W)`` on the patch grid."""
+    def to_grid(self, tokens: torch.Tensor, owner: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Tokens ``(B, P+N, C)`` with their ``owner`` ``(B, H*W)`` on ``grid`` ``(H, W)`` -> ``(B, C, H, W)``."""
         cells = unmerge(tokens, owner, prefix=self.num_prefix_tokens)
-        return cells.transpose(1, 2).reshape(cells.shape[0], cells.shape[2], *self.grid).contiguous()
+        return cells.transpose(1, 2).reshape(cells.shape[0], cells.shape[2], *grid).contiguous()
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last one ``indices`` picks (and the final norm with ``prune_norm``,

@@ -11,7 +11,6 @@ import torch
 import cait
 from cait.baselines import algm_local_step, algm_schedule, compress_baseline, evit_step, tome_step
 from cait.cost import cost_model
-from cait.tokens import TokenState
 from conftest import rel_err
 from models import build, images_for
 from test_cli import run
@@ -194,8 +193,8 @@ def test_merge_replays_what_the_forward_does(method, index):
         block = fast.blocks[index]
         assert block.r > 0
         x, metric = block.attend(state)
-        merged = block.merge(TokenState(x, state.size, state.owner), metric)
-        again = block.merge(TokenState(x, state.size, state.owner), metric)
+        merged = block.merge(state.merged(x, state.size, state.owner), metric)
+        again = block.merge(state.merged(x, state.size, state.owner), metric)
         after = block(state)
-    assert merged.x.shape[1] == state.x.shape[1] - block.r and all(torch.equal(a, b) for a, b in zip(merged, again))
+    assert merged.x.shape[1] == state.x.shape[1] - block.r and all(torch.equal(a, b) for a, b in zip(merged[:3], again[:3]))
     assert torch.equal(after.owner, merged.owner) and torch.equal(after.size, merged.size)

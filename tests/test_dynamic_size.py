@@ -48,7 +48,8 @@ def test_one_model_two_sizes_flops_and_outputs(model_id):
             dense_map = fast.forward_dense(images)
         patch = model.patch_embed.patch_size
         assert dense_map.shape == (2, model.embed_dim, size[0] // patch[0], size[1] // patch[1])
-        assert fast.schedule == direct.schedule and fast.grid == direct.grid
+        grid = fast.grid_of(images)
+        assert fast.schedule_for(grid) == direct.schedule and grid == direct.grid
     assert len(fast.schedules) == 2
 
 
@@ -81,8 +82,9 @@ def test_counts_scale_to_the_grid_or_are_refused():
     model, _ = _model("deit")
     fast = cait.compress(model, merge=cait.ATME(r=[20, 10, 10, 0]), dynamic_img_size=True)
     with torch.no_grad():
-        fast(torch.randn(1, 3, 112, 112))  # 7x7 grid: a quarter of the cells
-    assert fast.schedule == (5, 3, 2, 0)  # cumulative 40 -> 10: 5, 7.5 -> 8, 10
+        state = fast.forward_tokens(torch.randn(1, 3, 112, 112))  # 7x7 grid: a quarter of the cells
+    assert state.schedule == fast.schedule_for((7, 7)) == (5, 3, 2, 0)  # cumulative 40 -> 10: 5, 7.5 -> 8, 10
+    assert state.x.shape[1] == 1 + 49 - 10 and fast.schedule == (20, 10, 10, 0)  # the model's own grid keeps its counts
     full = cait.compress(model, merge=cait.ATME(r=[147, 0, 0, 0]), dynamic_img_size=True)  # all a 14x14 grid allows
     with pytest.raises(ValueError, match=r"scale to 127 tokens on a 13x13 grid, which allows at most 120 .* ATME\(flops=...\)"):
         full(torch.randn(1, 3, 208, 208))

@@ -105,17 +105,18 @@ class ALGMBlock(CompressedBlock):
 
     def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention half; the merge needs no keys (it compares the tokens themselves)."""
-        out, _ = self.attn(self.norm1(state.x), size=state.size if self.proportional else None)
+        out, _ = self.attn(self.norm1(state.x), size=state.size if self.proportional(state) else None)
         return state.x + self.drop_path1(self.ls1(out)), None
 
     def merge(self, state: TokenState, metric: torch.Tensor | None) -> TokenState:
         """This block's ALGM step on ``state`` (unchanged when ``r = 0``)."""
-        if not self.r:
+        r = self.count(state)
+        if not r:
             return state
-        x, size, owner = state
+        x, size, owner = state.x, state.size, state.owner
         if self.step == "local":
-            return TokenState(*algm_local_step(x, x, size, owner, k=self.r // 3, grid=self.grid, prefix=self.prefix))
-        return TokenState(*tome_step(x, x, size, owner, r=self.r, prefix=self.prefix))
+            return state.merged(*algm_local_step(x, x, size, owner, k=r // 3, grid=state.grid, prefix=self.prefix))
+        return state.merged(*tome_step(x, x, size, owner, r=r, prefix=self.prefix))
 
     def extra_repr(self) -> str:
         return f"method=algm ({self.step}), " + super().extra_repr()

@@ -51,24 +51,26 @@ class EViTBlock(CompressedBlock):
 
     def attend(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As :meth:`CompressedBlock.attend`, with the class token's attention as the metric."""
-        out, _ = self.attn(self.norm1(state.x), size=state.size if self.proportional else None)
-        metric = self._cls_attention(state.size) if self.r else None
+        proportional = self.proportional(state)
+        out, _ = self.attn(self.norm1(state.x), size=state.size if proportional else None)
+        metric = self._cls_attention(state.size, proportional) if self.count(state) else None
         return state.x + self.drop_path1(self.ls1(out)), metric
 
     def merge(self, state: TokenState, metric: torch.Tensor | None) -> TokenState:
         """This block's pruning step (unchanged when ``r = 0``)."""
-        if not self.r:
+        r = self.count(state)
+        if not r:
             return state
-        return TokenState(*evit_step(state.x, metric, state.size, state.owner, r=self.r, prefix=self.prefix, grid=self.grid))
+        return state.merged(*evit_step(state.x, metric, state.size, state.owner, r=r, prefix=self.prefix, grid=state.grid))
 
-    def _cls_attention(self, size: torch.Tensor) -> torch.Tensor:
+    def _cls_attention(self, size: torch.Tensor, proportional: bool) -> torch.Tensor:
         """``(B, N)``: the class token's attention to each spatial token, averaged over heads."""
         attn = self.attn
         qkv, self.last_qkv = self.last_qkv, None
         q = qkv[:, :1, : attn.heads * attn.d_qk].unflatten(-1, (attn.heads, attn.d_qk))  # (B, 1, h, d)
         k = qkv[..., attn.heads * attn.d_qk : 2 * attn.heads * attn.d_qk].unflatten(-1, (attn.heads, attn.d_qk))
         logits = torch.einsum("bqhd,bkhd->bhk", q.float(), k.float()) * attn.scale  # fp32: q.k overflows fp16 past ~256 per channel
-        if self.proportional:
+        if proportional:
             logits = logits + size.log()[:, None, :]
         return logits.softmax(-1).mean(1)[:, self.prefix :]
 

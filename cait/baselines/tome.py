@@ -57,9 +57,10 @@ class ToMeBlock(CompressedBlock):
 
     def merge(self, state: TokenState, metric: torch.Tensor | None) -> TokenState:
         """This block's ToMe merge (unchanged when ``r = 0``)."""
-        if not self.r:
+        r = self.count(state)
+        if not r:
             return state
-        return TokenState(*tome_step(state.x, metric, state.size, state.owner, r=self.r, prefix=self.prefix))
+        return state.merged(*tome_step(state.x, metric, state.size, state.owner, r=r, prefix=self.prefix))
 
     def extra_repr(self) -> str:
         return "method=tome, " + super().extra_repr()

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..cost import default_input_size, flops
-from ..tokens import TokenState
 
 
 def machine() -> dict:
@@ -143,7 +142,7 @@ def merge_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float
         for block in model.blocks:
             x, metric = block.attend(state)
             if block.r:
-                steps.append((block, TokenState(x, state.size, state.owner), metric))
+                steps.append((block, state.merged(x, state.size, state.owner), metric))
             state = block(state)
         seconds = []
         for _ in range(repeats + 2):

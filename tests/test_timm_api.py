@@ -214,3 +214,27 @@ def test_timm_model_rebuilds_the_same_function():
     unmerged.set_schedule([0] * len(unmerged.blocks))
     with torch.no_grad():
         assert close(plain(images), unmerged(images))
+
+
+@pytest.mark.parametrize("model_id", list(MODELS))
+def test_timms_parts_are_read_and_assigned_on_the_compressed_model(model_id, tmp_path):
+    """``fast.head``, ``fast.patch_embed``, ``fast.cls_token``, ... are timm's modules and parameters: a head
+    assigned to the compressed model is the one it runs, saves and reloads; names timm's model lacks stay missing."""
+    model = build(model_id)
+    fast = cait.compress(model, merge=cait.ATME(r=2))
+    for name in ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm", "fc_norm", "head", "attn_pool"):
+        assert getattr(fast, name) is getattr(fast.vit, name)
+    fast.head = torch.nn.Linear(fast.head_hidden_size, 5)
+    if model_id == "distilled":  # timm averages the two heads: both must change, as on timm's model
+        fast.head_dist = torch.nn.Linear(fast.head_hidden_size, 5)
+        assert fast.vit.head_dist is fast.head_dist
+    assert fast.vit.head is fast.head and "head" not in dict(fast.named_children()) and fast.num_classes == 5
+    images = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        state = fast.forward_tokens(images)
+        assert fast(images).shape == (2, 5) and torch.equal(fast(images), fast.forward_head(state.x, size=state.size))
+    cait.save(fast, tmp_path / "head.safetensors")
+    with torch.no_grad():
+        assert torch.equal(cait.load(tmp_path / "head.safetensors")(images), fast(images))
+    with pytest.raises(AttributeError, match="has no attribute 'blocks_of_timm'"):
+        fast.blocks_of_timm

@@ -15,7 +15,7 @@ from .layers import CompressedBlock, CompressedModule
 from .rope import DEFAULT_RULE, RotaryPositions
 from .schedule import ATME, scale_schedule
 from .support import allow_any_size, check_supported
-from .timm_api import TimmApi, refuse_masks
+from .timm_api import TimmApi, refuse_masks, refuse_symbolic_tracing
 from .tokens import TokenState
 
 TAKEN_OVER = (
@@ -276,6 +276,7 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         """images ``(B, C, H, W)`` -> the :class:`TokenState` entering the first block (one token per
         cell) with the images' grid and its schedule (:meth:`schedule_for`). Refuses
         ``torch.jit.trace`` (and the TorchScript ONNX exporter): see :func:`cait.export`."""
+        refuse_symbolic_tracing(images)
         if torch.jit.is_tracing():
             raise NotImplementedError(
                 "torch.jit.trace cannot record a compressed model (its merge step is a custom op with data-dependent "
@@ -310,7 +311,7 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
     def forward_features(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         """images ``(B, C, H, W)`` -> tokens ``(B, P+N', C)`` after the final norm: timm's meaning, with
         ``N'`` the spatial tokens left after merging (:meth:`forward_dense` puts them back on the grid)."""
-        refuse_masks(attn_mask, is_causal)
+        refuse_masks(images, attn_mask, is_causal)
         return self.forward_tokens(images).x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None):
@@ -346,7 +347,7 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
 
     def forward(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False):
         """images ``(B, C, H, W)`` -> logits ``(B, classes)``, as the timm model."""
-        refuse_masks(attn_mask, is_causal)
+        refuse_masks(images, attn_mask, is_causal)
         state = self.forward_tokens(images)
         return self.forward_head(state.x, size=state.size if any(state.schedule) else None)  # unmerged: timm's own head
 

@@ -19,8 +19,22 @@ from .support import POOLS
 from .tokens import TokenState
 
 
-def refuse_masks(attn_mask, is_causal: bool) -> None:
-    """timm's blocks take ``attn_mask`` and ``is_causal``; a compressed model refuses a real one."""
+def refuse_symbolic_tracing(images) -> None:
+    """``torch.fx.symbolic_trace`` (timm's FX feature extraction, FX graph-mode tools) runs forward on
+    proxies without sizes, and a compressed model's token counts follow from the input's size: refused
+    in one sentence (``NotImplementedError``) naming what records it instead."""
+    if isinstance(images, torch.fx.Proxy):
+        raise NotImplementedError(
+            "torch.fx symbolic tracing cannot record a compressed model (how many tokens each block merges follows from the "
+            "input's size, which symbolic tracing does not know): use torch.export / cait.export or torch.compile / "
+            "cait.optimize for a graph, and forward_intermediates for features"
+        )
+
+
+def refuse_masks(images, attn_mask, is_causal: bool) -> None:
+    """timm's blocks take ``attn_mask`` and ``is_causal``; a compressed model refuses a real one (and
+    symbolic tracing first, whose proxies look like masks)."""
+    refuse_symbolic_tracing(images)
     if attn_mask is not None or is_causal:
         raise NotImplementedError("attention masks and causal attention are not supported by compressed models")
 
@@ -129,7 +143,7 @@ class TimmApi:
         final norm to every intermediate. Returns ``(final, intermediates)``, the intermediates alone
         (``intermediates_only``) or timm's dict (``output_dict``).
         """
-        refuse_masks(attn_mask, is_causal)
+        refuse_masks(x, attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         taken, last = take_indices(len(self.blocks), indices)

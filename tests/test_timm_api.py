@@ -238,3 +238,22 @@ def test_timms_parts_are_read_and_assigned_on_the_compressed_model(model_id, tmp
         assert torch.equal(cait.load(tmp_path / "head.safetensors")(images), fast(images))
     with pytest.raises(AttributeError, match="has no attribute 'blocks_of_timm'"):
         fast.blocks_of_timm
+
+
+def test_fx_symbolic_tracing_is_refused_in_one_sentence():
+    """torch.fx symbolic tracing (timm's FX feature extraction) is refused by name, not with a message about
+    attention masks nobody passed; torch.export still records the model."""
+    from timm.models._features_fx import create_feature_extractor
+
+    fast = cait.compress(build("class_token"), merge=cait.ATME(r=2)).eval()
+    refusal = r"torch.fx symbolic tracing cannot record a compressed model .* use torch.export / cait.export"
+    for trace in (
+        lambda: torch.fx.symbolic_trace(fast),
+        lambda: torch.fx.symbolic_trace(fast, concrete_args={"attn_mask": None, "is_causal": False}),
+        lambda: create_feature_extractor(fast, return_nodes=["vit.norm"]),
+    ):
+        with pytest.raises(NotImplementedError, match=refusal):
+            trace()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(torch.export.export(fast, (images,)).module()(images), fast(images)) < 1e-6

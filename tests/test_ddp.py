@@ -1,17 +1,46 @@
-"""DistributedDataParallel fine-tuning: two CPU processes (gloo) on halves of each batch end with the
-same weights and CDCP scores as one process on the whole batches."""
+"""DistributedDataParallel fine-tuning in two CPU processes (gloo): two processes on halves of each batch
+end with the same weights and CDCP scores as one process on the whole batches; a segmentation model
+trains under DDP built from the Python API (``fit(ddp=True)``) and from ``cait finetune`` (torchrun's
+environment), past the second step, where a parameter without a gradient stops DDP."""
 
 import os
+import socket
 
+import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import cait
-from cait.train.finetune import Distillation, make_student, teacher_of, train_epoch
+from cait import segmentation
+from cait.train.finetune import Distillation, fit, make_student, teacher_of, train_epoch
 from models import build
 
-STEPS, BATCH = 3, 4
+STEPS, BATCH, WORLD = 3, 4, 2
+
+
+def _process(rank, port, job, args, group):
+    """One of the processes: torchrun's environment, a gloo process group unless the job sets one up
+    itself (``group=False``, as ``cait finetune`` does), then ``job(rank, *args)``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)  # two processes on a small machine: more threads each only contend (gloo's steps slow down 100x)
+    if not group:
+        job(rank, *args)
+        return
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        job(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def in_two_processes(job, *args, group: bool = True) -> None:
+    """Run ``job(rank, *args)`` (a module-level function) in two spawned CPU processes (ranks 0 and 1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_process, args=(port, job, args, group), nprocs=WORLD, join=True)
 
 
 def setup():
@@ -32,24 +61,18 @@ def train(student, teacher, batches):
     train_epoch(student, teacher, batches, optimizer_for(student), Distillation(alpha=0.5, temperature=2.0))
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        student, teacher, images, labels = setup()
-        half = BATCH // world
-        batches = [(x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]) for x, y in zip(images, labels)]
-        runner = torch.nn.parallel.DistributedDataParallel(student)
-        train_epoch(runner, teacher, batches, optimizer_for(runner), Distillation(alpha=0.5, temperature=2.0))
-        if rank == 0:
-            torch.save(student.state_dict(), out)
-    finally:
-        dist.destroy_process_group()
+def _classifier_job(rank, out):
+    student, teacher, images, labels = setup()
+    half = BATCH // WORLD
+    batches = [(x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]) for x, y in zip(images, labels)]
+    runner = torch.nn.parallel.DistributedDataParallel(student)
+    train_epoch(runner, teacher, batches, optimizer_for(runner), Distillation(alpha=0.5, temperature=2.0))
+    if rank == 0:
+        torch.save(student.state_dict(), out)
 
 
 def test_two_processes_equal_one_with_the_combined_batch(tmp_path):
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    in_two_processes(_classifier_job, str(tmp_path / "ddp.pt"))
     student, teacher, images, labels = setup()
     initial = {name: value.clone() for name, value in student.state_dict().items()}
     train(student, teacher, list(zip(images, labels)))
@@ -59,3 +82,56 @@ def test_two_processes_equal_one_with_the_combined_batch(tmp_path):
     for name, value in single.items():
         assert torch.allclose(ddp[name], value, rtol=1e-4, atol=1e-5), name
     assert any(not torch.equal(value, initial[name]) for name, value in single.items() if "gates" in name), "the scores learned"
+
+
+def segmentation_backbone():
+    """A tiny timm ViT as a user builds one: with timm's classifier head (1000 classes)."""
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def _segmentation_job(rank, out):
+    torch.manual_seed(0)
+    dense = segmentation.segmenter(segmentation_backbone(), classes=3)  # the README's way
+    student = segmentation.make_student(dense, cait.ATME(flops=0.8), cait.CDCP(qk=0.5, v=0.5, mlp=0.5), warmup=2)
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8, 32, 32)))
+    train_loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, shuffle=False))  # 2 steps per process
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
+    fit(student, teacher_of(dense), train_loader, DataLoader(data, batch_size=4), epochs=1, optimizer=optimizer,
+        distill=Distillation(alpha=0.5, temperature=2.0), out_dir=out, ddp=True, main_process=rank == 0,
+        metrics=segmentation.evaluate)  # fmt: skip
+    torch.save({name: p.detach() for name, p in student.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_segmentation_student_from_the_python_api_trains_under_ddp(tmp_path):
+    in_two_processes(_segmentation_job, str(tmp_path))
+    torch.manual_seed(0)
+    initial = segmentation.make_student(
+        segmentation.segmenter(segmentation_backbone(), classes=3), cait.ATME(flops=0.8), cait.CDCP(qk=0.5, v=0.5, mlp=0.5), warmup=2
+    )
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert ranks[0].keys() == ranks[1].keys() == dict(initial.named_parameters()).keys()
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0]), "DDP keeps the processes' weights equal"
+    trained = {name for name, p in initial.named_parameters() if not torch.equal(ranks[0][name], p)}
+    assert {name.split(".")[0] if name.startswith("gates") else name.split(".")[1] for name in trained} == {"backbone", "head", "gates"}
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def _cli_job(rank, argv):
+    from test_cli import run
+
+    assert run(argv) == 0
+
+
+def test_segmentation_finetune_command_trains_under_ddp(tmp_path):
+    """``torchrun --nproc-per-node 2 -m cait finetune --task segmentation``: the teacher saved from the
+    Python API (a backbone with timm's head), the compressed student with gates, 2 steps per process."""
+    from test_segmentation import write_segmentation_folder
+
+    write_segmentation_folder(tmp_path / "data", count=8)
+    cait.save(segmentation.segmenter(cait.compress(segmentation_backbone()), classes=3), tmp_path / "dense.safetensors")
+    argv = ["finetune", "--task", "segmentation", "--teacher", str(tmp_path / "dense.safetensors"), "--data", str(tmp_path / "data"),
+            "--merge-flops", "0.8", "--keep-qk", "0.5", "--keep-mlp", "0.5", "--epochs", "1", "--batch-size", "2", "--workers", "0",
+            "--device", "cpu", "--out", str(tmp_path / "cait")]  # fmt: skip
+    in_two_processes(_cli_job, argv, group=False)
+    loaded = cait.load(tmp_path / "cait" / "model.safetensors")
+    assert isinstance(loaded, segmentation.Segmenter) and sum(loaded.backbone.schedule) > 0

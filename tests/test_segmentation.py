@@ -121,6 +121,49 @@ def test_segmentation_student_trains_with_gates_and_materializes():
         segmentation.make_student(dense.backbone, None, None, 0)
 
 
+@pytest.mark.parametrize("model_id", ["deit_distilled", "avg_pool_class_token", "siglip_map", "eva02", "pe_core_map"])
+def test_every_parameter_of_a_segmentation_model_gets_a_gradient(model_id, tmp_path):
+    """DistributedDataParallel (no find_unused_parameters) needs a gradient for every parameter: a model
+    built for segmentation (the Python API's, its distillation student, a loaded one) keeps nothing of
+    its backbone's pooling and classifier (head, distillation head, fc_norm, attention pooling)."""
+    torch.manual_seed(0)
+    model = build(model_id)  # with timm's classifier head, as a user's backbone
+    seg = segmentation.segmenter(model, classes=3)
+    student = segmentation.make_student(seg, cait.ATME(flops=0.8), cait.CDCP(qk=0.5, v=0.75, mlp=0.5), warmup=2)
+    cait.save(segmentation.Segmenter(cait.compress(seg.backbone), seg.head), tmp_path / "seg.safetensors")
+    loaded = cait.load(tmp_path / "seg.safetensors").train()
+    images = images_for(model, 2)
+    labels = torch.randint(0, 3, (2, *images.shape[2:]))
+    for task_model in (seg.train(), student.train(), loaded):
+        F.cross_entropy(task_model(images), labels).backward()
+        trained = [name for name, p in task_model.named_parameters() if p.requires_grad]
+        unused = [name for name, p in task_model.named_parameters() if p.requires_grad and p.grad is None]
+        assert trained and unused == []
+    assert student.gates is not None and all(p.grad is not None for p in student.gates.parameters())
+
+
+def test_a_segmentation_file_that_still_holds_the_backbone_classifier_loads(tmp_path, monkeypatch):
+    """Files written before segmenters dropped their backbone's classifier hold its tensors (unused)."""
+    torch.manual_seed(0)
+    with monkeypatch.context() as before:
+        before.setattr(segmentation.model, "drop_classifier", lambda backbone: backbone)
+        old = segmentation.segmenter(cait.compress(tiny_backbone(num_classes=10, global_pool="avg")), classes=3).eval()
+        cait.save(old, tmp_path / "old.safetensors")
+    assert {"backbone.vit.head.weight", "backbone.vit.fc_norm.weight"} <= safe_open_keys(tmp_path / "old.safetensors")
+    loaded = cait.load(tmp_path / "old.safetensors")
+    assert isinstance(loaded.backbone.head, torch.nn.Identity) and isinstance(loaded.backbone.fc_norm, torch.nn.Identity)
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), old(images))
+
+
+def safe_open_keys(path) -> set:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
 def test_save_and_load_a_segmentation_model(tmp_path):
     dense = segmentation.segmenter(tiny_backbone(), classes=5, head="upsample")
     model = segmentation.Segmenter(cait.compress(dense.backbone, merge=cait.ATME(flops=0.7)), dense.head).eval()

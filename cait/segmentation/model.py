@@ -10,8 +10,10 @@ decode head written for a plain ViT (SETR, Segmenter, UPerNet on one scale, ...)
     logits = my_head(features)
 
 The decode heads are in :mod:`.heads`. :class:`Segmenter` upsamples the head's logits bilinearly
-to the input size. Labels are class indices per pixel; ``IGNORE`` (-100, as in
-``F.cross_entropy``) marks pixels that count nowhere.
+to the input size and drops what of its backbone the dense features never pass through (timm's
+classifier, :func:`drop_classifier`), so every parameter of a segmentation model gets a gradient
+(``DistributedDataParallel`` without ``find_unused_parameters`` needs that). Labels are class
+indices per pixel; ``IGNORE`` (-100, as in ``F.cross_entropy``) marks pixels that count nowhere.
 """
 
 from __future__ import annotations
@@ -23,6 +25,22 @@ from torch import nn
 from .heads import make_head
 
 IGNORE = -100
+
+# timm's parts after the final norm: pooling and classifier, never on the path of the dense features
+CLASSIFIER_PARTS = ("attn_pool", "fc_norm", "head", "head_dist")
+
+
+def drop_classifier(backbone: nn.Module) -> nn.Module:
+    """Strip ``backbone`` (a timm ViT or :class:`cait.CompressedViT`, in place) of the parts
+    :func:`patch_features` never reaches, as timm's ``prune_intermediate_layers(prune_head=True)``
+    does: attention pooling, the norm after pooling (``fc_norm``) and the classifier head(s) (a
+    distilled DeiT's too) go, the pooling becomes ``""``. Returns ``backbone``."""
+    if getattr(backbone, "attn_pool", None) is not None:
+        backbone.attn_pool = None
+    if hasattr(backbone, "fc_norm"):
+        backbone.fc_norm = nn.Identity()
+    backbone.reset_classifier(0, "")
+    return backbone
 
 
 def patch_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -40,11 +58,15 @@ def patch_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 class Segmenter(nn.Module):
     """``backbone`` (timm ViT or :class:`cait.CompressedViT`) + ``head``: images ``(B, C_in, H, W)`` ->
-    logits ``(B, K, H, W)`` (the head's logits upsampled bilinearly to the input size)."""
+    logits ``(B, K, H, W)`` (the head's logits upsampled bilinearly to the input size).
+
+    The backbone loses its pooling and classifier (:func:`drop_classifier`, in place): every model
+    built for segmentation (:func:`segmenter`, the distillation student, :func:`cait.load`, ...) is
+    built here, and carries no parameter its loss never reaches."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head = drop_classifier(backbone), head
 
     @property
     def num_classes(self) -> int:
@@ -56,7 +78,8 @@ class Segmenter(nn.Module):
 
 
 def segmenter(backbone: nn.Module, classes: int, head: str = "linear") -> Segmenter:
-    """A :class:`Segmenter` on ``backbone`` with a new ``head`` (``linear`` or ``upsample``) for ``classes``."""
+    """A :class:`Segmenter` on ``backbone`` with a new ``head`` (``linear`` or ``upsample``) for ``classes``;
+    ``backbone`` loses its classifier (:func:`drop_classifier`)."""
     from ..support import check_supported
 
     if not hasattr(backbone, "forward_dense"):

@@ -7,12 +7,15 @@ On a bare GPU machine, with that machine's own python, torch, triton and timm (n
 2. ``tests``: the kernel tests natively (``TRITON_INTERPRET=0``): the ``gpu``-marked tests and the
    Triton kernel, degenerate-input, precision, model-extremes and property test files (the C++ CPU
    kernel's cases left out);
-3. ``kernels``: ``cait bench --kernels``: attention vs SDPA without bias, SDPA with a float mask and
+3. ``large batch``: ``bench/large_batch.py``: the Triton ops at batches past CUDA's 65535 limit on grid
+   axis y (attention at 6000 x 12 heads, ATME and unmerge at 70000 images) and at tensors past ``2**31``
+   elements, each against the reference on its first and last images (~12 GiB, seconds);
+4. ``kernels``: ``cait bench --kernels``: attention vs SDPA without bias, SDPA with a float mask and
    FlexAttention with a ``log(size)`` score_mod; the ATME step and unmerge vs their references; the
    ahead-of-time compile report;
-4. ``models``: per model (DeiT-T/S/B), fp16, batch 1/64/256: dense timm, compressed on the Triton ops and on
+5. ``models``: per model (DeiT-T/S/B), fp16, batch 1/64/256: dense timm, compressed on the Triton ops and on
    the reference ops, eager and CUDA graph;
-5. ``compile``: DeiT-T/S at batch 1 and 8 under :func:`cait.optimize` (inductor with frozen weights in
+6. ``compile``: DeiT-T/S at batch 1 and 8 under :func:`cait.optimize` (inductor with frozen weights in
    a CUDA graph; last: compiling costs the most time).
 
 Every step runs in its own process with a time box (its share of the budget, cut to what is left), its
@@ -21,8 +24,8 @@ the next one runs. ``OUT_DIR/summary.json`` and ``summary.md`` hold the statuses
 steps printed; a short table goes to stdout. Exit status 1 if any step failed or timed out.
 
 ``--dry-run`` runs the same steps on the CPU in seconds: the Triton kernels through the interpreter,
-tests collected but not run, tiny shapes, one tiny model (compiled by :func:`cait.optimize` on the
-CPU), no CUDA graphs. ``make test`` runs it, so the script cannot rot.
+tests collected but not run, tiny shapes (the large-batch cases too), one tiny model (compiled by
+:func:`cait.optimize` on the CPU), no CUDA graphs. ``make test`` runs it, so the script cannot rot.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ TEST_FILES = (
 )
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 VARIANT = "merge=0.7,prune=0.5/0.75/0.75"
+LARGE_BATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "large_batch.py")
 ENV_SCRIPT = """
 import json, platform, sys
 info = {"python": platform.python_version()}
@@ -99,6 +103,7 @@ def plan(out: str, dry_run: bool, python: str = sys.executable) -> list[Step]:
     if dry_run:
         steps = [
             Step("tests", [*pytest, "--collect-only"], 60, ("pytest", "timm"), interpret, "collected, not run (dry run)"),
+            Step("large batch", [python, LARGE_BATCH, "--dry-run"], 60, (), interpret, "tiny shapes (dry run)"),
             Step("kernels", [*bench, "--kernels", "--tiny", "--out", f"{out}/kernels.json"], 120, ("timm",), interpret),
         ]
         tiny = ["--models", MODELS[0], "--img-size", "64", "--batch", "2", "--repeats", "1", "--variant", VARIANT, "--device", "cpu"]
@@ -107,6 +112,7 @@ def plan(out: str, dry_run: bool, python: str = sys.executable) -> list[Step]:
     else:
         steps = [
             Step("tests", [*pytest, "-rfE", "--junitxml", f"{out}/tests.xml"], 110, ("pytest", "timm"), interpret, skipped_files),
+            Step("large batch", [python, LARGE_BATCH], 60, (), interpret),
             Step("kernels", [*bench, "--kernels", "--out", f"{out}/kernels.json"], 90, ("timm",), interpret),
         ]
         table = ["--batch", "1", "64", "256", "--variant", VARIANT, "--device", "cuda", "--dtype", "fp16"]

@@ -13,6 +13,14 @@
    size-weighted mean of its group, summed in a fixed order (no atomics, bit-identical on repeat),
    written once to its new place with its size and the rewritten ``owner`` of the block's cells.
 ``x`` is read once and written once; tokens that merge with nothing are copied bit for bit.
+
+Launch limits (:mod:`cait_kernels._launch`): every grid has the image on axis x (up to ``2**31 - 1``)
+and the blocks (at most :data:`MAX_CELLS` < 65535) on axis y; the merge kernel's channel tiles go on
+axis z (a batch on axis y failed from 65536 images). Offsets: the image index is int64 before it meets
+a batch stride or a per-image count, so any batch size works; offsets inside one image are int32
+(``x``, ``metric`` and the merged ``x`` must span less than ``2**31`` elements per image, checked before
+the first launch; ``size`` and ``owner`` are made contiguous; edge keys ``lo * N + hi`` fit int32 because
+``N <= MAX_CELLS``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._builds import Build
+from ._launch import check_grid, check_offsets
 from .atme import NORM_EPS, block_count, block_edges, check_atme_inputs
 
 # Tile sizes by block side, chosen so no kernel spills registers (see ``cait bench --kernels``):
@@ -94,9 +103,9 @@ def forest_kernel(
     BLOCK_D: tl.constexpr,
     NORM_EPS: tl.constexpr,
 ):
-    """Grid ``(B, cdiv(blocks, BLOCK_T))``. ``metric (B, N, Cm)``: the spatial tokens' metric rows; ``first``,
-    ``second``, ``valid`` ``(blocks, SLOTS)`` cell edges; ``cells (blocks, CELLS)``. Writes
-    ``lo``/``hi`` int32 and ``sim`` fp32 ``(B, blocks, SLOTS)`` in canonical order."""
+    """Grid :func:`forest_grid`, ``(B, cdiv(blocks, BLOCK_T))``. ``metric (B, N, Cm)``: the spatial tokens'
+    metric rows; ``first``, ``second``, ``valid`` ``(blocks, SLOTS)`` cell edges; ``cells (blocks, CELLS)``.
+    Writes ``lo``/``hi`` int32 and ``sim`` fp32 ``(B, blocks, SLOTS)`` in canonical order."""
     image = tl.program_id(0)
     blocks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.arange(0, SLOTS_PAD)
@@ -175,8 +184,8 @@ def roots_kernel(
     CELLS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Grid ``(B, cdiv(blocks, BLOCK_T))``. Joins the chosen edges (``(B, blocks, SLOTS)``) of each
-    block and writes every token's root, ``root_out (B, N)`` int32."""
+    """Grid :func:`forest_grid`, ``(B, cdiv(blocks, BLOCK_T))``. Joins the chosen edges (``(B, blocks, SLOTS)``)
+    of each block and writes every token's root, ``root_out (B, N)`` int32."""
     image = tl.program_id(0)
     blocks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.arange(0, SLOTS_PAD)
@@ -222,10 +231,10 @@ def merge_kernel(
     CELLS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid ``(blocks, B, cdiv(C, BLOCK_C))``. ``root``, ``dest`` ``(B, N)`` int32: each token's root
-    and the new index of that root. The channel-tile-0 program also writes sizes and ``owner``."""
-    block = tl.program_id(0)
-    image = tl.program_id(1)
+    """Grid :func:`merge_grid`, ``(B, blocks, cdiv(C, BLOCK_C))``. ``root``, ``dest`` ``(B, N)`` int32: each
+    token's root and the new index of that root. The channel-tile-0 program also writes sizes and ``owner``."""
+    image = tl.program_id(0)
+    block = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     slot = tl.arange(0, CELLS)
     cell = tl.load(cells + block * CELLS + slot)
@@ -289,11 +298,17 @@ def launch_atme(x, metric, size, owner, r, grid, prefix, block):
     metric = metric[:, prefix:]
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
+    new_x = torch.empty(batch, total - r, channels, dtype=x.dtype, device=x.device)
+    new_size = torch.empty(batch, total - r, dtype=size.dtype, device=x.device)
+    new_owner = torch.empty_like(owner)
+    # every grid and offset is checked before the first launch (owner and size are contiguous: short rows)
+    check_offsets("ATME kernels", x=x, metric=metric, x_out=new_x)
+    tiles = forest_grid(batch, blocks, block)
+    merge_tiles = merge_grid(batch, blocks, channels, MERGE_CHANNELS[block])
 
     lo = torch.empty(batch, blocks, slots, dtype=torch.int32, device=x.device)
     hi = torch.empty_like(lo)
     sim = torch.empty(batch, blocks, slots, dtype=torch.float32, device=x.device)
-    tiles = (batch, triton.cdiv(blocks, BLOCKS_PER_PROGRAM[block]))
     forest_kernel[tiles](
         metric, owner, first, second, valid, cells, lo, hi, sim,
         blocks, n, cells_total, metric.shape[-1], metric.stride(0), metric.stride(1),
@@ -311,18 +326,28 @@ def launch_atme(x, metric, size, owner, r, grid, prefix, block):
 
     survivor = root == torch.arange(n, dtype=torch.int32, device=x.device)
     dest = (survivor.cumsum(1, dtype=torch.int32) - 1).gather(1, root.long())
-    new_x = torch.empty(batch, total - r, channels, dtype=x.dtype, device=x.device)
-    new_size = torch.empty(batch, total - r, dtype=size.dtype, device=x.device)
-    new_owner = torch.empty_like(owner)
     new_x[:, :prefix] = x[:, :prefix]
     new_size[:, :prefix] = size[:, :prefix]
-    block_c = MERGE_CHANNELS[block]
-    merge_kernel[(blocks, batch, triton.cdiv(channels, block_c))](
+    merge_kernel[merge_tiles](
         x, size, owner, cells, root, dest, new_x, new_size, new_owner,
         blocks, n, cells_total, prefix, channels, x.stride(0), x.stride(1), new_x.stride(0), new_x.stride(1),
-        size.stride(0), new_size.stride(0), CELLS=n_cells, BLOCK_C=block_c,
+        size.stride(0), new_size.stride(0), CELLS=n_cells, BLOCK_C=MERGE_CHANNELS[block],
     )  # fmt: skip
     return new_x, new_size, new_owner
+
+
+def forest_grid(batch: int, blocks: int, block: int) -> tuple[int, int]:
+    """The launch grid of :func:`forest_kernel` and :func:`roots_kernel` for ``batch`` images of ``blocks``
+    blocks of side ``block`` (checked against CUDA's limits)."""
+    grid = (batch, triton.cdiv(blocks, BLOCKS_PER_PROGRAM[block]))
+    return check_grid("forest_kernel/roots_kernel", grid, batch=batch, blocks=blocks, block=block)
+
+
+def merge_grid(batch: int, blocks: int, channels: int, block_c: int) -> tuple[int, int, int]:
+    """The launch grid of :func:`merge_kernel` for ``batch`` images of ``blocks`` blocks and ``channels``
+    channels in tiles of ``block_c`` (checked against CUDA's limits)."""
+    grid = (batch, blocks, triton.cdiv(channels, block_c))
+    return check_grid("merge_kernel", grid, batch=batch, blocks=blocks, channels=channels, block_c=block_c)
 
 
 def aot_builds() -> list[Build]:

@@ -14,6 +14,15 @@ late layers: fewer wasted rows); fp32 (no tensor cores in ieee mode, the product
 ``(32, 32, 4)``, ``(32, 16, 4)`` past 64 padded channels. The entries were picked from the
 ahead-of-time compile report (``cait bench --kernels`` on any machine): they are the largest tiles
 that build for sm_90 without spilling registers. ``tests/test_compile.py`` checks every entry.
+
+Launch limits (:mod:`cait_kernels._launch`): the grid is ``(cdiv(N, BLOCK_M), images * heads)``, and CUDA
+caps axis y at 65535 programs, so :func:`attention_launches` splits a larger batch into launches of at
+most ``65535 // heads`` images (5461 at 12 heads; one launch below that, as before). The split keeps the
+kernel as it was: a flat grid on axis x would need a division by the row-tile count in the kernel, and
+that spilled registers in the widest configurations. Offsets: the image index is int64 before it meets
+a batch stride, so any batch size works; offsets inside one image (token x token stride + channel) are
+int32: ``qkv``, ``size`` and the output must span less than ``2**31`` elements per image, which
+:func:`launch_attention` checks.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._builds import Build
+from ._launch import MAX_GRID, check_grid, check_offsets
 from .attention import check_attention_inputs, gather_columns
 
 MAX_HEAD_DIM = 128
@@ -79,8 +89,8 @@ def attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(N, BLOCK_M), B * heads)``. ``cols``: the gather layout's column of every
-    ``[q | k | v]`` channel (unused in the materialized layout, where columns are contiguous)."""
+    """Grid ``(cdiv(N, BLOCK_M), images * heads)`` (:func:`attention_launches`). ``cols``: the gather layout's
+    column of every ``[q | k | v]`` channel (unused in the materialized layout, where columns are contiguous)."""
     image = tl.program_id(1) // heads
     head = tl.program_id(1) % heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,7 +116,7 @@ def attention_kernel(
         k = tl.load(base + keys[None, :] * stride_qkv_n + k_col[:, None], mask=key_ok[None, :] & (c_qk[:, None] < D_QK), other=0.0)
         logits = tl.dot(q, k, input_precision=PRECISION) * scale_log2
         if HAS_SIZE:
-            cells = tl.load(size + image * stride_size_b + keys * stride_size_n, mask=key_ok, other=1.0)
+            cells = tl.load(size + image.to(tl.int64) * stride_size_b + keys * stride_size_n, mask=key_ok, other=1.0)
             logits += tl.log2(cells.to(tl.float32))[None, :]
         logits = tl.where(key_ok[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
@@ -143,34 +153,52 @@ def launch_attention(qkv, heads, d_qk, d_v, scale, size, idx_qk, idx_v):
     cols = gather_columns(heads, head_dim, idx_qk, idx_v, qkv.device).to(torch.int32) if gather else qkv
     sizes = size if size is not None else qkv
     config = attention_config(N, d_qk, d_v, qkv.dtype)
-    grid = (triton.cdiv(N, config.block_m), B * heads)
-    attention_kernel[grid](
-        qkv,
-        cols,
-        sizes,
-        out,
-        N,
-        heads,
-        float(scale) * math.log2(math.e),
-        qkv.stride(0),
-        qkv.stride(1),
-        sizes.stride(0),
-        sizes.stride(1),
-        out.stride(0),
-        out.stride(1),
-        D_QK=d_qk,
-        D_V=d_v,
-        D_QK_PAD=padded(d_qk),
-        D_V_PAD=padded(d_v),
-        GATHER=gather,
-        HAS_SIZE=size is not None,
-        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    check_offsets("attention_kernel", qkv=qkv, size=sizes, out=out)
+    for start, stop, grid in attention_launches(B, N, heads, config.block_m):  # one launch unless B * heads > 65535
+        attention_kernel[grid](
+            qkv[start:stop],
+            cols,
+            sizes[start:stop],
+            out[start:stop],
+            N,
+            heads,
+            float(scale) * math.log2(math.e),
+            qkv.stride(0),
+            qkv.stride(1),
+            sizes.stride(0),
+            sizes.stride(1),
+            out.stride(0),
+            out.stride(1),
+            D_QK=d_qk,
+            D_V=d_v,
+            D_QK_PAD=padded(d_qk),
+            D_V_PAD=padded(d_v),
+            GATHER=gather,
+            HAS_SIZE=size is not None,
+            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     return out
+
+
+def attention_launches(batch: int, n: int, heads: int, block_m: int) -> list[tuple[int, int, tuple[int, int]]]:
+    """The launches of :func:`attention_kernel` for ``batch`` images of ``n`` tokens: ``(start, stop, grid)``
+    for each slice ``start:stop`` of the batch, as few as CUDA's 65535 programs on grid axis y allow (each
+    grid checked against CUDA's limits)."""
+    per_launch = max(1, MAX_GRID[1] // heads)
+    return [
+        (start, min(start + per_launch, batch), attention_grid(min(per_launch, batch - start), n, heads, block_m))
+        for start in range(0, batch, per_launch)
+    ]
+
+
+def attention_grid(images: int, n: int, heads: int, block_m: int) -> tuple[int, int]:
+    """The grid of one launch of :func:`attention_kernel` over ``images`` images (checked against CUDA's limits)."""
+    grid = (triton.cdiv(n, block_m), images * heads)
+    return check_grid("attention_kernel", grid, images=images, tokens=n, heads=heads, block_m=block_m)
 
 
 def check_kernel_inputs(qkv, d_qk: int, d_v: int) -> None:

@@ -34,10 +34,11 @@ def test_dry_run_is_green(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     statuses = {step["name"]: step["status"] for step in summary["steps"]}
     assert done.returncode == 0, (statuses, done.stdout[-3000:])
-    assert statuses == dict.fromkeys(["env", "tests", "kernels", "models", "compile"], "ok")
+    assert statuses == dict.fromkeys(["env", "tests", "large batch", "kernels", "models", "compile"], "ok")
     assert summary["dry_run"] and summary["environment"]["torch"]
     markdown = (tmp_path / "summary.md").read_text()
     assert "| attention" in markdown and "flex" in markdown  # the kernel table, with the FlexAttention peer
+    assert "| ATME step 4x4" in markdown and "| unmerge 4x4" in markdown  # the large-batch table (tiny shapes)
     assert "| compile |" in markdown and "| deit_tiny_patch16_224 |" in markdown  # the model tables, compiled too
     assert "| compile | ok |" in done.stdout
 

@@ -52,7 +52,7 @@ def test_a_model_pickled_by_an_older_cait_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"CompressedViT was pickled by an older cait \(it has no native_grid, schedules\).*delete it"):
         store.load(0, "ATME @0.8")
     older = cait.compress(accuracy.small_vit(0), merge=cait.ATME(r=2))
-    del older.blocks[1].proportional, older.blocks[1].attn.metric_channels, older.blocks[1].attn.gate  # the blocks are checked too
+    del older.blocks[1].index, older.blocks[1].attn.metric_channels, older.blocks[1].attn.gate  # the blocks are checked too
     store.save(0, "ATME @0.8", older, {"top1": 0.5})
     with pytest.raises(ValueError, match=r"CompressedAttention was pickled by an older cait \(it has no metric_channels, gate\)"):
         store.load(0, "ATME @0.8")

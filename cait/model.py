@@ -44,12 +44,29 @@ class BlocksTakenOver(nn.Module):
         return True
 
 
-# timm's modules and parameters around the blocks: read, assigned and deleted on the compressed model as on
-# timm's (``fast.head = nn.Linear(...)``, ``fast.patch_embed.patch_size``); they live in ``fast.vit``
+# timm's modules, parameters and settings around the blocks: read, assigned and deleted on the compressed model
+# as on timm's (``fast.head = nn.Linear(...)``, ``fast.patch_embed.patch_size``, ``fast.in_chans``); they live in
+# ``fast.vit`` (a name the timm model lacks stays missing: ``head_dist`` on an undistilled one)
 TIMM_PARTS = frozenset({
     "patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre", "norm", "fc_norm", "attn_pool",
     "head_drop", "head", "head_dist",
+    "in_chans", "num_reg_tokens", "has_class_token", "no_embed_class", "cls_embed", "pool_include_prefix", "rope_mixed",
+    "weight_init_mode", "fix_init", "head_init_scale", "pretrained_model_args", "distilled_training", "set_distilled_training",
 })  # fmt: skip
+
+
+def prefixed_cfg(cfg: dict) -> dict:
+    """A copy of timm's ``pretrained_cfg`` whose parameter names (``classifier``, ``first_conv``) name the
+    compressed model's parameters (under ``vit.``), so timm's code that finds the head or the stem by them
+    (``load_pretrained``, ``adapt_input_conv``) finds them; the data settings (mean, std, crop) are the same."""
+    out = dict(cfg)
+    for key in ("classifier", "first_conv"):
+        names = out.get(key)
+        if isinstance(names, str):
+            out[key] = f"vit.{names}"
+        elif isinstance(names, (list, tuple)):
+            out[key] = type(names)(f"vit.{name}" for name in names)
+    return out
 
 
 class CompressedViT(TimmApi, CompressedModule, nn.Module):
@@ -92,13 +109,13 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         self.native_grid = tuple(vit.patch_embed.grid_size)
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.num_features, self.embed_dim = vit.num_features, vit.embed_dim
-        self.pretrained_cfg = self.default_cfg = getattr(vit, "pretrained_cfg", {})
+        self.pretrained_cfg = self.default_cfg = prefixed_cfg(getattr(vit, "pretrained_cfg", None) or {})
         self.blocks = nn.ModuleList(CompressedBlock(b, prefix=self.num_prefix_tokens, tile=tile) for b in blocks)
         positions = None if self.rope is None else RotaryPositions(self.rope, position, self.num_prefix_tokens)
         for index, block in enumerate(self.blocks):
             block.index, block.attn.positions = index, positions
-        cells = torch.arange(self.grid[0] * self.grid[1], dtype=torch.int32)
-        self.register_buffer("cell_index", cells, persistent=False)  # the native grid's cells in raster order
+        self.register_buffer("cell_index", None, persistent=False)  # the native grid's cells in raster order
+        self.init_non_persistent_buffers()
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         # merge counts per grid: the native grid's set by set_schedule / set_merge, others filled on first use
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
@@ -238,8 +255,15 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         if self.rope is not None and hasattr(self.rope, "update_feat_shape"):  # as timm's Eva.set_input_size
             self.rope.update_feat_shape(self.vit.patch_embed.grid_size)
         self.native_grid = tuple(self.vit.patch_embed.grid_size)
-        self.cell_index = torch.arange(grid[0] * grid[1], dtype=torch.int32, device=self.cell_index.device)
+        self.init_non_persistent_buffers()
         self._set_native_schedule(counts)
+
+    def init_non_persistent_buffers(self) -> None:
+        """(Re)compute the buffers state_dict() does not hold (``cell_index``, the native grid's cells) on the
+        device of the weights, as timm's modules of that name do (after ``to_empty``, or weights assigned to a
+        model built on the meta device)."""
+        device = self.vit.patch_embed.proj.weight.device
+        self.cell_index = torch.arange(self.native_grid[0] * self.native_grid[1], dtype=torch.int32, device=device)
 
     @property
     def input_size(self) -> tuple[int, int, int]:

@@ -163,6 +163,7 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
             detail = f" ({tuple(tensors[first].shape)}, the architecture needs {tuple(expected[first].shape)})" if names is reshaped else ""
             raise ValueError(f"the weights do not fit the rebuilt architecture: {len(names)} tensors {what}, first {names[0]}{detail}")
     model.load_state_dict(tensors, strict=True, assign=True)
+    _backbone(model).init_non_persistent_buffers()  # built on the meta device with the weights
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"the rebuilt model has no values for {left[0]}: neither the file nor its constructor sets it")

@@ -63,6 +63,11 @@ def _prefixed(pattern: str) -> str:
     return pattern if body.startswith("blocks") else rf"^vit\.(?:{body})"
 
 
+class ClassifierError(ValueError, AssertionError):
+    """A head :meth:`TimmApi.reset_classifier` cannot build: a ``ValueError`` as cait's other refusals,
+    and an ``AssertionError`` as timm's ``reset_classifier`` raises for the same requests."""
+
+
 class TimmApi:
     """``get_classifier``, ``reset_classifier``, ``no_weight_decay``, ``group_matcher``,
     ``set_grad_checkpointing``, ``forward_intermediates``, ``get_intermediate_layers`` and
@@ -81,15 +86,18 @@ class TimmApi:
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for ``num_classes`` (0: none, ``forward`` returns pooled features) and, if
-        given, another pooling (one of ``"", "token", "avg", "max", "avgmax"``), as timm's."""
+        given, another pooling (one of ``"", "token", "avg", "max", "avgmax"``; ``"map"`` only on a model built
+        with it), as timm's. Raises :class:`ClassifierError` (a ``ValueError`` and, as timm's, an
+        ``AssertionError``) for a negative or non-integer ``num_classes``, an unknown pooling, ``"map"`` on a
+        model without attention pooling and ``"token"`` on one without a class token."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a whole number >= 0, got {num_classes!r}")
+            raise ClassifierError(f"num_classes must be a whole number >= 0, got {num_classes!r}")
         if global_pool is not None and global_pool not in POOLS:
-            raise ValueError(f"global_pool={global_pool!r} is not supported on a compressed model; use one of {POOLS}")
+            raise ClassifierError(f"global_pool={global_pool!r} is not supported on a compressed model; use one of {POOLS}")
         if global_pool == "map" and getattr(self.vit, "attn_pool", None) is None:
-            raise ValueError("global_pool='map' needs the attention pooling the model was built with (timm cannot add one here)")
+            raise ClassifierError("global_pool='map' needs the attention pooling the model was built with (timm cannot add one here)")
         if global_pool == "token" and self.vit.cls_token is None:
-            raise ValueError("global_pool='token' needs a class token and this model has none")
+            raise ClassifierError("global_pool='token' needs a class token and this model has none")
         self.vit.reset_classifier(num_classes, global_pool)
 
     def no_weight_decay(self) -> set[str]:

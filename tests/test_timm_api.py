@@ -167,15 +167,54 @@ def test_reset_and_get_classifier_as_timm():
     assert [head.out_features for head in distilled.get_classifier()] == [3, 3]
 
 
-@pytest.mark.parametrize("args, message", [
-    ((10, "map"), "global_pool='map' needs the attention pooling the model was built with"),
-    ((-1,), "num_classes must be a whole number"),
+@pytest.mark.parametrize("model_id, args, message", [
+    ("class_token", (10, "map"), "global_pool='map' needs the attention pooling the model was built with"),
+    ("class_token", (10, "attention"), "global_pool='attention' is not supported"),
+    ("no_prefix", (3, "token"), "needs a class token"),
 ])
-def test_reset_classifier_refuses_what_it_cannot_do(args, message):
-    with pytest.raises(ValueError, match=message):
-        cait.compress(build("class_token")).reset_classifier(*args)
-    with pytest.raises(ValueError, match="needs a class token"):
-        cait.compress(build("no_prefix")).reset_classifier(3, "token")
+def test_reset_classifier_refuses_what_timm_refuses_with_timms_error_too(model_id, args, message):
+    """Where timm's reset_classifier asserts, cait's raises one error that is both cait's ValueError and timm's
+    AssertionError, before it changes anything."""
+    with pytest.raises(AssertionError):
+        build(model_id).reset_classifier(*args)
+    fast = cait.compress(build(model_id))
+    head = fast.head
+    with pytest.raises(ValueError, match=message) as refused:
+        fast.reset_classifier(*args)
+    assert isinstance(refused.value, AssertionError) and fast.head is head
+    with pytest.raises(ValueError, match="num_classes must be a whole number"):
+        fast.reset_classifier(-1)
+
+
+@pytest.mark.parametrize("model_id", list(MODELS))
+def test_timms_settings_and_pretrained_cfg_read_as_on_timms_model(model_id):
+    """Every plain setting timm's model holds (``in_chans``, ``has_class_token``, ...) reads the same on the
+    compressed model; its pretrained_cfg has timm's data settings, and its classifier and first_conv name
+    parameters of the compressed model (timm's load_pretrained finds the head and the stem by them)."""
+    model = build(model_id)
+    fast = cait.compress(model, merge=cait.ATME(r=2))
+    cfgs = ("training", "pretrained_cfg", "default_cfg")  # the cfgs are compared below
+    settings = {k: v for k, v in vars(model).items() if not k.startswith("_") and k not in cfgs}
+    assert {k: getattr(fast, k) for k in settings} == settings
+    assert "in_chans" in settings and fast.in_chans == 3
+    names = fast.state_dict().keys()
+    cfg, theirs = fast.pretrained_cfg, model.pretrained_cfg
+    assert fast.default_cfg is cfg and cfg["mean"] == theirs["mean"] and cfg["input_size"] == theirs["input_size"]
+    classifiers = cfg["classifier"] if isinstance(cfg["classifier"], (tuple, list)) else (cfg["classifier"],)
+    assert all(f"{c}.weight" in names for c in classifiers) and f"{cfg['first_conv']}.weight" in names
+    assert theirs["first_conv"] == "patch_embed.proj"  # timm's own cfg is left as it was
+    if model_id == "distilled":
+        fast.set_distilled_training(True)
+        assert fast.distilled_training and model.distilled_training is False and fast.vit.distilled_training
+
+
+def test_a_model_on_the_meta_device_compresses_there():
+    """timm builds models on the meta device (``with torch.device("meta")``); cait's own buffers follow the weights."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64)
+    fast = cait.compress(model)
+    assert {t.device.type for t in [*fast.parameters(), *fast.buffers()]} == {"meta"}
+    assert fast(torch.empty(2, 3, 64, 64, device="meta")).shape == (2, 1000)
 
 
 def test_prune_intermediate_layers_as_timm():

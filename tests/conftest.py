@@ -13,6 +13,11 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 
+# Under pytest-xdist (``make test`` runs one worker per core) each worker computes on one thread: more
+# only contend for the same cores
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
+
 # Property tests: a fixed, bounded set of examples by default (repeatable, fast enough for CI); a long
 # exploration with fresh randomness on request: HYPOTHESIS_PROFILE=long pytest tests/test_properties.py
 SLOW_OK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -119,6 +119,7 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         # merge counts per grid: the native grid's set by set_schedule / set_merge, others filled on first use
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
+        self.origin: dict | None = None  # where the configuration came from (a cait plan); saved, shown by `cait info`
 
     def __getattr__(self, name: str):
         try:

@@ -55,7 +55,7 @@ class ATME:
         """Tokens merged away in each block of the model that ``cost`` describes."""
         depth, limit = len(cost.blocks), self.limit(cost.grid)
         if self.flops is not None:
-            return _solve(cost, self.flops, limit, self.block)
+            return solve(cost, self.flops, self.block)
         counts = (self.r,) * depth if isinstance(self.r, int) else self.r
         if len(counts) != depth:
             raise ValueError(f"ATME r lists {len(counts)} counts but the model has {depth} blocks")
@@ -91,23 +91,43 @@ def scale_schedule(schedule: Sequence[int], grid: tuple[int, int], to: tuple[int
     return tuple(b - a for a, b in zip([0] + merged, merged))
 
 
-def _ramp(rate: float, depth: int, limit: int) -> tuple[int, ...]:
-    merged = [min(limit, math.floor((layer + 1) * rate + 0.5)) for layer in range(depth)]
+SHAPES = ("constant", "decreasing")
+
+
+def shaped(shape: str, rate: float, depth: int, limit: int, start: int = 0) -> tuple[int, ...]:
+    """Merge counts per block for ``depth`` blocks: ``constant`` merges ``rate`` tokens in every block
+    from block ``start`` on; ``decreasing`` merges ``rate`` in block ``start`` and linearly less after
+    (down to ``rate / (depth - start)`` in the last block: early blocks merge most, as the tokens that
+    are left get more distinct with depth). The cumulative count is rounded and capped at ``limit``."""
+    if shape not in SHAPES:
+        raise ValueError(f"schedule shape must be one of {SHAPES}, got {shape!r}")
+    if not 0 <= start < depth:
+        raise ValueError(f"a schedule of {depth} blocks starts at a block in [0, {depth}), got {start}")
+    span, merged = depth - start, []
+    for layer in range(depth):
+        done = max(0, layer + 1 - start)  # merging blocks so far
+        total = rate * done if shape == "constant" else rate * done * (2 * span - done + 1) / (2 * span)
+        merged.append(min(limit, math.floor(total + 0.5)))
     return tuple(b - a for a, b in zip([0] + merged, merged))
 
 
-def _solve(cost: CostModel, target: float, limit: int, block: int) -> tuple[int, ...]:
-    depth = len(cost.blocks)
+def solve(cost: CostModel, target: float, block: int, shape: str = "constant", start: int = 0) -> tuple[int, ...]:
+    """Merge counts per block whose FLOPs under ``cost`` are nearest ``target`` (a fraction of the
+    unmerged FLOPs) for a schedule of the given :func:`shaped` form, on ``block`` x ``block`` tiles.
+    Raises ``ValueError`` where even merging all the grid allows stays above the target."""
+    depth, limit = len(cost.blocks), cost.grid[0] * cost.grid[1] - block_count(cost.grid, block)
     dense = cost.flops((0,) * depth)
 
     def ratio(rate: float) -> float:
-        return cost.flops(_ramp(rate, depth, limit)) / dense
+        return cost.flops(shaped(shape, rate, depth, limit, start)) / dense
 
     lowest = ratio(limit)
     if target < lowest:
         raise ValueError(
             f"ATME flops={target} is out of reach: merging gets this model (a {cost.grid[0]}x{cost.grid[1]} grid in "
-            f"{block}x{block} tiles) down to {lowest:.3f} of its FLOPs at most; "
+            f"{block}x{block} tiles) down to {lowest:.3f} of its FLOPs at most"
+            + (f" when merging starts at block {start}" if start else "")
+            + "; "
             + ("use block=4, " if block == 2 else "")
             + "give larger images, or ask merging for less and take the rest from CDCP pruning (flops= is relative to "
             "the model's own channels)"
@@ -119,4 +139,4 @@ def _solve(cost: CostModel, target: float, limit: int, block: int) -> tuple[int,
         mid = (slow + fast) / 2
         slow, fast = (slow, mid) if ratio(mid) <= target else (mid, fast)
     best = min((slow, fast), key=lambda rate: abs(ratio(rate) - target))
-    return _ramp(best, depth, limit)
+    return shaped(shape, best, depth, limit, start)

@@ -73,6 +73,8 @@ def config_of(model) -> dict:
         "merge_flops": backbone.merge.flops if backbone.merge is not None else None,
         "kept": [block.kept for block in backbone.blocks],
     }
+    if backbone.origin:
+        config["origin"] = backbone.origin
     if backbone is not model:
         config["head"] = head_config(model.head)
     return config
@@ -116,6 +118,7 @@ def skeleton(config: dict) -> nn.Module:
             if block.attn.rope_channels is not None:  # fixed by the config: fill() checks the file agrees
                 block.attn.rope_channels = indices["qk"]
     model.set_schedule(config["schedule"])
+    model.origin = config.get("origin")
     if config.get("merge_flops") is not None:  # other input sizes solve the same FLOPs target, as the saved model did
         model.merge = ATME(flops=float(config["merge_flops"]), block=config["tile"], position=position)
     if "head" in config:

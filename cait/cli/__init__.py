@@ -1,7 +1,7 @@
 """The ``cait`` command line: one module per command, each owning its arguments (``add_parser``) and
 its work (``run``); :mod:`.common` holds what they share.
 
-Commands: ``compress``, ``finetune``, ``eval``, ``info``, ``export``, ``bench``, ``visualize``.
+Commands: ``plan``, ``compress``, ``finetune``, ``eval``, ``info``, ``export``, ``bench``, ``visualize``.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from . import bench, compress, eval, export, finetune, info, visualize
+from . import bench, compress, eval, export, finetune, info, plan, visualize
 from .common import EXAMPLES
 
-COMMANDS = (compress, finetune, eval, info, export, bench, visualize)
+COMMANDS = (plan, compress, finetune, eval, info, export, bench, visualize)
 
 
 def build_parser() -> argparse.ArgumentParser:

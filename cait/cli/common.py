@@ -80,6 +80,12 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--calibration", metavar="DIR", help="folder of images (searched recursively) for activation importance")
     p.add_argument("--calibration-images", type=int, default=64, metavar="N", help="how many calibration images to use (default: 64)")
+    p.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="the configuration a `cait plan` file chose (instead of the merge and keep flags; --model and --img-size "
+        "default to the plan's)",
+    )
 
 
 def load_images(folder: str, model, count: int):
@@ -178,6 +184,8 @@ def check_compression(args) -> None:
     """Refuse bad merge and pruning arguments before any model is built (the specs validate themselves)."""
     import cait
 
+    if getattr(args, "plan", None):
+        _check_plan(args)
     importance = args.importance or ("activation" if args.calibration else "weight")
     if importance == "activation" and not args.calibration:
         raise ValueError("--importance activation needs --calibration DIR")
@@ -191,12 +199,45 @@ def check_compression(args) -> None:
         raise ValueError(f"--num-classes must be 0 (no head) or more, got {args.num_classes}")
 
 
+def _check_plan(args) -> None:
+    """``--plan``: a plan that chose something, no flag that would change its configuration; ``--model``
+    and ``--img-size`` default to the plan's (and must agree with it when given)."""
+    from cait.planner import Plan
+
+    if not os.path.isfile(args.plan):
+        raise FileNotFoundError(f"--plan {args.plan}: no such file")
+    given = [flag for flag, value, default in (
+        ("--merge-flops", args.merge_flops, None), ("--merge-r", args.merge_r, None), ("--block", args.block, 2),
+        ("--keep-qk", args.keep_qk, 1.0), ("--keep-v", args.keep_v, 1.0), ("--keep-mlp", args.keep_mlp, 1.0),
+        ("--align", args.align, None), ("--importance", args.importance, None), ("--calibration", args.calibration, None),
+    ) if value != default]  # fmt: skip
+    if given:
+        raise ValueError(f"--plan fixes the configuration it measured: drop {', '.join(given)}")
+    plan = Plan.load(args.plan)
+    plan.candidate  # noqa: B018  (refuses a plan whose target was out of reach, with what it found)
+    if args.model is None:
+        args.model = plan.model
+    elif args.model != plan.model:
+        raise ValueError(f"--plan {args.plan} was made for {plan.model}, not --model {args.model}")
+    size = list(plan.input_size[1:])
+    if not args.img_size:
+        args.img_size = size
+    elif (args.img_size * 2)[:2] != size:
+        raise ValueError(f"--plan {args.plan} was made for {size[0]}x{size[1]} images, not --img-size {' '.join(map(str, args.img_size))}")
+
+
 def compression(args, model, calibration_folder: str | None):
     """``(ATME | None, CDCP | None)`` from the compression arguments; activation importance reads
     calibration images from ``calibration_folder``."""
     import cait
 
     check_compression(args)
+    if getattr(args, "plan", None):
+        from cait.planner import Plan
+
+        plan = Plan.load(args.plan)
+        plan.check(model)
+        return plan.candidate.atme(), plan.candidate.cdcp()
     prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
     importance = args.importance or ("activation" if args.calibration else "weight")
     merge = None

@@ -25,7 +25,7 @@ def add_parser(commands) -> None:
         description="Build a timm model, merge tokens and/or prune channels, and save the compressed model "
         "(weights and config in one .safetensors file that `cait.load` reads without the original weights).",
     )
-    add_model_arguments(c)
+    add_model_arguments(c, required=False, model_help="timm model name, e.g. deit_small_patch16_224 (default with --plan: the plan's)")
     add_compression_arguments(c)
     c.add_argument(
         "--dynamic-img-size",
@@ -41,13 +41,19 @@ def run(args) -> None:
     import cait
 
     prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
-    if args.merge_flops is None and args.merge_r is None and not prune_requested:
-        raise ValueError("nothing to compress: give --merge-flops or --merge-r, and/or --keep-qk/--keep-v/--keep-mlp below 1")
+    if args.merge_flops is None and args.merge_r is None and not prune_requested and not args.plan:
+        raise ValueError(
+            "nothing to compress: give --merge-flops or --merge-r, and/or --keep-qk/--keep-v/--keep-mlp below 1, or --plan FILE"
+        )
     check_output(args.out, suffix=".safetensors")
     check_compression(args)
+    if args.model is None:
+        raise ValueError("give --model (a timm name), or --plan FILE (its model)")
     model = build_model(args)
     merge, prune = compression(args, model, args.calibration)
     fast = cait.compress(model, merge=merge, prune=prune, dynamic_img_size=args.dynamic_img_size)
+    if args.plan:
+        fast.origin = cait.Plan.load(args.plan).origin(args.plan)
     cait.save(fast, args.out)
     print(f"wrote {args.out}\n")
     describe(fast, dense=model)

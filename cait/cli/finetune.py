@@ -98,9 +98,9 @@ def run(args) -> None:
         raise ValueError("--epochs and --batch-size must be at least 1")
     if args.task == "classification" and (args.teacher or args.head):
         raise ValueError("--teacher and --head are for --task segmentation")
+    check_compression(args)  # a --plan also names the model
     if args.model is None and not (args.task == "segmentation" and args.teacher):
-        raise ValueError("--model is required (for --task segmentation it may come from --teacher instead)")
-    check_compression(args)
+        raise ValueError("--model is required (for --task segmentation it may come from --teacher instead; with --plan, from the plan)")
     distill = Distillation(args.alpha, args.temperature)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = device_of(args.device)
@@ -144,7 +144,10 @@ def run(args) -> None:
         start_epoch=start, amp=amp, ddp=world > 1, main_process=main_process, metrics=metrics)  # fmt: skip
     if main_process:
         path = os.path.join(args.out, "model.safetensors")
-        cait.save(student.materialize(), path)
+        trained = student.materialize()
+        if args.plan:
+            getattr(trained, "backbone", trained).origin = cait.Plan.load(args.plan).origin(args.plan) | {"fine-tuned": args.out}
+        cait.save(trained, path)
         print(f"wrote {path}\n")
         describe(getattr(student.model, "backbone", student.model), dense=getattr(model, "backbone", model))
     if world > 1:

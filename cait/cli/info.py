@@ -24,6 +24,10 @@ def run(args) -> None:
     model = cait.load(args.file)
     fast = model.backbone if isinstance(model, Segmenter) else model
     describe(fast, dense=architecture.build(fast.architecture(), device=None))
+    if fast.origin:
+        print("origin    " + "\n          ".join(f"{key}: {value}" for key, value in fast.origin.items()))
+    else:
+        print("origin    merge and keep ratios given directly (no plan)")
     if fast is not model:
         params = sum(p.numel() for p in model.head.parameters())
         print(f"head      {head_kind(model.head)} segmentation head, {model.num_classes} classes, {params / 1e6:.2f} M params")

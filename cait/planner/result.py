@@ -1,0 +1,215 @@
+"""A plan: every measured configuration, the measured Pareto front and the chosen one, as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .candidates import Candidate
+from .targets import Target, target_from_json, target_to_json
+
+FORMAT = 1  # version of the plan file
+
+
+@dataclass
+class Point:
+    """A candidate and what was measured of it. ``latency_s``: median seconds per batch over
+    ``repeats`` timed runs (None: not timed); ``speedup``: the dense model's median latency over this
+    one's, both timed interleaved in the same runs; ``fidelity``: see :func:`cait.planner.fidelity.measure`."""
+
+    candidate: Candidate
+    flops_ratio: float
+    gflops: float  # per image, multiply-add = 2
+    fidelity: dict
+    latency_s: float | None = None
+    speedup: float | None = None
+    repeats: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.candidate.key
+
+    def rank(self) -> tuple[float, float]:
+        """Higher is more faithful: the fidelity score, then the lower KL."""
+        return self.fidelity["score"], -self.fidelity.get("kl", 0.0)
+
+    def to_json(self) -> dict:
+        return {**vars(self), "candidate": self.candidate.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Point":
+        return cls(**{**data, "candidate": Candidate.from_json(data["candidate"])})
+
+
+def pareto_front(points: list[Point]) -> list[Point]:
+    """The timed points no other timed point beats on both speedup and fidelity, fastest first."""
+    timed = sorted((p for p in points if p.speedup is not None), key=lambda p: (-p.speedup, [-v for v in p.rank()]))
+    front, best = [], None
+    for p in timed:
+        if best is None or p.rank() > best:
+            front.append(p)
+            best = p.rank()
+    return front
+
+
+@dataclass
+class Plan:
+    """What :func:`cait.plan` measured and chose. ``chosen``: the key of the most faithful timed point
+    that meets ``target`` (None where none does: ``reachable`` is False and ``fastest`` names the
+    fastest point measured). ``dense_latency_s``: the dense model's median seconds per batch."""
+
+    target: Target
+    runtime: str
+    batch: int
+    device: str
+    dtype: str
+    model: str  # timm name or class
+    input_size: tuple[int, int, int]
+    machine: dict
+    dense_latency_s: float
+    dense_gflops: float
+    points: list[Point]
+    chosen: str | None
+    fastest: str | None
+    references: list[str] = field(default_factory=list)  # keys of the reference points (fixed recipe, ToMe)
+    spent_s: float = 0.0
+    budget_s: float = 0.0
+    considered: int = 0  # candidates the search started from (``points`` holds those whose fidelity it measured)
+
+    @property
+    def reachable(self) -> bool:
+        return self.chosen is not None
+
+    def point(self, key: str) -> Point:
+        return next(p for p in self.points if p.key == key)
+
+    @property
+    def front(self) -> list[Point]:
+        return pareto_front([p for p in self.points if p.candidate.method == "cait"])
+
+    @property
+    def candidate(self) -> Candidate:
+        """The chosen configuration; ``ValueError`` where the target was out of reach."""
+        if self.chosen is None:
+            raise ValueError(f"this plan found nothing that reaches {self.target}: {self.summary()}")
+        return self.point(self.chosen).candidate
+
+    def check(self, model: nn.Module) -> None:
+        """``ValueError`` unless the timm ``model`` is the plan's architecture at its input size."""
+        from ..cost import default_input_size
+
+        size = tuple(default_input_size(model))
+        if size != tuple(self.input_size):
+            raise ValueError(f"this plan was made for {self.model} on {tuple(self.input_size)} inputs; the model takes {size}")
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        if name != self.model:
+            raise ValueError(f"this plan was made for {self.model}, not {name}")
+
+    def compress(self, model: nn.Module) -> nn.Module:
+        """The chosen configuration applied to the timm ``model`` (the plan's architecture and input
+        size, else ``ValueError``): the same model the plan measured, given the same weights."""
+        candidate = self.candidate
+        self.check(model)
+        fast = candidate.build(model)
+        fast.origin = self.origin()
+        return fast
+
+    def origin(self, path: str | os.PathLike | None = None) -> dict:
+        """What a model built from this plan records of it (:attr:`cait.CompressedViT.origin`)."""
+        where = self.machine.get("gpu") or self.machine.get("cpu")
+        made = {"plan": os.path.abspath(path)} if path else {}
+        return made | {"target": str(self.target), "measured": f"{self.runtime}, batch {self.batch}, {where}", "chosen": self.summary()}
+
+    def summary(self) -> str:
+        """One line: what was chosen (or the fastest point where the target is out of reach)."""
+        if self.chosen is not None:
+            p = self.point(self.chosen)
+            if p.speedup is None:
+                return f"{p.key}: not timed (the budget ran out), {p.flops_ratio:.3f} of the FLOPs, fidelity {p.fidelity['score']:.4f}"
+            return (f"{p.key}: {p.speedup:.2f}x ({1e3 * p.latency_s:.2f} ms per batch of {self.batch}), "
+                    f"{p.flops_ratio:.3f} of the FLOPs, fidelity {p.fidelity['score']:.4f}")  # fmt: skip
+        if self.fastest is None:
+            return "no configuration was timed (raise the budget)"
+        p = self.point(self.fastest)
+        return (f"out of reach: the fastest point measured, {p.key}, runs {p.speedup:.2f}x "
+                f"({1e3 * p.latency_s:.2f} ms per batch of {self.batch}) at {p.flops_ratio:.3f} of the FLOPs")  # fmt: skip
+
+    def table(self) -> str:
+        """Markdown: the timed points, fastest first (front points marked)."""
+        front = {p.key for p in self.front}
+        lines = ["| configuration | FLOPs ratio | speedup | ms per batch | fidelity | KL | repeats | |", "|---" * 8 + "|"]
+        for p in sorted((p for p in self.points if p.speedup is not None), key=lambda p: -p.speedup):
+            mark = "chosen" if p.key == self.chosen else "reference" if p.key in self.references else "front" if p.key in front else ""
+            kl = f"{p.fidelity['kl']:.4f}" if "kl" in p.fidelity else "-"
+            lines.append(f"| {p.key} | {p.flops_ratio:.3f} | {p.speedup:.2f}x | {1e3 * p.latency_s:.2f} | "
+                         f"{p.fidelity['score']:.4f} | {kl} | {p.repeats} | {mark} |")  # fmt: skip
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        data = {k: v for k, v in vars(self).items() if k not in ("target", "points")}
+        data.update(format=FORMAT, target=target_to_json(self.target), points=[p.to_json() for p in self.points])
+        data["input_size"] = list(self.input_size)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a cait plan of format {FORMAT} (got format {data.get('format')!r})")
+        fields = {k: v for k, v in data.items() if k != "format"}
+        fields.update(target=target_from_json(data["target"]), points=[Point.from_json(p) for p in data["points"]])
+        fields["input_size"] = tuple(data["input_size"])
+        return cls(**fields)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        """A plan written by :meth:`save`; ``ValueError`` for a file that is not one."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a cait plan (not JSON: {error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a cait plan")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path} is not a complete cait plan ({type(error).__name__}: {error})") from None
+
+    def plot(self, path: str) -> None:
+        """A PNG at ``path``: fidelity against measured speedup; every timed point, the front as a line,
+        the chosen point as a star, the reference points (fixed recipe, ToMe) labelled, the target as a line."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, ax = plt.subplots(figsize=(7, 4.6))
+        timed = [p for p in self.points if p.speedup is not None and p.candidate.method == "cait"]
+        ax.scatter([p.speedup for p in timed], [p.fidelity["score"] for p in timed], s=14, color="0.6", label="measured")
+        front = self.front
+        ax.plot([p.speedup for p in front], [p.fidelity["score"] for p in front], "-o", color="C3", markersize=4, label="Pareto front")
+        for key in self.references:
+            p = self.point(key)
+            if p.speedup is not None:
+                ax.scatter([p.speedup], [p.fidelity["score"]], marker="s", s=40, color="C0")
+                where = (p.speedup, p.fidelity["score"])
+                ax.annotate(p.candidate.label or key, where, fontsize=7, xytext=(4, -10), textcoords="offset points")
+        if self.chosen is not None:
+            p = self.point(self.chosen)
+            ax.scatter([p.speedup], [p.fidelity["score"]], marker="*", s=200, color="C3", zorder=3, label=f"chosen: {p.key}")
+        ax.axvline(self.target.needed_speedup(self.dense_latency_s), color="black", linestyle=":", label=f"target: {self.target}")
+        metric = "cosine of features" if "cosine" in (timed or self.points)[0].fidelity else "top-1 agreement with dense"
+        ax.set(xlabel=f"speedup over dense ({self.runtime}, batch {self.batch}, {self.device})", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{self.model}: {self.machine.get('gpu') or self.machine.get('cpu', '')}", fontsize=8)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)

@@ -1,0 +1,349 @@
+"""The planner's search: fidelity of every candidate on calibration images, then measured latency of
+the promising ones by successive halving under a time budget; the result is a :class:`Plan`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..benchmarks.latency import RUNTIMES, machine, prepare, time_interleaved
+from ..cost import default_input_size, flops
+from . import fidelity
+from .candidates import Candidate, generate, recipe, solved
+from .result import Plan, Point
+from .targets import FlopsRatio, Latency, Speedup
+
+DENSE = "dense"
+FIRST_RUNG = 8  # candidates timed in the first rung (fewer where the budget is short)
+FIDELITY_SHARE = 0.4  # of the budget at most for building candidates and measuring their fidelity
+EFFICIENCY = 0.9  # speedup x FLOPs ratio assumed before any candidate is timed
+
+Timer = Callable[[dict, torch.Tensor, int], dict]
+
+
+def _default_timer(runners: dict, images: torch.Tensor, repeats: int) -> dict:
+    return time_interleaved(runners, images, repeats, warmup=1, progress=False)
+
+
+def _check(model, images, target, runtime, batch, labels, budget_s, repeats) -> None:
+    from ..model import CompressedViT
+    from ..support import check_supported
+
+    if isinstance(model, CompressedViT):
+        raise ValueError("plan takes the dense timm model, not a compressed one (plan from the model it came from)")
+    check_supported(model)
+    if not isinstance(target, (Speedup, Latency, FlopsRatio)):
+        raise TypeError(f"target must be cait.planner.Speedup, Latency or FlopsRatio, got {type(target).__name__}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a whole number >= 1, got {batch!r}")
+    size = tuple(default_input_size(model))
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != size or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be calibration images (B >= 1, {size[0]}, {size[1]}, {size[2]}) for this model, got {shape}")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(images),)):
+        raise ValueError(f"labels must be a tensor of {len(images)} class indices (one per image), got {getattr(labels, 'shape', labels)}")
+    if not (isinstance(budget_s, (int, float)) and budget_s > 0):
+        raise ValueError(f"budget_s must be positive seconds, got {budget_s!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
+
+
+class _Cache:
+    """Measured seconds per batch, kept in a JSON file between runs, for one context (architecture,
+    runtime, batch, device, dtype, threads, machine)."""
+
+    def __init__(self, path: str | None, context: dict):
+        self.path, self.context = path, hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.data = {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    self.data = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                self.data = {}  # an unreadable cache is rebuilt
+        self.mine = self.data.setdefault(self.context, {})
+
+    def get(self, key: str) -> list[float]:
+        return list(self.mine.get(key, []))
+
+    def put(self, key: str, seconds: list[float]) -> None:
+        self.mine[key] = list(seconds)
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.data, f)
+            os.replace(self.path + ".tmp", self.path)
+
+
+def plan(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: Speedup | Latency | FlopsRatio,
+    runtime: str = "eager",
+    batch: int = 1,
+    device: str | torch.device | None = None,
+    labels: torch.Tensor | None = None,
+    budget_s: float = 600.0,
+    candidates: list[Candidate] | None = None,
+    references: bool = True,
+    repeats: int = 5,
+    cache: str | None = None,
+    timer: Timer | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: bool = True,
+) -> Plan:
+    """Measure compression configurations of the timm ``model`` on this machine and choose the most
+    faithful one that reaches ``target``.
+
+    Args:
+        model: a dense timm ViT that :func:`cait.compress` takes (left untouched; its dtype is used).
+        images: calibration images ``(B, C, H, W)`` at the model's input size (no labels needed):
+            every candidate's fidelity to ``model`` is measured on them (:mod:`cait.planner.fidelity`).
+        target: :class:`Speedup` (over the dense model, same runtime, same process), :class:`Latency`
+            (milliseconds per batch) or :class:`FlopsRatio`.
+        runtime: how the model will run, one of :data:`cait.benchmarks.latency.RUNTIMES` (``eager``,
+            ``compile`` = :func:`cait.optimize`, ``onnxruntime``, ``cuda graph``); dense and candidates
+            are timed alike.
+        batch: images per forward when timing (random images; speed does not depend on content).
+        device: where to time (default: the model's device).
+        labels: class indices ``(B,)`` for ``images``: fidelity is then top-1 accuracy.
+        budget_s: seconds the whole search may take (fidelity, compilation, timing), about.
+        candidates: configurations to choose from (default: :func:`cait.planner.candidates.generate`).
+        references: also time the README's fixed recipe and ToMe at the chosen FLOPs ratio (for the plot).
+        repeats: timed runs per candidate in the first rung; each later rung doubles them.
+        cache: a JSON file that keeps measured seconds between runs on the same machine and settings.
+        timer / clock: injectable for tests: ``timer(runners, images, repeats) -> {name: [seconds]}``
+            (default: interleaved timing after a warm-up, :func:`cait.benchmarks.latency.time_interleaved`).
+
+    The search: every candidate near the target's FLOPs is built and its fidelity measured (at most
+    40% of the budget, nearest the target first); the candidates that no other beats on both FLOPs
+    and fidelity go to successive halving: a rung times dense and a set of them interleaved, keeps
+    the better half (those that meet the target by fidelity, the others by speed), adds untimed
+    candidates predicted to meet it with higher fidelity than the best so far, and doubles the
+    repeats; it stops when the budget is spent or one candidate is left.
+
+    Returns a :class:`Plan` (``plan.chosen`` is None where nothing measured reaches the target; then
+    ``plan.fastest`` names the fastest point). Raises ``ValueError`` / ``TypeError`` /
+    ``NotImplementedError`` for bad arguments or an unsupported model, before any work.
+    """
+    from tqdm.auto import tqdm
+
+    from ..architecture import record
+
+    _check(model, images, target, runtime, batch, labels, budget_s, repeats)
+    start, timer = clock(), timer or _default_timer
+    weight = next(model.parameters())
+    device = torch.device(device) if device is not None else weight.device
+    if runtime == "cuda graph" and device.type != "cuda":
+        raise ValueError("runtime 'cuda graph' needs a CUDA device")
+    dense = copy.deepcopy(model).eval().to(device)  # the caller's model keeps its mode and device
+    size = tuple(default_input_size(dense))
+    timing_images = torch.randn(batch, *size, device=device, dtype=weight.dtype)
+    calibration = images.to(device=device, dtype=weight.dtype)
+    context = dict(record(dense)["kwargs"], runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype), **machine())
+    store = _Cache(cache, context)
+    bar = tqdm(total=round(budget_s), unit="s", desc="planning", disable=not progress, leave=False)
+
+    def tick(note: str) -> None:
+        bar.n = min(round(clock() - start), bar.total)
+        bar.set_postfix_str(note)
+        bar.refresh()
+
+    # Dense first: its latency turns a latency target into a speedup and sizes the rungs.
+    with tempfile.TemporaryDirectory() as folder:
+        exports = {"folder": folder}
+        prepared = clock()
+        runners = {DENSE: prepare(dense, timing_images, runtime, exports)[0]}
+        setup_s = clock() - prepared
+        seconds: dict[str, list[float]] = {DENSE: store.get(DENSE)}
+
+        def time_rung(keys: list[str], reps: int) -> None:
+            """Bring every key (and dense, timed interleaved with them) to ``reps`` measured runs at least."""
+            need = max([reps - len(seconds[k]) for k in [DENSE, *keys]])
+            if need > 0:
+                measured = timer({k: runners[k] for k in [DENSE, *keys]}, timing_images, need)
+                for k, values in measured.items():
+                    seconds[k] += list(values)
+                    store.put(k, seconds[k])
+
+        time_rung([], repeats)
+        dense_latency = statistics.median(seconds[DENSE])
+        needed = target.needed_speedup(dense_latency)
+        tick("dense timed")
+
+        # Fidelity of the candidates nearest the target, within FIDELITY_SHARE of the budget.
+        reference_out = fidelity.outputs(_uncompressed(dense), calibration, features=_features(dense))
+        pool = candidates if candidates is not None else generate(dense)
+        dense_flops = flops(dense)
+        points: dict[str, Point] = {}
+        ordered = sorted(pool, key=lambda c: abs(math.log(max(1e-6, _predicted_flops(c, dense)) * needed)))
+        for c in ordered:
+            if points and clock() - start > FIDELITY_SHARE * budget_s:
+                break
+            points[c.key] = _evaluate(c, dense, calibration, reference_out, dense_flops, labels)
+            tick(f"fidelity {len(points)}/{len(ordered)}")
+
+        # Successive halving on the points no other beats on both FLOPs and fidelity.
+        frontier = _undominated(list(points.values()))
+        per_candidate = max(setup_s, 1e-3) + (repeats + 1) * dense_latency * 2
+
+        def speedup(key: str) -> float:
+            return dense_latency_now() / statistics.median(seconds[key])
+
+        def dense_latency_now() -> float:
+            return statistics.median(seconds[DENSE])
+
+        def meets(p: Point) -> bool:  # a FLOPs target needs no timing
+            if isinstance(target, FlopsRatio):
+                return p.flops_ratio <= target.ratio
+            return p.speedup is not None and target.met(p.speedup, p.latency_s, p.flops_ratio)
+
+        def promising(p: Point, efficiency: float) -> bool:
+            return meets(p) if isinstance(target, FlopsRatio) else efficiency / p.flops_ratio >= 0.9 * needed
+
+        def update(keys) -> None:
+            for k in keys:
+                p = points[k]
+                p.latency_s, p.speedup, p.repeats = statistics.median(seconds[k]), speedup(k), len(seconds[k])
+
+        survivors: list[str] = []
+        reps, width = repeats, FIRST_RUNG
+        while True:
+            left = budget_s - (clock() - start)
+            timed = [p for p in points.values() if p.speedup is not None]
+            efficiency = statistics.median([p.speedup * p.flops_ratio for p in timed]) if timed else EFFICIENCY
+            best = max((p.rank() for p in timed if meets(p)), default=None)
+            fresh = [
+                p for p in sorted(frontier, key=lambda p: p.rank(), reverse=True)
+                if p.speedup is None and p.key not in seconds and promising(p, efficiency)
+                and (best is None or p.rank() > best)
+            ]  # fmt: skip
+            if best is None and not any(meets(p) for p in timed):  # also look for the fastest point
+                fastest = min((p for p in frontier if p.key not in seconds), key=lambda p: p.flops_ratio, default=None)
+                if fastest is not None and fastest not in fresh:
+                    fresh.append(fastest)
+            affordable = max(0, int(left / (per_candidate * reps / repeats)) - len(survivors))
+            new = fresh[: min(width, affordable)]
+            if not new and (len(survivors) <= 1 or left < per_candidate * len(survivors) * reps / repeats):
+                break
+            for p in new:
+                try:
+                    runners[p.key] = prepare(p.candidate.build(dense), timing_images, runtime, exports)[0]
+                except Exception as error:  # a runtime that cannot take this configuration: leave it out, say so
+                    print(f"{p.key} [{runtime}] not timed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                    frontier.remove(p)
+                    continue
+                seconds[p.key] = store.get(p.key)
+            rung = survivors + [p.key for p in new if p.key in runners]
+            if not rung:
+                break
+            time_rung(rung, reps)
+            update(rung)
+            tick(f"rung of {len(rung)} at {reps} repeats")
+            ranked = sorted(
+                rung, key=lambda k: (meets(points[k]), points[k].rank() if meets(points[k]) else (points[k].speedup, 0)), reverse=True
+            )
+            survivors = ranked[: max(1, math.ceil(len(ranked) / 2))]
+            for k in ranked[len(survivors) :]:
+                runners.pop(k, None)
+            reps, width = reps * 2, max(1, width // 2)
+        update([k for k in points if k in seconds])
+
+        fastest = max((p for p in points.values() if p.speedup is not None), key=lambda p: p.speedup, default=None)
+        chosen = _choose(points.values(), meets)
+
+        reference_keys = []
+        if references and budget_s - (clock() - start) > 2 * per_candidate:
+            at = chosen or fastest
+            refs = [solved(recipe(), dense)] + (
+                [Candidate(method="tome", merge_flops=round(at.flops_ratio, 3), label="ToMe")] if at else []
+            )
+            for c in refs:
+                try:
+                    p = points.get(c.key) or _evaluate(c, dense, calibration, reference_out, dense_flops, labels)
+                    p.candidate = dataclasses.replace(p.candidate, label=c.label)  # a generated point may be the recipe
+                    runners[c.key] = prepare(c.build(dense), timing_images, runtime, exports)[0]
+                except (ValueError, NotImplementedError) as error:
+                    print(f"reference {c.label} left out: {error}", flush=True)
+                    continue
+                points[c.key] = p
+                seconds.setdefault(c.key, store.get(c.key))
+                reference_keys.append(c.key)
+            time_rung(reference_keys, repeats)
+            update(reference_keys)
+            chosen = _choose(points.values(), meets)  # the recipe is a configuration like any other
+            fastest = max((p for p in points.values() if p.speedup is not None and p.candidate.method == "cait"), key=lambda p: p.speedup)
+    bar.close()
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    return Plan(
+        target=target, runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype).removeprefix("torch."),
+        model=name, input_size=size, machine=machine(), dense_latency_s=dense_latency_now(), dense_gflops=dense_flops / 1e9,
+        points=list(points.values()), chosen=chosen.key if chosen else None, fastest=fastest.key if fastest else None,
+        references=reference_keys, spent_s=clock() - start, budget_s=float(budget_s), considered=len(pool),
+    )  # fmt: skip
+
+
+def _choose(points, meets) -> Point | None:
+    """The most faithful CAIT point that meets the target (ties: the faster)."""
+    return max((p for p in points if p.candidate.method == "cait" and meets(p)), key=lambda p: (p.rank(), p.speedup or 0), default=None)
+
+
+def _features(model: nn.Module) -> bool:
+    """Whether fidelity compares features (a backbone without classifier) rather than logits."""
+    return getattr(model, "num_classes", 0) == 0
+
+
+def _uncompressed(model: nn.Module) -> nn.Module:
+    from ..model import compress
+
+    return compress(model) if _features(model) else model  # forward_dense comes with the compressed model
+
+
+def _predicted_flops(candidate: Candidate, model: nn.Module) -> float:
+    """The FLOPs ratio a candidate aims at (its merge target times what its pruning keeps, roughly)."""
+    if candidate.method == "tome":
+        return candidate.merge_flops
+    kept = 1.0
+    if candidate.prune:
+        qk, v, mlp = candidate.prune
+        kept = (2 * qk + 2 * v + 8 * mlp) / 12  # a ViT block's linear FLOPs: qk 2/12, v and proj 2/12, MLP 8/12
+    return candidate.merge_flops * kept
+
+
+def _evaluate(c: Candidate, dense: nn.Module, images, reference_out, dense_flops: int, labels) -> Point:
+    fast = c.build(dense)
+    out = fidelity.outputs(fast, images, features=_features(dense))
+    count = flops(fast)
+    return Point(c, count / dense_flops, count / 1e9, fidelity.measure(reference_out, out, _features(dense), labels))
+
+
+def _undominated(points: list[Point]) -> list[Point]:
+    """The points no other point beats on both FLOPs (fewer) and fidelity (higher), and the next layer
+    (timing decides among configurations of similar FLOPs, which FLOPs alone cannot)."""
+
+    def layer(ps):
+        return [
+            p
+            for p in ps
+            if not any(
+                q.flops_ratio <= p.flops_ratio and q.rank() >= p.rank() and (q.flops_ratio, q.rank()) != (p.flops_ratio, p.rank())
+                for q in ps
+            )
+        ]
+
+    first = layer(points)
+    rest = [p for p in points if p not in first]
+    return first + layer(rest)

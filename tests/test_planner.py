@@ -1,0 +1,273 @@
+"""cait.plan: the search on a tiny model with an injected deterministic timer and clock picks the point a
+brute-force search over every candidate picks, honours its budget, reports an unreachable target; the
+plan file round-trips and rebuilds the measured model; a short real run on this CPU."""
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import cait
+from cait.planner import Candidate, FlopsRatio, Latency, Plan, Point, Speedup, generate
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", img_size=128, depth=4, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def pool(tiny):
+    """A smaller candidate set than the default (the suite's time): every form, two pruning levels."""
+    return generate(tiny, prune_levels=(None, (0.5, 0.75, 0.75)), merge_levels=(1.0, 0.7, 0.5, 0.4))
+
+
+@pytest.fixture(scope="module")
+def few(tiny):
+    """Fewer still, for the tests of what a plan reports rather than what it picks."""
+    return generate(tiny, prune_levels=(None, (0.5, 0.75, 0.75)), merge_levels=(1.0, 0.6, 0.4), forms=(("constant", 0.0, 2),))
+
+
+@pytest.fixture(scope="module")
+def planned(tiny, images, pool):
+    """A plan for 1.6x with the fake machine, and that machine."""
+    machine = FakeMachine(tiny)
+    plan = cait.plan(tiny, images, Speedup(1.6), budget_s=1.0, candidates=pool, timer=machine.timer, clock=machine.clock, progress=False)
+    return plan, machine
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(8, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+
+
+class FakeMachine:
+    """Latency per batch = 1 ms x (0.1 + 0.9 x FLOPs ratio) [+ ``penalty`` for a pruned model]; a clock
+    that advances only by the seconds 'timed' (repeats x latency, warm-up included)."""
+
+    def __init__(self, dense, penalty=0.0):
+        self.dense_flops, self.dense_params = cait.flops(dense), sum(p.numel() for p in dense.parameters())
+        self.penalty, self.now, self.calls, self.known = penalty, 0.0, 0, {}
+
+    def latency(self, model) -> float:
+        params = sum(p.numel() for p in model.parameters())
+        key = (getattr(model, "schedule", ()), params)  # what the FLOPs depend on here
+        if key not in self.known:
+            pruned = params < self.dense_params
+            self.known[key] = 1e-3 * (0.1 + 0.9 * cait.flops(model) / self.dense_flops) + (self.penalty if pruned else 0)
+        return self.known[key]
+
+    def timer(self, runners, images, repeats):
+        self.calls += 1
+        out = {name: [self.latency(model)] * repeats for name, model in runners.items()}
+        self.now += sum(v[0] * (repeats + 1) for v in out.values())
+        return out
+
+    def clock(self) -> float:
+        return self.now
+
+
+def brute_force(dense, images, pool, needed: float, machine: FakeMachine):
+    """The most faithful candidate (top-1 agreement, then KL, then speed) whose fake speedup meets ``needed``,
+    computed directly over every candidate."""
+    with torch.no_grad():
+        reference = dense(images)
+        best = None
+        dense_latency = machine.latency(dense)
+        for c in pool:
+            fast = c.build(dense)
+            logits = fast(images)
+            agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+            kl = (reference.softmax(-1) * (reference.log_softmax(-1) - logits.log_softmax(-1))).sum(-1).mean().item()
+            speedup = dense_latency / machine.latency(fast)
+            if speedup >= needed and (best is None or (agreement, -kl, speedup) > best[0]):
+                best = ((agreement, -kl, speedup), c.key)
+    return best[1]
+
+
+def test_the_search_picks_what_a_brute_force_search_picks(tiny, images, pool, planned):
+    plan, machine = planned
+    assert plan.chosen == brute_force(tiny, images, pool, 1.6, machine)
+    point = plan.point(plan.chosen)
+    assert point.speedup >= 1.6 and point.repeats >= 5
+    assert plan.spent_s <= plan.budget_s
+    assert {p.key for p in plan.front} <= {p.key for p in plan.points if p.speedup is not None}
+    assert [p.candidate.label for p in plan.points if p.key in plan.references] == ["recipe", "ToMe"]
+
+
+def test_the_budget_bounds_the_timing(tiny, images, pool):
+    machine = FakeMachine(tiny, penalty=2e-4)
+    budget = 0.05  # the dense model alone takes 6 ms at 5 repeats here: a few rungs at most
+    plan = cait.plan(tiny, images, Speedup(1.5), budget_s=budget, candidates=pool, timer=machine.timer, clock=machine.clock, progress=False)
+    assert plan.spent_s <= budget
+    timed = [p for p in plan.points if p.speedup is not None]
+    assert 0 < len(timed) < len(plan.points)
+    if plan.chosen is not None:
+        assert plan.point(plan.chosen).speedup >= 1.5
+
+
+def test_an_unreachable_target_is_reported_with_the_fastest_point(tiny, images, few):
+    machine = FakeMachine(tiny)
+    plan = cait.plan(tiny, images, Speedup(50), budget_s=1.0, candidates=few, timer=machine.timer, clock=machine.clock, progress=False)
+    assert plan.chosen is None and not plan.reachable
+    fastest = plan.point(plan.fastest)
+    assert fastest.speedup == max(p.speedup for p in plan.points if p.speedup is not None and p.candidate.method == "cait")
+    assert fastest.speedup < 50 and "out of reach" in plan.summary()
+    with pytest.raises(ValueError, match="nothing that reaches 50x"):
+        plan.compress(tiny)
+
+
+def test_latency_and_flops_targets(tiny, images, few):
+    machine = FakeMachine(tiny)
+    plan = cait.plan(tiny, images, Latency(ms=0.7), budget_s=1.0, candidates=few, timer=machine.timer, clock=machine.clock, progress=False)
+    assert plan.point(plan.chosen).latency_s <= 0.7e-3
+    machine = FakeMachine(tiny)
+    plan = cait.plan(tiny, images, FlopsRatio(0.5), budget_s=1.0, candidates=few, timer=machine.timer, clock=machine.clock, progress=False)
+    assert plan.point(plan.chosen).flops_ratio <= 0.5
+
+
+def test_the_plan_file_round_trips_and_rebuilds_the_measured_model(tiny, images, planned, tmp_path):
+    plan, _ = planned
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again.to_json() == plan.to_json() == json.loads((tmp_path / "plan.json").read_text())
+    fast = again.compress(tiny)
+    point = plan.point(plan.chosen)
+    assert fast.schedule == point.candidate.schedule or not any(point.candidate.schedule)
+    assert cait.flops(fast) / cait.flops(tiny) == pytest.approx(point.flops_ratio)
+    with torch.no_grad():
+        agreement = (fast(images).argmax(-1) == tiny(images).argmax(-1)).float().mean().item()
+        assert torch.equal(fast(images), point.candidate.build(tiny)(images))
+    assert agreement == point.fidelity["agreement"]
+    other = timm.create_model("deit_tiny_patch16_224", img_size=160, depth=4, num_classes=10)
+    with pytest.raises(ValueError, match="made for deit_tiny_patch16_224 on \\(3, 128, 128\\)"):
+        again.compress(other)
+
+
+def test_a_backbone_is_planned_on_its_grid_features(images):
+    backbone = timm.create_model("deit_tiny_patch16_224", img_size=128, depth=4, num_classes=0).eval()
+    machine = FakeMachine(backbone)
+    pool = generate(backbone, prune_levels=(None, (0.5, 0.75, 0.75)), merge_levels=(1.0, 0.7, 0.5), forms=(("constant", 0.0, 2),))
+    plan = cait.plan(backbone, images, Speedup(1.4), budget_s=1.0, candidates=pool, timer=machine.timer, clock=machine.clock,
+                     progress=False)  # fmt: skip
+    point = plan.point(plan.chosen)
+    fast = point.candidate.build(backbone)
+    with torch.no_grad():
+        expected = F.cosine_similarity(fast.forward_dense(images), cait.compress(backbone).forward_dense(images), dim=1).mean().item()
+    assert point.fidelity["cosine"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_labels_make_the_score_accuracy(tiny, images):
+    machine = FakeMachine(tiny)
+    labels = torch.arange(len(images)) % 10
+    candidates = [Candidate(), Candidate(merge_flops=0.6, schedule=(20, 10, 5, 0))]
+    plan = cait.plan(tiny, images, Speedup(1.0), labels=labels, candidates=candidates, references=False, budget_s=1.0,
+                     timer=machine.timer, clock=machine.clock, progress=False)  # fmt: skip
+    with torch.no_grad():
+        for p in plan.points:
+            expected = (p.candidate.build(tiny)(images).argmax(-1) == labels).float().mean().item()
+            assert p.fidelity["top1"] == p.fidelity["score"] == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(target=1.9), "target must be"),
+        (dict(runtime="tensorrt"), "runtime must be one of"),
+        (dict(batch=0), "batch must be"),
+        (dict(images=torch.randn(4, 3, 64, 64)), "calibration images"),
+        (dict(labels=torch.zeros(3)), "labels must be"),
+        (dict(budget_s=0), "budget_s must be"),
+        (dict(runtime="cuda graph"), "needs a CUDA device"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(tiny, images, kwargs, error):
+    machine = FakeMachine(tiny)
+    args = dict(images=images, target=Speedup(1.5), timer=machine.timer, clock=machine.clock, progress=False) | kwargs
+    with pytest.raises((ValueError, TypeError), match=error):
+        cait.plan(tiny, **args)
+    assert machine.calls == 0
+
+
+def test_targets_refuse_nonsense():
+    for make in (lambda: Speedup(0), lambda: Latency(ms=-1), lambda: FlopsRatio(1.5), lambda: Speedup(True)):
+        with pytest.raises(ValueError):
+            make()
+
+
+def test_a_short_real_run_on_this_cpu(tiny, images, tmp_path):
+    """Real timing (no assertion on speed): a plan comes back with timed points and a cache that a second run reuses."""
+    cache = tmp_path / "timings.json"
+    candidates = [Candidate(), Candidate(merge_flops=0.5, schedule=(30, 10, 0, 0))]
+    plan = cait.plan(tiny, images, Speedup(1.2), batch=2, budget_s=300, candidates=candidates, repeats=2, cache=str(cache), progress=False)
+    timed = [p for p in plan.points if p.speedup is not None]
+    assert {p.candidate.label for p in timed} >= {"recipe", "ToMe"} and all(p.speedup > 0 and p.repeats >= 2 for p in timed)
+    plan.plot(str(tmp_path / "plan.png"))
+    assert (tmp_path / "plan.png").stat().st_size > 0
+    (context,) = json.loads(cache.read_text()).values()
+    assert set(context) == {"dense", *(p.key for p in timed)}
+
+    def no_timing(*args):
+        raise AssertionError("everything was in the cache")
+
+    again = cait.plan(tiny, images, Speedup(1.2), batch=2, budget_s=300, candidates=candidates, repeats=2, cache=str(cache),
+                      timer=no_timing, progress=False)  # fmt: skip
+    assert [(p.key, p.latency_s) for p in again.points] == [(p.key, p.latency_s) for p in plan.points]
+
+
+def cli(argv):
+    from cait.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def test_the_command_line_plans_compresses_by_the_plan_and_says_where_it_came_from(tmp_path, capsys):
+    plan_file, model_file = tmp_path / "plan.json", tmp_path / "planned.safetensors"
+    model = ["--model", "deit_tiny_patch16_224", "--img-size", "64", "--num-classes", "10"]
+    assert cli(["plan", *model, "--target-flops", "0.8", "--budget", "20", "--no-cache", "--out", str(plan_file)]) == 0
+    out = capsys.readouterr().out
+    assert "chosen" in out and (tmp_path / "plan.png").stat().st_size > 0
+    plan = Plan.load(plan_file)
+    assert plan.point(plan.chosen).flops_ratio <= 0.8
+    assert cli(["compress", "--plan", str(plan_file), "--num-classes", "10", "--out", str(model_file)]) == 0
+    fast = cait.load(model_file)
+    assert fast.origin["plan"] == str(plan_file) and fast.schedule == (plan.candidate.schedule or fast.schedule)
+    assert cait.flops(fast) / plan.dense_gflops / 1e9 == pytest.approx(plan.point(plan.chosen).flops_ratio)
+    capsys.readouterr()
+    assert cli(["info", str(model_file)]) == 0
+    assert f"plan: {plan_file}" in capsys.readouterr().out
+
+
+def made_plan(target, chosen: bool) -> Plan:
+    point = Point(Candidate(prune=(0.5, 0.75, 0.75)), 0.7, 0.1, {"score": 0.9}, latency_s=1e-3, speedup=1.6, repeats=5)
+    return Plan(target, "eager", 1, "cpu", "float32", "deit_tiny_patch16_224", (3, 64, 64), {"cpu": "x"}, 1e-3, 0.1,
+                [point], chosen=point.key if chosen else None, fastest=point.key)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--keep-qk", "0.5"], "--plan fixes the configuration it measured: drop --keep-qk"),
+        (["--model", "deit_small_patch16_224"], "was made for deit_tiny_patch16_224, not --model deit_small_patch16_224"),
+        (["--img-size", "96"], "was made for 64x64 images"),
+    ],
+)
+def test_compress_by_a_plan_refuses_flags_that_would_change_it(tmp_path, capsys, extra, message):
+    made_plan(Speedup(1.5), chosen=True).save(tmp_path / "plan.json")
+    assert cli(["compress", "--plan", str(tmp_path / "plan.json"), *extra, "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_plan_that_reached_nothing_or_a_file_that_is_no_plan_is_refused(tmp_path, capsys):
+    made_plan(Speedup(50), chosen=False).save(tmp_path / "plan.json")
+    (tmp_path / "other.json").write_text('{"format": 7}')
+    for path, message in ((tmp_path / "plan.json", "found nothing that reaches 50x"), (tmp_path / "other.json", "not a cait plan")):
+        assert cli(["compress", "--plan", str(path), "--out", str(tmp_path / "m.safetensors")]) == 2
+        assert message in capsys.readouterr().err

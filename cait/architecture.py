@@ -208,7 +208,7 @@ def drop_path_rates(blocks) -> list[float]:
     return [float(getattr(block.drop_path1, "drop_prob", 0.0)) for block in blocks]
 
 
-def _json_safe(cfg: dict) -> dict:
+def json_safe(cfg: dict) -> dict:
     safe = {}
     for key, value in (cfg or {}).items():
         try:
@@ -229,7 +229,7 @@ def record(model: nn.Module) -> dict:
         "kwargs": {**trunk_settings(model, strict=False), **blocks},
         "drop_path": drop_path_rates(model.blocks),
         "flags": {"distilled_training": model.distilled_training} if hasattr(model, "distilled_training") else {},
-        "pretrained_cfg": _json_safe(cfg),
+        "pretrained_cfg": json_safe(cfg),
     }
 
 

@@ -290,6 +290,10 @@ def apply_cdcp(model, prune: CDCP) -> None:
     counts = prune.counts(attn.d_qk, attn.d_v, model.blocks[0].mlp.fc2.in_features, rotary=attn.positions is not None)
     if prune.method == "activation":
         calibration = prune.calibration.to(next(model.parameters()))
+        try:
+            model.grid_of(calibration)
+        except ValueError as error:
+            raise ValueError(f"CDCP calibration images: {error}") from None
         scores = activation_scores(model, calibration)
     else:
         scores = weight_scores(model)

@@ -55,17 +55,21 @@ TIMM_PARTS = frozenset({
 })  # fmt: skip
 
 
-def prefixed_cfg(cfg: dict) -> dict:
+def prefixed_cfg(cfg: dict, prefix: str = "vit.") -> dict:
     """A copy of timm's ``pretrained_cfg`` whose parameter names (``classifier``, ``first_conv``) name the
     compressed model's parameters (under ``vit.``), so timm's code that finds the head or the stem by them
-    (``load_pretrained``, ``adapt_input_conv``) finds them; the data settings (mean, std, crop) are the same."""
+    (``load_pretrained``, ``adapt_input_conv``) finds them; the data settings (mean, std, crop) are the same.
+    ``prefix=""`` undoes it (timm's names again, as the architecture record stores them)."""
+    def renamed(name: str) -> str:
+        return prefix + name if prefix else name.removeprefix("vit.")
+
     out = dict(cfg)
     for key in ("classifier", "first_conv"):
         names = out.get(key)
         if isinstance(names, str):
-            out[key] = f"vit.{names}"
+            out[key] = renamed(names)
         elif isinstance(names, (list, tuple)):
-            out[key] = type(names)(f"vit.{name}" for name in names)
+            out[key] = type(names)(renamed(name) for name in names)
     return out
 
 
@@ -119,6 +123,9 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         self.merge: ATME | None = None  # the spec other grids solve (a FLOPs target) or scale (counts) from
         # merge counts per grid: the native grid's set by set_schedule / set_merge, others filled on first use
         self.schedules: dict[tuple[int, int], tuple[int, ...]] = {self.grid: (0,) * len(self.blocks)}
+        # the counts as set (set_schedule / set_merge) and the grid they were set for: every other grid,
+        # including a new native grid after set_input_size, scales from these (never from scaled counts)
+        self.reference_schedule: tuple[tuple[int, int], tuple[int, ...]] = (self.grid, self.schedules[self.grid])
         self.origin: dict | None = None  # where the configuration came from (a cait plan); saved, shown by `cait info`
 
     def __getattr__(self, name: str):
@@ -177,6 +184,7 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
             architecture.trunk_settings(self.vit), depth=len(self.blocks), dynamic_img_size=self.source["kwargs"]["dynamic_img_size"]
         )
         arch["drop_path"] = architecture.drop_path_rates(self.blocks)
+        arch["pretrained_cfg"] = architecture.json_safe(prefixed_cfg(self.pretrained_cfg, prefix=""))  # with the user's edits
         if hasattr(self.vit, "distilled_training"):
             arch["flags"]["distilled_training"] = self.vit.distilled_training
         return arch
@@ -202,13 +210,16 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         if len(schedule) != len(self.blocks):
             raise ValueError(f"schedule lists {len(schedule)} counts but the model has {len(self.blocks)} blocks")
         self.merge = None
-        self._set_native_schedule(tuple(int(r) for r in schedule))
+        counts = tuple(int(r) for r in schedule)
+        self.reference_schedule = (self.native_grid, counts)
+        self._set_native_schedule(counts)
 
     def set_merge(self, merge: ATME) -> None:
         """Merge by ``merge`` at every grid: a FLOPs target is solved per grid, counts are scaled
         from the native grid (both on first use of a grid, then cached in :attr:`schedules`)."""
         counts = merge.schedule(cost_model(self))
         self.merge = merge
+        self.reference_schedule = (self.native_grid, counts)
         self._set_native_schedule(counts)
 
     def _set_native_schedule(self, counts: tuple[int, ...]) -> None:
@@ -226,9 +237,14 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
             if self.merge is not None and self.merge.flops is not None:
                 counts = self.merge.schedule(cost_model(self, grid))
             else:
-                counts = scale_schedule(self.schedules[self.native_grid], self.native_grid, grid, self.tile)
+                counts = self.scaled_schedule(grid)
             self.schedules[grid] = counts
         return counts
+
+    def scaled_schedule(self, grid: tuple[int, int]) -> tuple[int, ...]:
+        """The counts of :attr:`reference_schedule` scaled to ``grid`` (:func:`cait.schedule.scale_schedule`)."""
+        reference_grid, counts = self.reference_schedule
+        return scale_schedule(counts, reference_grid, grid, self.tile)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """timm's ``set_input_size``: a new input size ``img_size`` (int or ``(H, W)`` px) and/or patch
@@ -251,34 +267,43 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
         if self.merge is not None and self.merge.flops is not None:
             counts = self.merge.schedule(cost_model(self, grid, patch))
         else:
-            counts = scale_schedule(self.schedule, self.native_grid, grid, self.tile)
+            counts = self.scaled_schedule(grid)
         self.vit.set_input_size(img_size=size, patch_size=patch)
         if self.rope is not None and hasattr(self.rope, "update_feat_shape"):  # as timm's Eva.set_input_size
             self.rope.update_feat_shape(self.vit.patch_embed.grid_size)
         self.native_grid = tuple(self.vit.patch_embed.grid_size)
         self.init_non_persistent_buffers()
+        if self.merge is not None and self.merge.flops is not None:  # solved per grid: the new grid's counts are as set
+            self.reference_schedule = (self.native_grid, counts)
         self._set_native_schedule(counts)
 
     def init_non_persistent_buffers(self) -> None:
-        """(Re)compute the buffers state_dict() does not hold (``cell_index``, the native grid's cells) on the
-        device of the weights, as timm's modules of that name do (after ``to_empty``, or weights assigned to a
-        model built on the meta device)."""
+        """(Re)compute the buffers state_dict() does not hold (``cell_index``, the native grid's cells, and
+        those of timm's modules inside: a RoPE model's rotary tables) on the device of the weights, as timm's
+        methods of that name do: call it after ``to_empty``, or weights assigned to a model built on the meta device."""
         device = self.vit.patch_embed.proj.weight.device
         self.cell_index = torch.arange(self.native_grid[0] * self.native_grid[1], dtype=torch.int32, device=device)
+        for module in self.modules():  # timm's own (a RoPE model's rotary tables: periods, bands, pos_embed)
+            if module is not self and callable(getattr(module, "init_non_persistent_buffers", None)):
+                module.init_non_persistent_buffers()
 
     @property
     def input_size(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images the model was built for."""
         return (self.vit.patch_embed.proj.in_channels, *self.vit.patch_embed.img_size)
 
-    def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
-        """The patch grid of images ``(B, C, H, W)``; refuses (``ValueError``) sizes the model cannot take."""
+    def check_grid(self) -> None:
+        """``RuntimeError`` when the timm model inside was resized behind this model's back."""
         if tuple(self.vit.patch_embed.grid_size) != self.native_grid:
             raise RuntimeError(
                 f"the timm model inside was resized to a {self.vit.patch_embed.grid_size[0]}x{self.vit.patch_embed.grid_size[1]} "
                 f"grid behind the compressed model's back (its schedules belong to {self.native_grid[0]}x{self.native_grid[1]}): "
                 f"call set_input_size on the compressed model itself, which solves its schedules for the new size"
             )
+
+    def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        """The patch grid of images ``(B, C, H, W)``; refuses (``ValueError``) sizes the model cannot take."""
+        self.check_grid()
         chans, height, width = self.input_size
         if images.dim() != 4 or images.shape[1] != chans:
             raise ValueError(f"images must have shape (B, {chans}, H, W), got {tuple(images.shape)}")
@@ -396,7 +421,10 @@ class CompressedViT(TimmApi, CompressedModule, nn.Module):
 
 def _pair(name: str, value) -> tuple[int, int]:
     """``value`` (an int or two) as ``(H, W)`` of positive whole numbers; ValueError otherwise."""
-    pair = (value, value) if isinstance(value, int) or hasattr(value, "__index__") else tuple(value)
+    if hasattr(value, "__index__"):
+        pair = (value, value)
+    else:
+        pair = tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(pair) != 2 or any(isinstance(v, bool) or not hasattr(v, "__index__") or int(v) < 1 for v in pair):
         raise ValueError(f"{name} must be a whole number >= 1 or two of them, got {value!r}")
     return int(pair[0]), int(pair[1])
@@ -421,7 +449,8 @@ def compress(
         merge: an :class:`ATME` schedule, or None for no token merging. A FLOPs target is solved on
             the pruned model, so ``ATME(flops=0.7)`` with pruning that keeps 0.7 of the FLOPs gives
             about 0.5 overall.
-        prune: a :class:`CDCP` channel-pruning spec, or None.
+        prune: a :class:`CDCP` channel-pruning spec, or None (refused, ``ValueError``, on a model whose
+            weights are on the meta device: the kept channels depend on them).
         copy: True (default) works on a deep copy and leaves ``model`` untouched (twice the memory
             while compressing). False takes over ``model``'s modules without copying any weight:
             ``model`` is consumed, its blocks move into the compressed model and running it raises
@@ -441,6 +470,11 @@ def compress(
         raise TypeError(f"prune must be a cait.CDCP spec or None, got {type(prune).__name__}")
     if not isinstance(dynamic_img_size, bool):
         raise TypeError(f"dynamic_img_size must be True or False, got {dynamic_img_size!r}")
+    if prune is not None and any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "CDCP ranks channels by their weights, which a model on the meta device does not have: load the weights "
+            "first (to_empty + load_state_dict), then compress with prune="
+        )
     source = architecture.record(model)
     training, checkpointing = model.training, getattr(model, "grad_checkpointing", False)
     fast = CompressedViT(

@@ -73,6 +73,9 @@ def config_of(model) -> dict:
         "merge_flops": backbone.merge.flops if backbone.merge is not None else None,
         "kept": [block.kept for block in backbone.blocks],
     }
+    reference_grid, counts = backbone.reference_schedule
+    if reference_grid != backbone.native_grid:  # resized by set_input_size: other grids scale from the counts as set
+        config["reference_schedule"] = {"grid": list(reference_grid), "counts": list(counts)}
     if backbone.origin:
         config["origin"] = backbone.origin
     if backbone is not model:
@@ -81,6 +84,7 @@ def config_of(model) -> dict:
 
 
 def _refuse_what_a_file_cannot_hold(model: nn.Module) -> None:
+    _backbone(model).check_grid()
     if getattr(_backbone(model), "gated", False):
         raise ValueError("dynamic CDCP gates are attached: materialize them first (gates.materialize() or Student.materialize())")
     for path, module in model.named_modules():
@@ -118,6 +122,9 @@ def skeleton(config: dict) -> nn.Module:
             if block.attn.rope_channels is not None:  # fixed by the config: fill() checks the file agrees
                 block.attn.rope_channels = indices["qk"]
     model.set_schedule(config["schedule"])
+    if "reference_schedule" in config:
+        reference = config["reference_schedule"]
+        model.reference_schedule = (tuple(reference["grid"]), tuple(reference["counts"]))
     model.origin = config.get("origin")
     if config.get("merge_flops") is not None:  # other input sizes solve the same FLOPs target, as the saved model did
         model.merge = ATME(flops=float(config["merge_flops"]), block=config["tile"], position=position)
@@ -304,8 +311,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
 
     config = read_config(path)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"cannot load {path} onto {device}: no CUDA GPU is visible")
+    if device.type == "meta":
+        raise ValueError(f"cannot load {path} onto the meta device: a loaded model has its weights (build on meta with timm instead)")
     try:
-        tensors = load_file(os.fspath(path), device=str(torch.device(device)))
+        tensors = load_file(os.fspath(path), device=str(device))
     except Exception as error:  # safetensors' own error types
         raise ValueError(f"{path}: cannot read its tensors ({error})") from error
     try:

@@ -99,6 +99,12 @@ def check_supported(model: nn.Module) -> None:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"cait compresses torch modules (timm models), got {type(model).__name__}")
+    if getattr(type(model), "__module__", "").startswith("cait."):
+        raise Unsupported(
+            "model",
+            f"this {type(model).__name__} is already compressed by cait: compress the timm model it came from "
+            f"(its merge schedule: set_merge / set_schedule; its pruning is fixed)",
+        )
     eva = is_eva(model)
     if not eva:
         _check_model_class(model)

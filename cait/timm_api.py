@@ -200,6 +200,7 @@ class TimmApi:
         taken, last = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: last + 1]
         self.schedules = {grid: counts[: last + 1] for grid, counts in self.schedules.items()}
+        self.reference_schedule = (self.reference_schedule[0], self.reference_schedule[1][: last + 1])
         if prune_norm:
             self.vit.norm = nn.Identity()
         if prune_head:

@@ -54,6 +54,7 @@ def test_compress_info_and_load(tmp_path, capsys):
     assert run(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "deit_tiny_patch16_224" in info and "of dense" in info
+    assert "FLOPs target 0.7, solved per input size; its own input size only" in info and "origin    merge and keep ratios given" in info
     model = cait.load(out)
     assert model.blocks[0].attn.d_qk == 32 and model.blocks[0].attn.d_v == 48
     assert model(torch.randn(1, 3, 160, 128)).shape == (1, 1000)
@@ -122,6 +123,11 @@ def test_help_explains_every_flag():
             "is not a folder",
         ),
         (["compress", "--model", "deit_tiny_patch16_224", "--keep-v", "1.5", "--out", "x"], "keep ratio"),
+        (
+            ["compress", "--model", "deit_tiny_patch16_224", "--keep-v", "0.5", "--calibration", ".", "--calibration-images", "0",
+             "--out", "x"],
+            "--calibration-images must be 1 or more",
+        ),  # fmt: skip
         (["info", "/no/such/file.safetensors"], "no such file"),
         (["bench", "--variant", "merge=0.7,speed=2"], "must look like"),
     ],
@@ -219,3 +225,12 @@ def test_bench_kernels_without_a_gpu_prints_the_compile_report(tmp_path, capsys,
 def test_gpu_options_refused_where_they_cannot_work(argv, message, capsys):
     assert run(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unreadable_calibration_image_is_named(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"not a jpeg")
+    argv = ["compress", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--keep-v", "0.5", "--calibration",
+            str(tmp_path / "images"), "--out", str(tmp_path / "m.safetensors")]  # fmt: skip
+    assert run(argv) == 2
+    assert f"cannot read {tmp_path / 'images' / 'broken.jpg'}" in capsys.readouterr().err

@@ -189,6 +189,14 @@ def test_resizing_the_timm_model_inside_is_refused_by_name():
     fast.vit.set_input_size(img_size=160)
     with pytest.raises(RuntimeError, match=r"resized .* call set_input_size on the compressed model itself"):
         fast(torch.randn(1, 3, 160, 160))
+    with pytest.raises(RuntimeError, match=r"resized .* call set_input_size on the compressed model itself"):
+        cait.save(fast, "never-written.safetensors")
+
+
+def test_compressing_a_compressed_model_says_so():
+    fast = cait.compress(_model("deit"))
+    with pytest.raises(NotImplementedError, match="already compressed by cait: compress the timm model it came from"):
+        cait.compress(fast, merge=cait.ATME(flops=0.7))
 
 
 @pytest.mark.parametrize("model_id", ["deit", "dinov3", "siglip_map"])
@@ -197,3 +205,28 @@ def test_head_hidden_size_is_timms(model_id):
     assert cait.compress(model).head_hidden_size == model.head_hidden_size
     timm_reset = timm.create_model("deit_tiny_patch16_224", depth=1, num_classes=0)
     assert cait.compress(timm_reset).head_hidden_size == timm_reset.head_hidden_size == 192
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_counts_scale_from_what_was_set_not_from_an_earlier_resize(dynamic, tmp_path):
+    """set_input_size to a small grid and back restores the counts as set (scaling from scaled counts
+    drifted: (6, 4) -> 2x2 -> (0, 1) -> back at 8x8 (0, 16)); other grids and a saved file agree."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=128, depth=2).eval()
+    fast = cait.compress(model, merge=cait.ATME(r=[6, 4]), dynamic_img_size=dynamic).eval()
+    fast.set_input_size(img_size=32)
+    assert fast.schedule == (0, 1)
+    if dynamic:
+        assert fast.schedule_for((8, 8)) == (6, 4)
+    fast.set_input_size(img_size=160)
+    assert fast.schedule == (9, 7)  # cumulative 6, 10 scaled by 100 / 64, rounded: 9, 16
+    cait.save(fast, tmp_path / "m.safetensors")
+    loaded = cait.load(tmp_path / "m.safetensors")
+    for resized in (fast, loaded):
+        resized.set_input_size(img_size=128)
+        assert resized.schedule == (6, 4)
+
+
+def test_float_sizes_are_refused_in_one_sentence():
+    fast = cait.compress(_model("deit"))
+    with pytest.raises(ValueError, match="img_size must be a whole number"):
+        fast.set_input_size(img_size=128.0)

@@ -313,3 +313,22 @@ def test_segmentation_heads_round_trip_with_their_options_and_others_are_refused
         assert torch.equal(loaded(images), seg(images))
     with pytest.raises(ValueError, match="Conv2d head is not one of cait's segmentation heads"):
         cait.save(Segmenter(fast, nn.Conv2d(192, 5, 1)), tmp_path / "other.safetensors")
+
+
+def test_an_edited_pretrained_cfg_is_saved(tmp_path):
+    """The data settings a user sets on the compressed model (mean, std, crop) are what a reloaded model reports."""
+    fast = cait.compress(timm.create_model("deit_tiny_patch16_224", depth=1, img_size=64))
+    fast.pretrained_cfg["mean"] = (0.1, 0.2, 0.3)
+    cait.save(fast, tmp_path / "m.safetensors")
+    loaded = cait.load(tmp_path / "m.safetensors")
+    assert tuple(loaded.pretrained_cfg["mean"]) == (0.1, 0.2, 0.3)
+    assert loaded.pretrained_cfg["classifier"] == fast.pretrained_cfg["classifier"] == "vit.head"
+
+
+def test_loading_onto_a_missing_gpu_or_the_meta_device_says_so(tmp_path):
+    cait.save(cait.compress(timm.create_model("deit_tiny_patch16_224", depth=1, img_size=64)), tmp_path / "m.safetensors")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            cait.load(tmp_path / "m.safetensors", device="cuda")
+    with pytest.raises(ValueError, match="onto the meta device"):
+        cait.load(tmp_path / "m.safetensors", device="meta")

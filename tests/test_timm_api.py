@@ -217,6 +217,36 @@ def test_a_model_on_the_meta_device_compresses_there():
     assert fast(torch.empty(2, 3, 64, 64, device="meta")).shape == (2, 1000)
 
 
+@pytest.mark.parametrize("model_id", ["deit", "eva02", "dinov3", "rope_mixed"])
+def test_meta_to_empty_and_weights_give_the_same_function(model_id):
+    """Built on the meta device, compressed there, materialized with ``to_empty``, weights loaded and
+    ``init_non_persistent_buffers()`` called (timm's recipe): the model of the real weights. The rotary
+    tables of RoPE models are not in state_dict() (NaN or ~1e-2 off when they were left empty)."""
+    import models
+
+    if models.too_old(model_id):
+        pytest.skip(f"timm {timm.__version__} refuses the {model_id} family (needs 1.0.16)")
+    name, overrides = models.ROPE.get(model_id) or ("deit_tiny_patch16_224", dict(img_size=64, depth=2))
+    torch.manual_seed(0)
+    real = timm.create_model(name, **overrides).eval()
+    with torch.device("meta"):
+        meta = timm.create_model(name, **overrides)
+    fast = cait.compress(meta, merge=cait.ATME(flops=0.7)).to_empty(device="cpu").eval()
+    fast.load_state_dict(cait.compress(real).state_dict())
+    fast.init_non_persistent_buffers()
+    expected = cait.compress(real, merge=cait.ATME(flops=0.7)).eval()
+    images = torch.randn(2, 3, *real.patch_embed.img_size)
+    with torch.no_grad():
+        assert torch.equal(fast(images), expected(images))
+
+
+def test_pruning_on_the_meta_device_is_refused_in_one_sentence():
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224", depth=2, img_size=64)
+    with pytest.raises(ValueError, match="CDCP ranks channels by their weights, which a model on the meta device does not have"):
+        cait.compress(model, prune=cait.CDCP(qk=0.5))
+
+
 def test_prune_intermediate_layers_as_timm():
     model = build("registers_avg")
     fast = cait.compress(model)

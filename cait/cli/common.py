@@ -106,7 +106,14 @@ def load_images(folder: str, model, count: int):
     config["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     config["crop_pct"] = 1.0
     transform = timm.data.create_transform(**config)
-    return torch.stack([transform(Image.open(p).convert("RGB")) for p in tqdm(paths[:count], desc="calibration images", leave=False)])
+    images = []
+    for path in tqdm(paths[:count], desc="calibration images", leave=False):
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert("RGB")))
+        except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError; truncated files raise either
+            raise ValueError(f"--calibration: cannot read {path}: {error}") from None
+    return torch.stack(images)
 
 
 def check_output(path: str | None, flag: str = "--out", suffix: str | None = None) -> None:
@@ -129,6 +136,8 @@ def check_checkpoint(path: str | None) -> None:
 
     if not path:
         return
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--checkpoint {path} is a folder: give the checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file")
     if is_cait_file(path):
@@ -189,6 +198,8 @@ def check_compression(args) -> None:
     importance = args.importance or ("activation" if args.calibration else "weight")
     if importance == "activation" and not args.calibration:
         raise ValueError("--importance activation needs --calibration DIR")
+    if args.calibration_images < 1:
+        raise ValueError(f"--calibration-images must be 1 or more, got {args.calibration_images}")
     if args.merge_flops is not None:
         cait.ATME(flops=args.merge_flops, block=args.block)
     elif args.merge_r is not None:
@@ -277,6 +288,10 @@ def describe(fast, dense) -> None:
         f"{grid[0]}x{grid[1]} patches, {len(fast.blocks)} blocks, {fast.blocks[0].attn.heads} heads)"
     )
     print(f"tiles     {fast.tile}x{fast.tile}, merged {sum(fast.schedule)} tokens in all")
+    solved = fast.merge is not None and fast.merge.flops is not None
+    rule = f"; RoPE: a merged token at its cells' {fast.position}" if fast.rope is not None else ""
+    print(f"schedule  {f'FLOPs target {fast.merge.flops:g}, solved per input size' if solved else 'counts as set, scaled to other sizes'}; "
+          f"{'any input size' if fast.dynamic_img_size else 'its own input size only'}{rule}")  # fmt: skip
     print("\nblock  merged  tokens(attn->mlp)  qk/head  v/head  mlp")
     for i, block in enumerate(fast.blocks):
         attn, hidden = block.attn, block.mlp.fc2.in_features

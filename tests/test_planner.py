@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import cait
 from cait.planner import Candidate, FlopsRatio, Latency, Plan, Point, Speedup, generate
+from test_cli import run as cli
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ class FakeMachine:
         self.penalty, self.now, self.calls, self.known = penalty, 0.0, 0, {}
 
     def latency(self, model) -> float:
+        model = getattr(model, "model", model)  # a compiled runner (cait.Optimized) holds the model it compiled
         params = sum(p.numel() for p in model.parameters())
         key = (getattr(model, "schedule", ()), params)  # what the FLOPs depend on here
         if key not in self.known:
@@ -60,9 +62,11 @@ class FakeMachine:
             self.known[key] = 1e-3 * (0.1 + 0.9 * cait.flops(model) / self.dense_flops) + (self.penalty if pruned else 0)
         return self.known[key]
 
+    drift = 1.0  # each timing call runs this much faster than the last (a machine whose load changes)
+
     def timer(self, runners, images, repeats):
         self.calls += 1
-        out = {name: [self.latency(model)] * repeats for name, model in runners.items()}
+        out = {name: [self.latency(model) * self.drift**self.calls] * repeats for name, model in runners.items()}
         self.now += sum(v[0] * (repeats + 1) for v in out.values())
         return out
 
@@ -118,6 +122,18 @@ def test_an_unreachable_target_is_reported_with_the_fastest_point(tiny, images, 
     assert fastest.speedup < 50 and "out of reach" in plan.summary()
     with pytest.raises(ValueError, match="nothing that reaches 50x"):
         plan.compress(tiny)
+
+
+def test_a_speedup_is_over_the_dense_runs_timed_with_it(tiny, images, few):
+    """On a machine that gets faster run after run, a speedup is still the true ratio: each candidate is
+    compared with the dense runs interleaved with its own, not with dense runs from other rungs."""
+    machine = FakeMachine(tiny)
+    machine.drift = 0.7
+    plan = cait.plan(tiny, images, Speedup(1.3), budget_s=1.0, candidates=few, timer=machine.timer, clock=machine.clock, progress=False)
+    timed = [p for p in plan.points if p.speedup is not None]
+    assert len(timed) > 2
+    for p in timed:
+        assert p.speedup == pytest.approx(machine.latency(tiny) / machine.latency(p.candidate.build(tiny)), rel=1e-9)
 
 
 def test_latency_and_flops_targets(tiny, images, few):
@@ -208,7 +224,7 @@ def test_a_short_real_run_on_this_cpu(tiny, images, tmp_path):
     plan.plot(str(tmp_path / "plan.png"))
     assert (tmp_path / "plan.png").stat().st_size > 0
     (context,) = json.loads(cache.read_text()).values()
-    assert set(context) == {"dense", *(p.key for p in timed)}
+    assert set(context) == {"dense", *(p.key for p in timed), *(f"{p.key} | dense" for p in timed)}
 
     def no_timing(*args):
         raise AssertionError("everything was in the cache")
@@ -216,16 +232,6 @@ def test_a_short_real_run_on_this_cpu(tiny, images, tmp_path):
     again = cait.plan(tiny, images, Speedup(1.2), batch=2, budget_s=300, candidates=candidates, repeats=2, cache=str(cache),
                       timer=no_timing, progress=False)  # fmt: skip
     assert [(p.key, p.latency_s) for p in again.points] == [(p.key, p.latency_s) for p in plan.points]
-
-
-def cli(argv):
-    from cait.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as stop:
-        return stop.code
-    return 0
 
 
 def test_the_command_line_plans_compresses_by_the_plan_and_says_where_it_came_from(tmp_path, capsys):
@@ -271,3 +277,14 @@ def test_a_plan_that_reached_nothing_or_a_file_that_is_no_plan_is_refused(tmp_pa
     for path, message in ((tmp_path / "plan.json", "found nothing that reaches 50x"), (tmp_path / "other.json", "not a cait plan")):
         assert cli(["compress", "--plan", str(path), "--out", str(tmp_path / "m.safetensors")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_compiled_runtime_takes_more_candidates_than_dynamo_s_default_limit(images):
+    """Each compiled candidate is another entry of one code object: more than 8 (dynamo's default
+    limit) stopped the search with FailOnRecompileLimitHit."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2, num_classes=10).eval()
+    candidates = [Candidate(schedule=(r, 0), merge_flops=1 - r / 20) for r in range(1, 11)]
+    machine = FakeMachine(model)
+    plan = cait.plan(model, torch.randn(2, 3, 64, 64), FlopsRatio(0.99), runtime="compile", candidates=candidates, budget_s=100.0,
+                     timer=machine.timer, clock=machine.clock, progress=False)  # fmt: skip
+    assert sum(p.speedup is not None for p in plan.points) > 8 and len(plan.references) == 2  # a first rung of 8, then the references

@@ -101,7 +101,8 @@ def run(args) -> None:
     print(f"target    {target} ({runtime}, batch {args.batch}, {plan.machine.get('gpu') or plan.machine['cpu']}, "
           f"{plan.machine['threads']} threads)")  # fmt: skip
     print(f"{'chosen' if plan.reachable else 'result'}    {plan.summary()}")
-    timed = sum(p.speedup is not None for p in plan.points)
-    print(f"spent     {plan.spent_s:.0f} s of {plan.budget_s:.0f}: fidelity of {len(plan.points)} of {plan.considered} configurations, "
-          f"{timed} timed")  # fmt: skip
+    searched = [p for p in plan.points if not p.candidate.label]  # the labelled ones are the references
+    timed = sum(p.speedup is not None for p in searched)
+    print(f"spent     {plan.spent_s:.0f} s of {plan.budget_s:.0f}: fidelity of {len(searched)} of {plan.considered} configurations, "
+          f"{timed} timed (and {len(plan.references)} references)")  # fmt: skip
     print(f"wrote {args.out} and {picture}")

@@ -14,7 +14,7 @@ from ..schedule import ATME, solve
 # CDCP keep ratios (qk, v, mlp) tried by default, from none to strong; the fixed recipe's is the third.
 PRUNE_LEVELS = (None, (0.75, 0.875, 0.875), (0.5, 0.75, 0.75), (0.5, 0.625, 0.625), (0.375, 0.5, 0.5))
 # ATME FLOPs targets (relative to the pruned model) tried by default; 1.0 is no merging.
-MERGE_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+MERGE_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
 # Schedule forms: (shape, where merging starts as a fraction of the depth, tile side).
 FORMS = (("constant", 0.0, 2), ("constant", 1 / 3, 2), ("decreasing", 0.0, 2), ("constant", 0.0, 4))
 RECIPE = "merge=0.7,prune=0.5/0.75/0.75"  # the fixed recipe of the README, timed as a reference

@@ -64,29 +64,39 @@ def _check(model, images, target, runtime, batch, labels, budget_s, repeats) -> 
 
 class _Cache:
     """Measured seconds per batch, kept in a JSON file between runs, for one context (architecture,
-    runtime, batch, device, dtype, threads, machine)."""
+    runtime, batch, device, dtype, threads, machine). Each write re-reads the file and replaces it
+    atomically (a temporary file per process), so runs sharing the file keep each other's entries."""
 
     def __init__(self, path: str | None, context: dict):
         self.path, self.context = path, hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.data = {}
-        if path and os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    self.data = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                self.data = {}  # an unreadable cache is rebuilt
-        self.mine = self.data.setdefault(self.context, {})
+        self.mine = dict(self._read().get(self.context, {}))
+
+    def _read(self) -> dict:
+        if not self.path or not os.path.isfile(self.path):
+            return {}
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return {}  # an unreadable cache is rebuilt
+        return data if isinstance(data, dict) else {}
 
     def get(self, key: str) -> list[float]:
-        return list(self.mine.get(key, []))
+        values = self.mine.get(key, [])
+        ok = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+        return [float(v) for v in values] if ok else []  # an entry edited into nonsense is timed again
 
     def put(self, key: str, seconds: list[float]) -> None:
         self.mine[key] = list(seconds)
         if self.path:
+            data = self._read()
+            entries = data.get(self.context)
+            data[self.context] = {**(entries if isinstance(entries, dict) else {}), **self.mine}
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            with open(self.path + ".tmp", "w") as f:
-                json.dump(self.data, f)
-            os.replace(self.path + ".tmp", self.path)
+            temporary = f"{self.path}.{os.getpid()}.tmp"
+            with open(temporary, "w") as f:
+                json.dump(data, f)
+            os.replace(temporary, self.path)
 
 
 def plan(

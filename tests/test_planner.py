@@ -120,6 +120,7 @@ def test_an_unreachable_target_is_reported_with_the_fastest_point(tiny, images, 
     fastest = plan.point(plan.fastest)
     assert fastest.speedup == max(p.speedup for p in plan.points if p.speedup is not None and p.candidate.method == "cait")
     assert fastest.speedup < 50 and "out of reach" in plan.summary()
+    assert fastest.flops_ratio == min(p.flops_ratio for p in plan.points if p.candidate.method == "cait")  # the fast end was timed
     with pytest.raises(ValueError, match="nothing that reaches 50x"):
         plan.compress(tiny)
 
@@ -198,6 +199,12 @@ def test_labels_make_the_score_accuracy(tiny, images):
         (dict(labels=torch.zeros(3)), "labels must be"),
         (dict(budget_s=0), "budget_s must be"),
         (dict(runtime="cuda graph"), "needs a CUDA device"),
+        (dict(budget_s=float("inf")), "finite"),
+        (dict(candidates=[]), "non-empty list"),
+        (dict(candidates=["merge=0.7"]), "non-empty list"),
+        (dict(candidates=[Candidate(schedule=(4, 0, 0, 0), merge_flops=0.9), Candidate(schedule=(0, 4, 0, 0), merge_flops=0.9)]),
+         "share the name"),
+        (dict(labels=torch.zeros(8)), "integer class indices"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(tiny, images, kwargs, error):
@@ -209,7 +216,9 @@ def test_bad_arguments_are_refused_before_any_work(tiny, images, kwargs, error):
 
 
 def test_targets_refuse_nonsense():
-    for make in (lambda: Speedup(0), lambda: Latency(ms=-1), lambda: FlopsRatio(1.5), lambda: Speedup(True)):
+    nan, inf = float("nan"), float("inf")
+    for make in (lambda: Speedup(0), lambda: Latency(ms=-1), lambda: FlopsRatio(1.5), lambda: Speedup(True), lambda: Speedup(nan),
+                 lambda: Latency(ms=inf), lambda: Candidate(method="foo")):  # fmt: skip
         with pytest.raises(ValueError):
             make()
 
@@ -288,3 +297,17 @@ def test_the_compiled_runtime_takes_more_candidates_than_dynamo_s_default_limit(
     plan = cait.plan(model, torch.randn(2, 3, 64, 64), FlopsRatio(0.99), runtime="compile", candidates=candidates, budget_s=100.0,
                      timer=machine.timer, clock=machine.clock, progress=False)  # fmt: skip
     assert sum(p.speedup is not None for p in plan.points) > 8 and len(plan.references) == 2  # a first rung of 8, then the references
+
+
+def test_a_plan_refuses_another_build_of_its_model_and_files_that_are_no_plans(tiny, planned, tmp_path):
+    plan, _ = planned
+    narrower = timm.create_model("deit_tiny_patch16_224", img_size=128, depth=4, num_classes=10, embed_dim=96, num_heads=3)
+    with pytest.raises(ValueError, match="built with other settings"):
+        plan.compress(narrower)
+    with pytest.raises(KeyError, match="no point 'nope'"):
+        plan.point("nope")
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\xff\xfe")
+    for path in (tmp_path / "x.png", tmp_path):
+        with pytest.raises(ValueError, match="not a cait plan|is a folder"):
+            Plan.load(path)
+    assert cait.planner.generate is generate  # the sub-module is public

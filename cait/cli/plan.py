@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from .common import DTYPES, add_model_arguments, build_model, check_output, device_of, load_images
@@ -73,10 +74,17 @@ def run(args) -> None:
     import cait
     from cait.cost import default_input_size
 
-    check_output(args.out, suffix=".json")
+    check_output(args.out)
+    if not args.out.endswith(".json"):
+        raise ValueError(f"--out {args.out}: a plan file ends in .json (the plot is written next to it as .png)")
     target = target_of(args)  # refuses a bad target before any work
-    if args.batch < 1 or args.repeats < 1 or args.budget <= 0 or args.calibration_images < 1:
-        raise ValueError("--batch, --repeats, --calibration-images and --budget must be positive")
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--calibration-images", args.calibration_images)):
+        if value < 1:
+            raise ValueError(f"{flag} must be 1 or more, got {value}")
+    if not math.isfinite(args.budget) or args.budget <= 0:
+        raise ValueError(f"--budget must be positive, finite seconds, got {args.budget}")
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes must be 0 (no head) or more, got {args.num_classes}")
     if args.calibration and not os.path.isdir(args.calibration):
         raise ValueError(f"--calibration {args.calibration!r} is not a folder")
     device = device_of(args.device)

@@ -37,13 +37,21 @@ class Candidate:
     align: int = ALIGN
     label: str = ""  # a reference point's name (e.g. "recipe")
 
+    def __post_init__(self):
+        if self.method not in ("cait", "tome"):
+            raise ValueError(f"Candidate method must be 'cait' or 'tome', got {self.method!r}")
+
     @property
     def key(self) -> str:
         """A short unique name (cache key, table row)."""
         if self.method == "tome":
             return f"tome={self.merge_flops:g}"
         merge = f"merge={self.merge_flops:g}:{self.shape}@{self.start}/b{self.block}" if any(self.schedule) else "merge=none"
+        if any(self.schedule) and self.merge_flops >= 1:  # counts given directly: they name it
+            merge = f"merge=r{'.'.join(map(str, self.schedule))}/b{self.block}"
         prune = "prune=" + "/".join(f"{v:g}" for v in self.prune) if self.prune else "prune=none"
+        if self.prune and self.align != ALIGN:
+            prune += f"/align{self.align}"
         return f"{merge},{prune}"
 
     def atme(self) -> ATME | None:

@@ -9,9 +9,20 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .candidates import Candidate
-from .targets import Target, target_from_json, target_to_json
+from .targets import FlopsRatio, Target, target_from_json, target_to_json
 
 FORMAT = 1  # version of the plan file
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of a timm model's architecture settings (depth, widths, heads, ...; not its
+    classifier size or input size, which a plan checks apart)."""
+    import hashlib
+
+    from ..architecture import record
+
+    settings = {k: v for k, v in record(model)["kwargs"].items() if k not in ("num_classes", "img_size")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -78,13 +89,18 @@ class Plan:
     spent_s: float = 0.0
     budget_s: float = 0.0
     considered: int = 0  # candidates the search started from (``points`` holds those whose fidelity it measured)
+    architecture: str = ""  # fingerprint() of the model measured
 
     @property
     def reachable(self) -> bool:
         return self.chosen is not None
 
     def point(self, key: str) -> Point:
-        return next(p for p in self.points if p.key == key)
+        """The point named ``key``; ``KeyError`` naming it when the plan has none."""
+        found = next((p for p in self.points if p.key == key), None)
+        if found is None:
+            raise KeyError(f"this plan has no point {key!r}")
+        return found
 
     @property
     def front(self) -> list[Point]:
@@ -107,6 +123,8 @@ class Plan:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         if name != self.model:
             raise ValueError(f"this plan was made for {self.model}, not {name}")
+        if self.architecture and fingerprint(model) != self.architecture:
+            raise ValueError(f"this plan was made for a {self.model} built with other settings (depth, widths, heads, ...) than this one")
 
     def compress(self, model: nn.Module) -> nn.Module:
         """The chosen configuration applied to the timm ``model`` (the plan's architecture and input
@@ -173,13 +191,15 @@ class Plan:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not a cait plan (not JSON: {error})") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path} is a folder, not a cait plan file") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a cait plan")
         try:
             return cls.from_json(data)
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path} is not a complete cait plan ({type(error).__name__}: {error})") from None
 
     def plot(self, path: str) -> None:
@@ -204,8 +224,10 @@ class Plan:
         if self.chosen is not None:
             p = self.point(self.chosen)
             ax.scatter([p.speedup], [p.fidelity["score"]], marker="*", s=200, color="C3", zorder=3, label=f"chosen: {p.key}")
-        ax.axvline(self.target.needed_speedup(self.dense_latency_s), color="black", linestyle=":", label=f"target: {self.target}")
-        metric = "cosine of features" if "cosine" in (timed or self.points)[0].fidelity else "top-1 agreement with dense"
+        if not isinstance(self.target, FlopsRatio):  # a FLOPs target is no speed
+            ax.axvline(self.target.needed_speedup(self.dense_latency_s), color="black", linestyle=":", label=f"target: {self.target}")
+        sample = (timed or self.points or [None])[0]
+        metric = "cosine of features" if sample and "cosine" in sample.fidelity else "top-1 agreement with dense"
         ax.set(xlabel=f"speedup over dense ({self.runtime}, batch {self.batch}, {self.device})", ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

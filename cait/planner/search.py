@@ -22,12 +22,13 @@ from ..benchmarks.latency import RUNTIMES, machine, prepare, time_interleaved
 from ..cost import default_input_size, flops
 from . import fidelity
 from .candidates import Candidate, generate, recipe, solved
-from .result import Plan, Point
+from .result import Plan, Point, fingerprint
 from .targets import FlopsRatio, Latency, Speedup
 
 DENSE = "dense"
 FIRST_RUNG = 8  # candidates timed in the first rung (fewer where the budget is short)
 FIDELITY_SHARE = 0.4  # of the budget at most for building candidates and measuring their fidelity
+KEEP = 200  # timed runs the cache keeps per configuration
 EFFICIENCY = 0.9  # speedup x FLOPs ratio assumed before any candidate is timed
 
 Timer = Callable[[dict, torch.Tensor, int], dict]
@@ -37,7 +38,7 @@ def _default_timer(runners: dict, images: torch.Tensor, repeats: int) -> dict:
     return time_interleaved(runners, images, repeats, warmup=1, progress=False)
 
 
-def _check(model, images, target, runtime, batch, labels, budget_s, repeats) -> None:
+def _check(model, images, target, runtime, batch, labels, budget_s, repeats, candidates) -> None:
     from ..model import CompressedViT
     from ..support import check_supported
 
@@ -56,8 +57,18 @@ def _check(model, images, target, runtime, batch, labels, budget_s, repeats) -> 
         raise ValueError(f"images must be calibration images (B >= 1, {size[0]}, {size[1]}, {size[2]}) for this model, got {shape}")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(images),)):
         raise ValueError(f"labels must be a tensor of {len(images)} class indices (one per image), got {getattr(labels, 'shape', labels)}")
-    if not (isinstance(budget_s, (int, float)) and budget_s > 0):
-        raise ValueError(f"budget_s must be positive seconds, got {budget_s!r}")
+    if not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
+        raise ValueError(f"budget_s must be positive, finite seconds, got {budget_s!r}")
+    if candidates is not None and (
+        not isinstance(candidates, (list, tuple)) or not candidates or not all(isinstance(c, Candidate) for c in candidates)
+    ):
+        raise ValueError("candidates must be a non-empty list of cait.planner.Candidate (see cait.planner.generate), or None")
+    seen: dict = {}
+    for c in candidates or ():
+        if seen.setdefault(c.key, c) != c:
+            raise ValueError(f"two candidates share the name {c.key!r} but differ: give them different merge_flops, shape or start")
+    if labels is not None and (labels.dtype.is_floating_point or getattr(model, "num_classes", 0) == 0):
+        raise ValueError("labels must be integer class indices, for a classifier (a backbone has no classes)")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
 
@@ -87,7 +98,7 @@ class _Cache:
         return [float(v) for v in values] if ok else []  # an entry edited into nonsense is timed again
 
     def put(self, key: str, seconds: list[float]) -> None:
-        self.mine[key] = list(seconds)
+        self.mine[key] = list(seconds)[-KEEP:]  # the newest runs: the file stays small over many plans
         if self.path:
             data = self._read()
             entries = data.get(self.context)
@@ -154,7 +165,7 @@ def plan(
 
     from ..architecture import record
 
-    _check(model, images, target, runtime, batch, labels, budget_s, repeats)
+    _check(model, images, target, runtime, batch, labels, budget_s, repeats, candidates)
     start, timer = clock(), timer or _default_timer
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
@@ -251,8 +262,8 @@ def plan(
             ]  # fmt: skip
             if best is None and not any(meets(p) for p in timed):  # also look for the fastest point
                 fastest = min((p for p in frontier if p.key not in seconds), key=lambda p: p.flops_ratio, default=None)
-                if fastest is not None and fastest not in fresh:
-                    fresh.append(fastest)
+                if fastest is not None:  # first, so the rung's width never cuts it
+                    fresh = [fastest, *(p for p in fresh if p is not fastest)]
             affordable = max(0, int(left / (per_candidate * reps / repeats)) - len(survivors))
             new = fresh[: min(width, affordable)]
             if not new and (len(survivors) <= 1 or left < per_candidate * len(survivors) * reps / repeats):
@@ -301,17 +312,15 @@ def plan(
                 seconds.setdefault(c.key, store.get(c.key))
                 paired.setdefault(c.key, store.get(f"{c.key} | dense"))
                 reference_keys.append(c.key)
-            time_rung(reference_keys, repeats)
+            time_rung(reference_keys, max(repeats, max((points[k].repeats for k in points if k in seconds), default=repeats)))
             update(reference_keys)
-            chosen = _choose(points.values(), meets)  # the recipe is a configuration like any other
-            fastest = max((p for p in points.values() if p.speedup is not None and p.candidate.method == "cait"), key=lambda p: p.speedup)
     bar.close()
     name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     return Plan(
         target=target, runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype).removeprefix("torch."),
         model=name, input_size=size, machine=machine(), dense_latency_s=dense_latency_now(), dense_gflops=dense_flops / 1e9,
         points=list(points.values()), chosen=chosen.key if chosen else None, fastest=fastest.key if fastest else None,
-        references=reference_keys, spent_s=clock() - start, budget_s=float(budget_s), considered=len(pool),
+        references=reference_keys, spent_s=clock() - start, budget_s=float(budget_s), considered=len(pool), architecture=fingerprint(dense),
     )  # fmt: skip
 
 

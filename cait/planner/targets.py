@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -12,7 +13,7 @@ class Speedup:
     times: float
 
     def __post_init__(self):
-        if isinstance(self.times, bool) or not isinstance(self.times, (int, float)) or self.times <= 0:
+        if isinstance(self.times, bool) or not isinstance(self.times, (int, float)) or not math.isfinite(self.times) or self.times <= 0:
             raise ValueError(f"Speedup takes a positive factor, e.g. Speedup(1.9), got {self.times!r}")
 
     def met(self, speedup: float, latency_s: float, flops_ratio: float) -> bool:
@@ -32,7 +33,7 @@ class Latency:
     ms: float
 
     def __post_init__(self):
-        if isinstance(self.ms, bool) or not isinstance(self.ms, (int, float)) or self.ms <= 0:
+        if isinstance(self.ms, bool) or not isinstance(self.ms, (int, float)) or not math.isfinite(self.ms) or self.ms <= 0:
             raise ValueError(f"Latency takes positive milliseconds per batch, e.g. Latency(ms=12), got {self.ms!r}")
 
     def met(self, speedup: float, latency_s: float, flops_ratio: float) -> bool:

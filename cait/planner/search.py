@@ -97,8 +97,9 @@ class _Cache:
         ok = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
         return [float(v) for v in values] if ok else []  # an entry edited into nonsense is timed again
 
-    def put(self, key: str, seconds: list[float]) -> None:
-        self.mine[key] = list(seconds)[-KEEP:]  # the newest runs: the file stays small over many plans
+    def put(self, entries: dict[str, list[float]]) -> None:
+        """Keep ``entries`` (name -> seconds) and write the file once."""
+        self.mine.update({key: list(seconds)[-KEEP:] for key, seconds in entries.items()})  # the newest runs: the file stays small
         if self.path:
             data = self._read()
             entries = data.get(self.context)
@@ -184,12 +185,12 @@ def plan(
         bar.set_postfix_str(note)
         bar.refresh()
 
-    # Dense first: its latency turns a latency target into a speedup and sizes the rungs.
-    # every compiled candidate is another entry of one code object (CompressedViT.forward): lift dynamo's
-    # limit of 8 per code object for the search
+    # Every compiled candidate is another entry of one code object (CompressedViT.forward): lift dynamo's
+    # limit of 8 per code object for the search.
     limits = torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=4096) if runtime == "compile" else nullcontext()
     with limits, tempfile.TemporaryDirectory() as folder:
         exports = {"folder": folder}
+        # Dense first: its latency turns a latency target into a speedup and sizes the rungs.
         prepared = clock()
         runners = {DENSE: prepare(dense, timing_images, runtime, exports)[0]}
         setup_s = clock() - prepared
@@ -203,10 +204,9 @@ def plan(
                 measured = timer({k: runners[k] for k in [DENSE, *keys]}, timing_images, need)
                 for k, values in measured.items():
                     seconds[k] += list(values)
-                    store.put(k, seconds[k])
                 for k in keys:  # the dense runs interleaved with this key's: its speedup is over those
                     paired[k] += list(measured[DENSE])
-                    store.put(f"{k} | dense", paired[k])
+                store.put({**{k: seconds[k] for k in measured}, **{f"{k} | dense": paired[k] for k in keys}})
 
         time_rung([], repeats)
         dense_latency = statistics.median(seconds[DENSE])

@@ -313,3 +313,99 @@ def test_a_plan_refuses_another_build_of_its_model_and_files_that_are_no_plans(t
         with pytest.raises(ValueError, match="not a cait plan|is a folder"):
             Plan.load(path)
     assert cait.planner.generate is generate  # the sub-module is public
+
+
+class NoisyMachine(FakeMachine):
+    """The fake machine with run-to-run noise: run ``i`` of a call takes ``1 + 0.07 * ((3 * i + name length) % 5)``
+    times its latency; every (dense, configuration) pair of runs is kept to check the spread against."""
+
+    def __init__(self, dense):
+        super().__init__(dense)
+        self.pairs = {}
+
+    def timer(self, runners, images, repeats):
+        self.calls += 1
+        out = {n: [self.latency(m) * (1 + 0.07 * ((3 * i + len(n)) % 5)) for i in range(repeats)] for n, m in runners.items()}
+        self.now += sum(sum(v) for v in out.values())
+        for name in out:
+            if name != "dense":
+                self.pairs.setdefault(name, []).extend(zip(out["dense"], out[name]))
+        return out
+
+
+def test_the_speedup_spread_is_the_quartiles_of_the_per_run_speedups(tiny, images, few):
+    import statistics
+
+    machine = NoisyMachine(tiny)
+    plan = cait.plan(tiny, images, Speedup(1.3), budget_s=1.0, candidates=few, timer=machine.timer, clock=machine.clock, progress=False)
+    timed = [p for p in plan.points if p.speedup is not None]
+    assert len(timed) > 2
+    for p in timed:
+        ratios = [d / own for d, own in machine.pairs[p.key]]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        assert p.speedup_iqr == pytest.approx((low, high), rel=1e-12) and low < high
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert [p.speedup_iqr for p in again.points] == [p.speedup_iqr for p in plan.points]
+    assert "| IQR |" in plan.table()
+
+
+def test_the_plan_benchmark_compares_with_the_recipe_at_its_speed(planned):
+    from cait.planner.benchmark import compare
+
+    plan, _ = planned
+    row = compare(plan)
+    recipe = plan.point(next(k for k in plan.references if plan.point(k).candidate.label == "recipe"))
+    assert row["recipe"]["configuration"] == recipe.key and row["recipe"]["speedup"] == recipe.speedup
+    assert row["chosen"]["configuration"] == plan.chosen and row["reachable"]
+    as_fast = [p for p in plan.points if p.speedup is not None and p.key not in plan.references and p.speedup >= recipe.speedup]
+    best = max(as_fast, key=lambda p: (p.fidelity["agreement"], -p.fidelity["kl"], p.speedup))
+    assert row["planned_at_recipe_speed"]["configuration"] == best.key
+
+
+def test_the_plan_benchmark_plans_a_setting_and_writes_its_plan(tmp_path):
+    from cait.planner import benchmark
+
+    setting = benchmark.Setting("deit_tiny_patch16_224", 1, "eager", 1, 1.5)
+    threads = torch.get_num_threads()
+    (row,) = benchmark.run([setting], budget_s=4, folder=str(tmp_path), calibration=4)
+    assert torch.get_num_threads() == threads  # restored
+    assert Plan.load(tmp_path / f"{setting.name}.json").batch == 1 and (tmp_path / f"{setting.name}.png").stat().st_size > 0
+    assert row["model"] == setting.model and row["target"] == 1.5 and row["dense_ms"] > 0
+    assert (row["chosen"] if row["reachable"] else row["fastest"])["speedup"] > 0
+    assert setting.model in benchmark.table([row])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--variant", "merge=0.5"], "--plan runs on its own"),
+        (["--batch", "4"], "drop --batch"),
+        (["--models", "vit_base_patch16_224"], "names none of them"),
+        (["--budget", "0"], "--budget must be positive"),
+        (["--accuracy", "--models", "deit_tiny_patch16_224"], "drop --models"),
+    ],
+)
+def test_bench_plan_refuses_what_it_would_not_use(extra, message, capsys):
+    assert cli(["bench", "--plan", *extra]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_a_budget_without_plan_is_refused(capsys):
+    assert cli(["bench", "--budget", "10"]) != 0
+    assert "it needs --plan" in capsys.readouterr().err
+
+
+def test_the_digits_comparison_scores_the_recipe_and_the_plan_at_its_speed(monkeypatch):
+    """A short run on a slice of the digits: every row has the recipe's and (when one was measured as
+    fast) the planned point's top-1 values, each in [0, 1], and the planned point is at least as fast."""
+    from cait.benchmarks import accuracy
+    from cait.planner import benchmark
+
+    full = accuracy.digits
+    monkeypatch.setattr(accuracy, "digits", lambda seed: tuple(t[:n] for t, n in zip(full(seed), (192, 192, 100, 100))))
+    (row,) = benchmark.digits(seeds=(0,), epochs=1, finetune_epochs=1, budget_s=6, calibration=32)
+    values = [row[k] for k in row if k.endswith("top1")]
+    assert {"dense_top1", "recipe_one_shot_top1", "recipe_fine_tuned_top1"} <= set(row) and all(0 <= v <= 1 for v in values)
+    if row["planned_at_recipe_speed"] is not None:
+        assert row["planned_at_recipe_speed"]["speedup"] >= row["recipe"]["speedup"] and "planned_fine_tuned_top1" in row
+    assert "recipe:" in benchmark.digits_table([row])

@@ -122,6 +122,16 @@ def add_parser(commands) -> None:
         "ATME+CDCP (about 0.5x) with the anchor and the centroid rule: top-1 over --seeds side by side",
     )
     b.add_argument(
+        "--plan",
+        action="store_true",
+        help="benchmark the planner (cait plan) against the fixed recipe: DeiT-T/S (random weights) planned for 1.7x/1.9x "
+        "at batch 1 compiled on 1 and 2 threads and DeiT-S for 2.0x at batch 8 eager, the recipe and ToMe timed in the "
+        "same run (--models keeps the settings of those models; --budget seconds per plan; plans and plots go to --work, "
+        "default bench/runs/plans; about 30 minutes on 2 cores). With --accuracy: on the digits ViTs, the plan for the "
+        "recipe's own speedup against the recipe, test top-1 one-shot and fine-tuned over --seeds",
+    )
+    b.add_argument("--budget", type=float, metavar="S", help="--plan: seconds each plan may take (default: 300; with --accuracy 120)")
+    b.add_argument(
         "--weights", metavar="DIR", help="--rope-rule: keep the trained dense models in DIR and reuse them on the next run"
     )
     b.add_argument("--seeds", type=int, default=3, help="--accuracy/--segmentation/--rope-rule: seeds (default: 3)")
@@ -181,6 +191,10 @@ def run(args) -> None:
     check_output(args.picture, "--picture")
     if args.deploy:
         return bench_deploy(args)
+    if args.plan:
+        return bench_plan(args)
+    if args.budget is not None:
+        raise ValueError("--budget sets the seconds of each plan: it needs --plan")
     if args.threads:
         torch.set_num_threads(args.threads[0])
     if (args.runtime or args.compile) and (args.all or args.kernels or args.accuracy or args.segmentation):
@@ -238,7 +252,8 @@ def bench_deploy(args) -> None:
     from cait.benchmarks import deploy
     from cait.benchmarks.latency import as_json, is_saved_model, machine, table
 
-    if args.all or args.kernels or args.accuracy or args.segmentation or args.cuda_graph or args.checkpoint or args.dtype or args.img_size:
+    modes = (args.all, args.kernels, args.accuracy, args.segmentation, args.plan)
+    if any(modes) or args.cuda_graph or args.checkpoint or args.dtype or args.img_size:
         raise ValueError("--deploy runs on its own (CPU, fp32, batch 1, random weights): drop the other mode flags")
     if args.batch and args.batch != [1]:
         raise ValueError("--deploy times batch 1 only: drop --batch")
@@ -257,6 +272,48 @@ def bench_deploy(args) -> None:
     info = machine()
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
     write_json(args.out, {"machine": info, "repeats": repeats, "rows": as_json(rows)})
+
+
+def bench_plan(args) -> None:
+    """``cait bench --plan [--accuracy]``: :mod:`cait.planner.benchmark`."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks.latency import machine
+    from cait.planner import benchmark
+
+    if any((args.all, args.kernels, args.segmentation, args.curve, args.rope_rule, args.tune, args.time_only, args.plot, args.picture,
+            args.variant, args.checkpoint, args.dtype, args.weights)):
+        raise ValueError("--plan runs on its own (CPU, fp32, random weights or the digits ViTs): drop the other mode flags")
+    if args.batch or args.runtime or args.compile or args.threads or args.img_size or args.device == "cuda" or args.cuda_graph:
+        raise ValueError("--plan times the settings of cait.planner.benchmark.SETTINGS on the CPU: drop --batch/--runtime/--threads/"
+                         "--img-size/--device/--cuda-graph (--models keeps the settings of those models)")  # fmt: skip
+    budget = args.budget if args.budget is not None else 120.0 if args.accuracy else 300.0
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"--budget must be positive, finite seconds, got {args.budget}")
+    info = machine()
+    if args.accuracy:
+        if args.models:
+            raise ValueError("--plan --accuracy plans the digits ViTs: drop --models")
+        seeds, epochs, finetune_epochs = _training_settings(args, epochs=40, finetune_epochs=15)
+        with tqdm(total=len(seeds) * (epochs + 2 * finetune_epochs), desc="training, planning, fine-tuning") as bar:
+            rows = benchmark.digits(seeds, epochs, finetune_epochs, budget, progress=bar)
+        print(benchmark.digits_table(rows))
+        print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+        settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs, "budget_s": budget}
+        return write_json(args.out, {"machine": info, "settings": settings, "rows": rows})
+    settings = [s for s in benchmark.SETTINGS if not args.models or s.model in args.models]
+    if not settings:
+        raise ValueError(f"--plan plans {sorted({s.model for s in benchmark.SETTINGS})}: --models names none of them")
+    folder = args.work or os.path.join("bench", "runs", "plans")
+    with tqdm(total=len(settings), desc=f"planning ({budget:g} s each)") as bar:
+        rows = benchmark.run(settings, budget, folder, progress=bar)
+    print(benchmark.table(rows))
+    print("\nspeedup [interquartile range of the per-run speedups] at FLOPs ratio, top-1 agreement with dense (random weights "
+          f"and calibration images: the agreement says little); plans and plots in {folder}")  # fmt: skip
+    print(f"machine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    write_json(args.out, {"machine": info, "budget_s": budget, "rows": rows})
 
 
 def check_models(entries: list[str]) -> None:

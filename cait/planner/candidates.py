@@ -82,13 +82,17 @@ class Candidate:
 
 def generate(model: nn.Module, prune_levels=PRUNE_LEVELS, merge_levels=MERGE_LEVELS, forms=FORMS, align: int = ALIGN) -> list[Candidate]:
     """Every (pruning, merge target, schedule form) combination that ``model`` (a timm ViT) can run,
-    without duplicates: merge targets below what a form can reach on the model's grid are skipped.
+    without duplicates: merge targets below what a form can reach on the model's grid are skipped, as
+    are keep ratios that ``align`` rounds to all (or none) of a narrow model's channels.
     Schedules are solved on the pruned model's cost model, as ``ATME(flops=...)`` does."""
     from ..model import compress
 
     out: dict[str, Candidate] = {}
     for prune in prune_levels:
-        pruned = compress(model, prune=CDCP(*prune, align=align) if prune else None)
+        try:
+            pruned = compress(model, prune=CDCP(*prune, align=align) if prune else None)
+        except ValueError:  # a keep ratio that rounds to every channel (or none) at this align on this model's widths
+            continue
         cost, depth = cost_model(pruned), len(pruned.blocks)
         for merge in merge_levels:
             if merge >= 1:

@@ -29,7 +29,9 @@ def fingerprint(model: nn.Module) -> str:
 class Point:
     """A candidate and what was measured of it. ``latency_s``: median seconds per batch over
     ``repeats`` timed runs (None: not timed); ``speedup``: the dense model's median latency over this
-    one's, both timed interleaved in the same runs; ``fidelity``: see :func:`cait.planner.fidelity.measure`."""
+    one's, both timed interleaved in the same runs; ``speedup_iqr``: the first and third quartiles of
+    the per-run speedups (each timed run of this configuration against the dense run next to it: the
+    timing noise); ``fidelity``: see :func:`cait.planner.fidelity.measure`."""
 
     candidate: Candidate
     flops_ratio: float
@@ -38,6 +40,7 @@ class Point:
     latency_s: float | None = None
     speedup: float | None = None
     repeats: int = 0
+    speedup_iqr: tuple[float, float] | None = None
 
     @property
     def key(self) -> str:
@@ -48,11 +51,13 @@ class Point:
         return self.fidelity["score"], -self.fidelity.get("kl", 0.0)
 
     def to_json(self) -> dict:
-        return {**vars(self), "candidate": self.candidate.to_json()}
+        iqr = list(self.speedup_iqr) if self.speedup_iqr else None
+        return {**vars(self), "candidate": self.candidate.to_json(), "speedup_iqr": iqr}
 
     @classmethod
     def from_json(cls, data: dict) -> "Point":
-        return cls(**{**data, "candidate": Candidate.from_json(data["candidate"])})
+        iqr = data.get("speedup_iqr")
+        return cls(**{**data, "candidate": Candidate.from_json(data["candidate"]), "speedup_iqr": tuple(iqr) if iqr else None})
 
 
 def pareto_front(points: list[Point]) -> list[Point]:
@@ -158,11 +163,12 @@ class Plan:
     def table(self) -> str:
         """Markdown: the timed points, fastest first (front points marked)."""
         front = {p.key for p in self.front}
-        lines = ["| configuration | FLOPs ratio | speedup | ms per batch | fidelity | KL | repeats | |", "|---" * 8 + "|"]
+        lines = ["| configuration | FLOPs ratio | speedup | IQR | ms per batch | fidelity | KL | repeats | |", "|---" * 9 + "|"]
         for p in sorted((p for p in self.points if p.speedup is not None), key=lambda p: -p.speedup):
             mark = "chosen" if p.key == self.chosen else "reference" if p.key in self.references else "front" if p.key in front else ""
             kl = f"{p.fidelity['kl']:.4f}" if "kl" in p.fidelity else "-"
-            lines.append(f"| {p.key} | {p.flops_ratio:.3f} | {p.speedup:.2f}x | {1e3 * p.latency_s:.2f} | "
+            iqr = f"{p.speedup_iqr[0]:.2f}-{p.speedup_iqr[1]:.2f}" if p.speedup_iqr else "-"
+            lines.append(f"| {p.key} | {p.flops_ratio:.3f} | {p.speedup:.2f}x | {iqr} | {1e3 * p.latency_s:.2f} | "
                          f"{p.fidelity['score']:.4f} | {kl} | {p.repeats} | {mark} |")  # fmt: skip
         return "\n".join(lines)
 

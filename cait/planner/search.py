@@ -152,8 +152,9 @@ def plan(
             (default: interleaved timing after a warm-up, :func:`cait.benchmarks.latency.time_interleaved`).
 
     The search: every candidate near the target's FLOPs is built and its fidelity measured (at most
-    40% of the budget, nearest the target first); the candidates that no other beats on both FLOPs
-    and fidelity go to successive halving: a rung times dense and a set of them interleaved, keeps
+    40% of the budget, nearest first to the FLOPs that reach the target at 90% efficiency); the
+    candidates that no other beats on both FLOPs and fidelity go to successive halving: a rung times
+    dense and a set of them interleaved, keeps
     the better half (those that meet the target by fidelity, the others by speed), adds untimed
     candidates predicted to meet it with higher fidelity than the best so far, and doubles the
     repeats; it stops when the budget is spent or one candidate is left.
@@ -218,7 +219,7 @@ def plan(
         pool = candidates if candidates is not None else generate(dense)
         dense_flops = flops(dense)
         points: dict[str, Point] = {}
-        ordered = sorted(pool, key=lambda c: abs(math.log(max(1e-6, _predicted_flops(c, dense)) * needed)))
+        ordered = sorted(pool, key=lambda c: abs(math.log(max(1e-6, _predicted_flops(c, dense)) * needed / EFFICIENCY)))
         for c in ordered:
             if points and clock() - start > FIDELITY_SHARE * budget_s:
                 break
@@ -247,6 +248,7 @@ def plan(
             for k in keys:
                 p = points[k]
                 p.latency_s, p.speedup, p.repeats = statistics.median(seconds[k]), speedup(k), len(seconds[k])
+                p.speedup_iqr = _spread(paired[k], seconds[k])
 
         survivors: list[str] = []
         reps, width = repeats, FIRST_RUNG
@@ -327,6 +329,16 @@ def plan(
 def _choose(points, meets) -> Point | None:
     """The most faithful CAIT point that meets the target (ties: the faster)."""
     return max((p for p in points if p.candidate.method == "cait" and meets(p)), key=lambda p: (p.rank(), p.speedup or 0), default=None)
+
+
+def _spread(dense: list[float], own: list[float]) -> tuple[float, float] | None:
+    """First and third quartiles of the per-run speedups: each of the newest runs of a configuration
+    against the dense run interleaved with it (None under 2 pairs)."""
+    n = min(len(dense), len(own))
+    if n < 2:
+        return None
+    quartiles = statistics.quantiles([d / o for d, o in zip(dense[-n:], own[-n:])], n=4)
+    return quartiles[0], quartiles[2]
 
 
 def _features(model: nn.Module) -> bool:

@@ -1,0 +1,192 @@
+"""The planner's benchmark (``cait bench --plan``): what :func:`cait.plan` chooses on this machine,
+against the README's fixed recipe measured in the same run.
+
+- :func:`run`: DeiT-T/S with random weights at the deployment settings of :data:`SETTINGS` (batch 1
+  compiled on 1 and 2 threads, batch 8 eager), each planned for its speedup target; a row reports
+  the choice (speedup with its interquartile range over the timed runs, FLOPs ratio, one-shot top-1
+  agreement with the dense model on random calibration images), the recipe and ToMe timed next to
+  it, and the most faithful planned point at least as fast as the recipe. Random weights make the
+  fidelity numbers say little; the speeds are what the row is for.
+- :func:`digits`: the same question where fidelity means something: small ViTs trained on
+  scikit-learn's digits (:mod:`cait.benchmarks.accuracy`; exact keep ratios, ``align=1``, as there),
+  a plan for the recipe's own measured speedup, and the test top-1 of the planned and the recipe
+  configuration at equal measured speed, one-shot and fine-tuned alike
+  (:func:`cait.benchmarks.accuracy.fine_tune`).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..benchmarks import accuracy
+from ..benchmarks.latency import prepare, time_interleaved
+from ..cost import default_input_size
+from . import fidelity
+from .candidates import generate, recipe, solved
+from .result import Plan, Point
+from .search import plan
+from .targets import Speedup
+
+# The issue's targets: DeiT-S >= 1.9x and DeiT-T >= 1.7x at batch 1 compiled, DeiT-S >= 2.0x at batch 8 eager.
+TINY, SMALL = "deit_tiny_patch16_224", "deit_small_patch16_224"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One deployment to plan for: a timm ``model`` (random weights) timed at ``batch`` in ``runtime``
+    on ``threads`` CPU threads, for a ``target`` speedup over the dense model."""
+
+    model: str
+    batch: int
+    runtime: str
+    threads: int
+    target: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.split('_')[0]}_{self.model.split('_')[1][0]}-b{self.batch}-{self.runtime.replace(' ', '-')}-t{self.threads}"
+
+
+SETTINGS = (
+    Setting(TINY, 1, "compile", 1, 1.7),
+    Setting(TINY, 1, "compile", 2, 1.7),
+    Setting(SMALL, 1, "compile", 1, 1.9),
+    Setting(SMALL, 1, "compile", 2, 1.9),
+    Setting(SMALL, 8, "eager", 2, 2.0),
+)
+
+
+def _summary(p: Point | None) -> dict | None:
+    if p is None:
+        return None
+    return {"configuration": p.key, "flops_ratio": p.flops_ratio, "speedup": p.speedup, "speedup_iqr": p.speedup_iqr,
+            "repeats": p.repeats, **{k: p.fidelity[k] for k in ("agreement", "kl", "top1", "cosine") if k in p.fidelity}}  # fmt: skip
+
+
+def compare(result: Plan) -> dict:
+    """What a row reports of a plan: ``chosen`` (or ``fastest`` where the target is out of reach),
+    ``recipe`` and ``tome`` (the references), and ``planned_at_recipe_speed``: the most faithful
+    planned point (not a reference) measured at least as fast as the recipe."""
+    references = {result.point(k).candidate.label: result.point(k) for k in result.references}
+    fixed = references.get("recipe")
+    timed = [p for p in result.points if p.speedup is not None and p.key not in result.references and p.candidate.method == "cait"]
+    faster = [p for p in timed if fixed is not None and fixed.speedup is not None and p.speedup >= fixed.speedup]
+    return {
+        "reachable": result.reachable,
+        "chosen": _summary(result.point(result.chosen) if result.chosen else None),
+        "fastest": _summary(result.point(result.fastest) if result.fastest else None),
+        "recipe": _summary(fixed),
+        "tome": _summary(references.get("ToMe")),
+        "planned_at_recipe_speed": _summary(max(faster, key=lambda p: (p.rank(), p.speedup), default=None)),
+        "dense_ms": 1e3 * result.dense_latency_s,
+        "spent_s": result.spent_s,
+    }
+
+
+def run(settings=SETTINGS, budget_s: float = 300.0, folder: str | None = None, calibration: int = 32, progress=None) -> list[dict]:
+    """Plan every setting (``budget_s`` seconds each, no timing cache: everything timed afresh) and
+    return one row per setting (:func:`compare` plus the setting). ``folder``: also write each plan's
+    JSON and plot there, named by :attr:`Setting.name`. ``progress``: advanced once per setting."""
+    import timm
+
+    threads = torch.get_num_threads()
+    rows = []
+    try:
+        for s in settings:
+            torch.set_num_threads(s.threads)
+            torch.manual_seed(0)
+            model = timm.create_model(s.model, pretrained=False).eval()
+            images = torch.randn(calibration, *default_input_size(model), generator=torch.Generator().manual_seed(0))
+            result = plan(model, images, Speedup(s.target), runtime=s.runtime, batch=s.batch, device="cpu", budget_s=budget_s,
+                          cache=None, progress=False)  # fmt: skip
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                result.save(os.path.join(folder, f"{s.name}.json"))
+                result.plot(os.path.join(folder, f"{s.name}.png"))
+            rows.append({**asdict(s), "name": s.name, **compare(result)})
+            if progress is not None:
+                progress.update(1)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _cell(p: dict | None, metric: str = "agreement") -> str:
+    if p is None or p.get("speedup") is None:
+        return "-"
+    iqr = p.get("speedup_iqr")
+    spread = f" [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr else ""
+    return f"{p['speedup']:.2f}x{spread} at {p['flops_ratio']:.2f}, {100 * p[metric]:.1f}%"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per setting the target, the choice and the references (speedup [interquartile range]
+    at FLOPs ratio, top-1 agreement with dense)."""
+    lines = [
+        "| model | batch, runtime, threads | target | planned choice | fixed recipe | ToMe | planned, at recipe speed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        choice = _cell(r["chosen"]) if r["reachable"] else f"out of reach; fastest {_cell(r['fastest'])}"
+        name = r["chosen"]["configuration"] if r["reachable"] else r["fastest"]["configuration"] if r["fastest"] else ""
+        lines.append(f"| {r['model']} | {r['batch']}, {r['runtime']}, {r['threads']} | {r['target']:g}x | {choice} ({name}) | "
+                     f"{_cell(r['recipe'])} | {_cell(r['tome'])} | {_cell(r['planned_at_recipe_speed'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _top1(model, x, y) -> float:
+    return (fidelity.outputs(model, x, features=False).argmax(-1) == y).float().mean().item()
+
+
+def digits(seeds=(0, 1, 2), epochs: int = 40, finetune_epochs: int = 15, budget_s: float = 120.0, batch: int = 64,
+           calibration: int = 256, progress=None) -> list[dict]:  # fmt: skip
+    """Planned against the fixed recipe at equal measured speed on the digits ViT, per seed.
+
+    The dense model is trained on the seed's training split (:func:`cait.benchmarks.accuracy.train_dense`);
+    the recipe's speedup at ``batch`` (eager, this machine) is measured first and becomes the plan's
+    target; the plan measures fidelity (agreement with dense, no labels) on the first ``calibration``
+    training images and times the recipe in its own run. The planned configuration compared is the
+    most faithful one measured at least as fast as the recipe in that run (``planned_at_recipe_speed``
+    of :func:`compare`: equal speed by measurement, not by the target). Both are scored on the test
+    split one-shot and after ``finetune_epochs`` of the accuracy benchmark's fine-tuning (gates,
+    distillation). Returns one dict per seed: :func:`compare`'s fields and the top-1 values."""
+    rows = []
+    for seed in seeds:
+        train_x, train_y, test_x, test_y = accuracy.digits(seed)
+        dense = accuracy.train_dense(accuracy.small_vit(seed), train_x, train_y, epochs, seed, progress)
+        fixed = solved(recipe(), dense)
+        images = train_x[:batch]
+        runners = {k: prepare(m, images, "eager", {})[0] for k, m in (("dense", dense), ("recipe", fixed.build(dense)))}
+        measured = time_interleaved(runners, images, 20, progress=False)
+        needed = statistics.median(measured["dense"]) / statistics.median(measured["recipe"])
+        result = plan(dense, train_x[:calibration], Speedup(needed), batch=batch, budget_s=budget_s, candidates=generate(dense, align=1),
+                      cache=None, progress=False)  # fmt: skip
+        row = {"seed": seed, "target": needed, **compare(result)}
+        match = row["planned_at_recipe_speed"]
+        planned = result.point(match["configuration"]).candidate if match else None
+        for name, c in (("recipe", fixed), ("planned", planned)):
+            if c is None:
+                continue
+            row[f"{name}_one_shot_top1"] = _top1(c.build(dense), test_x, test_y)
+            tuned = accuracy.fine_tune(dense, train_x, train_y, finetune_epochs, seed, progress, merge=c.atme(), prune=c.cdcp())
+            row[f"{name}_fine_tuned_top1"] = _top1(tuned, test_x, test_y)
+        row["dense_top1"] = _top1(dense, test_x, test_y)
+        rows.append(row)
+    return rows
+
+
+def digits_table(rows: list[dict]) -> str:
+    """Markdown: per seed, the planned and the recipe configuration's speedup and test top-1."""
+    lines = ["| seed | dense top-1 | configuration | speedup | one-shot top-1 | fine-tuned top-1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, p in (("recipe", r["recipe"]), ("planned", r["planned_at_recipe_speed"])):
+            if p is None or f"{name}_one_shot_top1" not in r:
+                lines.append(f"| {r['seed']} | | {name}: none measured at the recipe's speed | | | |")
+                continue
+            lines.append(f"| {r['seed']} | {100 * r['dense_top1']:.1f}% | {name}: {p['configuration']} | {p['speedup']:.2f}x | "
+                         f"{100 * r[f'{name}_one_shot_top1']:.1f}% | {100 * r[f'{name}_fine_tuned_top1']:.1f}% |")  # fmt: skip
+    return "\n".join(lines)

@@ -383,6 +383,9 @@ def test_the_plan_benchmark_plans_a_setting_and_writes_its_plan(tmp_path):
         (["--models", "vit_base_patch16_224"], "names none of them"),
         (["--budget", "0"], "--budget must be positive"),
         (["--accuracy", "--models", "deit_tiny_patch16_224"], "drop --models"),
+        (["--segmentation", "--models", "deit_tiny_patch16_224"], "drop --models"),
+        (["--segmentation", "--accuracy"], "not both"),
+        (["--segmentation", "--seeds", "0"], "--seeds, --epochs and --finetune-epochs must be at least 1"),
     ],
 )
 def test_bench_plan_refuses_what_it_would_not_use(extra, message, capsys):
@@ -409,3 +412,51 @@ def test_the_digits_comparison_scores_the_recipe_and_the_plan_at_its_speed(monke
     if row["planned_at_recipe_speed"] is not None:
         assert row["planned_at_recipe_speed"]["speedup"] >= row["recipe"]["speedup"] and "planned_fine_tuned_top1" in row
     assert "recipe:" in benchmark.digits_table([row])
+
+
+def test_a_segmentation_model_is_planned_on_its_masks(images, tmp_path):
+    """A Segmenter plans on its backbone; fidelity is the pixel agreement of the predicted masks and,
+    with masks given, the mIoU; both recomputed here from the rebuilt model's logits."""
+    from cait import segmentation
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("deit_tiny_patch16_224", img_size=128, depth=4).eval()
+    dense = segmentation.segmenter(backbone, 5).eval()
+    masks = torch.randint(0, 5, (len(images), 128, 128), generator=torch.Generator().manual_seed(2))
+    masks[:, :4] = segmentation.IGNORE
+    machine = FakeMachine(dense)
+    pool = generate(dense, prune_levels=(None, (0.5, 0.75, 0.75)), merge_levels=(1.0, 0.7, 0.5), forms=(("constant", 0.0, 2),))
+    plan = cait.plan(dense, images, Speedup(1.3), labels=masks, budget_s=1.0, candidates=pool, timer=machine.timer,
+                     clock=machine.clock, progress=False)  # fmt: skip
+    assert plan.model == "Segmenter(deit_tiny_patch16_224)" and plan.reachable
+    plan.save(tmp_path / "plan.json")
+    fast = Plan.load(tmp_path / "plan.json").compress(dense)
+    assert isinstance(fast, segmentation.Segmenter) and fast.head is not dense.head and fast.backbone.origin["target"].startswith("1.3x")
+    point = plan.point(plan.chosen)
+    with torch.no_grad():
+        logits, reference = fast(images), dense(images)
+    assert point.fidelity["agreement"] == pytest.approx((logits.argmax(1) == reference.argmax(1)).float().mean().item(), abs=1e-7)
+    assert point.fidelity["miou"] == point.fidelity["score"] == pytest.approx(
+        segmentation.scores(segmentation.confusion(logits, masks, 5))["miou"], abs=1e-12
+    )
+    assert cait.flops(fast) / cait.flops(dense) == pytest.approx(point.flops_ratio)
+    with pytest.raises(ValueError, match="masks"):
+        cait.plan(dense, images, Speedup(1.3), labels=torch.zeros(len(images), dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="not a compressed one"):
+        cait.plan(fast, images, Speedup(1.3), progress=False)
+
+
+def test_the_segmentation_comparison_fine_tunes_the_planned_choice(monkeypatch, tmp_path):
+    """A short run on a few canvases: the row has dense's and (when the plan reached its target) the
+    planned model's test mIoU and measured speedup, and the trained models land in the run folder."""
+    from cait.benchmarks import segmentation as bench
+    from cait.planner import benchmark
+
+    canvases, validation = bench.canvases, bench.validation
+    monkeypatch.setattr(bench, "canvases", lambda seed: tuple(t[:n] for t, n in zip(canvases(seed), (128, 128, 64, 64))))
+    monkeypatch.setattr(bench, "validation", lambda seed: tuple(t[:64] for t in validation(seed)))
+    (row,) = benchmark.segmentation(seeds=(0,), epochs=1, finetune_epochs=1, target=1.05, budget_s=6, folder=str(tmp_path), repeats=2)
+    assert 0 <= row["dense_miou"] <= 1 and (tmp_path / "seed0").is_dir()
+    if row["reachable"]:
+        assert 0 <= row["planned_miou"] <= 1 and row["planned_speedup"] > 0 and "miou" in row["chosen"]
+    assert "dense mIoU" in benchmark.segmentation_table([row])

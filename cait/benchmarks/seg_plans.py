@@ -105,7 +105,7 @@ def tune(store, targets, seed: int = 0, epochs: int = 30, finetune_epochs: int =
     val_x, val_y = bench.validation(seed)
     val = list(zip(val_x.split(bench.BATCH), val_y.split(bench.BATCH)))
     dense = bench.trained_dense(seed, store, train_x, train_y, epochs, progress)
-    teacher, warmup = teacher_of(dense), max(1, finetune_epochs * (len(train_y) // bench.BATCH) // 3)
+    teacher, warmup = teacher_of(dense), bench.warmup_steps(finetune_epochs, len(train_y))
     base = flops(dense)
     candidates = [("CAIT", target, plan) for target in targets for plan in plans()]
     candidates += [("ALGM-style", target, share) for target in targets for share in ALGM_SHARES]

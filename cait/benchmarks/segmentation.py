@@ -134,6 +134,17 @@ def fine_tune(student: Student, teacher, x, y, epochs: int, seed: int, progress=
     return student.materialize().eval()
 
 
+def fine_tune_alike(dense, student: Student, x, y, epochs: int, seed: int, progress=None):
+    """``student`` (built from the trained ``dense``) fine-tuned as every method of this benchmark:
+    :func:`fine_tune` with ``dense`` as the teacher. Returns the materialized model in eval mode."""
+    return fine_tune(student, teacher_of(dense), x, y, epochs, seed, progress)
+
+
+def warmup_steps(epochs: int, images: int) -> int:
+    """Steps over which the CDCP gates anneal: the first third of the fine-tuning."""
+    return max(1, epochs * (images // BATCH) // 3)
+
+
 def methods() -> list[tuple[str, str, float | None]]:
     """``(name, method, target)`` of every model of a run, in table order (``target`` None: dense, and
     the earlier plan, whose ratio is its own)."""
@@ -171,7 +182,7 @@ def train_seed(seed: int, store: RunFolder, epochs: int = EPOCHS, finetune_epoch
     train_x, train_y, test_x, test_y = canvases(seed)
     test = list(zip(test_x.split(BATCH), test_y.split(BATCH)))
     dense = trained_dense(seed, store, train_x, train_y, epochs, progress)
-    teacher, warmup = teacher_of(dense), max(1, finetune_epochs * (len(train_y) // BATCH) // 3)
+    teacher, warmup = teacher_of(dense), warmup_steps(finetune_epochs, len(train_y))
     base = flops(dense)
     for name, method, target in methods():
         steps = finetune_epochs if fine_tuned(method) else 0

@@ -128,9 +128,13 @@ def add_parser(commands) -> None:
         "at batch 1 compiled on 1 and 2 threads and DeiT-S for 2.0x at batch 8 eager, the recipe and ToMe timed in the "
         "same run (--models keeps the settings of those models; --budget seconds per plan; plans and plots go to --work, "
         "default bench/runs/plans; about 30 minutes on 2 cores). With --accuracy: on the digits ViTs, the plan for the "
-        "recipe's own speedup against the recipe, test top-1 one-shot and fine-tuned over --seeds",
+        "recipe's own speedup against the recipe, test top-1 one-shot and fine-tuned over --seeds. With --segmentation: on "
+        "the segmentation benchmark's trained models (shared through --work), a plan for 1.5x with validation mIoU as "
+        "fidelity, its choice fine-tuned like every method there, test mIoU against dense over --seeds",
     )
-    b.add_argument("--budget", type=float, metavar="S", help="--plan: seconds each plan may take (default: 300; with --accuracy 120)")
+    b.add_argument(
+        "--budget", type=float, metavar="S", help="--plan: seconds each plan may take (default: 300; with --accuracy/--segmentation 120)"
+    )
     b.add_argument(
         "--weights", metavar="DIR", help="--rope-rule: keep the trained dense models in DIR and reuse them on the next run"
     )
@@ -157,7 +161,8 @@ def add_parser(commands) -> None:
         "--work",
         metavar="DIR",
         help="--curve/--segmentation/--tune: keep trained models here (default bench/runs/<benchmark>): a stopped run "
-        "resumes, --time-only re-times them",
+        "resumes, --time-only re-times them; --plan: where the plans go (default bench/runs/plans; --segmentation: the "
+        "segmentation benchmark's folder)",
     )
     b.add_argument(
         "--time-only",
@@ -283,13 +288,15 @@ def bench_plan(args) -> None:
     from cait.benchmarks.latency import machine
     from cait.planner import benchmark
 
-    if any((args.all, args.kernels, args.segmentation, args.curve, args.rope_rule, args.tune, args.time_only, args.plot, args.picture,
+    if args.accuracy and args.segmentation:
+        raise ValueError("--plan takes --accuracy (the digits ViTs) or --segmentation (the digit canvases), not both")
+    if any((args.all, args.kernels, args.curve, args.rope_rule, args.tune, args.time_only, args.plot, args.picture,
             args.variant, args.checkpoint, args.dtype, args.weights)):
         raise ValueError("--plan runs on its own (CPU, fp32, random weights or the digits ViTs): drop the other mode flags")
     if args.batch or args.runtime or args.compile or args.threads or args.img_size or args.device == "cuda" or args.cuda_graph:
         raise ValueError("--plan times the settings of cait.planner.benchmark.SETTINGS on the CPU: drop --batch/--runtime/--threads/"
                          "--img-size/--device/--cuda-graph (--models keeps the settings of those models)")  # fmt: skip
-    budget = args.budget if args.budget is not None else 120.0 if args.accuracy else 300.0
+    budget = args.budget if args.budget is not None else 120.0 if args.accuracy or args.segmentation else 300.0
     if not math.isfinite(budget) or budget <= 0:
         raise ValueError(f"--budget must be positive, finite seconds, got {args.budget}")
     info = machine()
@@ -302,6 +309,20 @@ def bench_plan(args) -> None:
         print(benchmark.digits_table(rows))
         print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
         settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs, "budget_s": budget}
+        return write_json(args.out, {"machine": info, "settings": settings, "rows": rows})
+    if args.segmentation:
+        from cait.benchmarks import segmentation
+
+        if args.models:
+            raise ValueError("--plan --segmentation plans the segmentation benchmark's ViTs: drop --models")
+        seeds, epochs, finetune_epochs = _training_settings(args, segmentation.EPOCHS, segmentation.FINETUNE_EPOCHS)
+        work = args.work or os.path.join("bench", "runs", "segmentation")
+        with tqdm(total=len(seeds) * (epochs + 2 * finetune_epochs), desc="training, planning, fine-tuning") as bar:
+            rows = benchmark.segmentation(seeds, epochs, finetune_epochs, budget_s=budget, folder=work, progress=bar)
+        print(benchmark.segmentation_table(rows))
+        print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+        settings = {"seeds": seeds, "epochs": epochs, "finetune_epochs": finetune_epochs, "budget_s": budget,
+                    "target": benchmark.SEGMENTATION_TARGET}  # fmt: skip
         return write_json(args.out, {"machine": info, "settings": settings, "rows": rows})
     settings = [s for s in benchmark.SETTINGS if not args.models or s.model in args.models]
     if not settings:

@@ -61,10 +61,16 @@ class Candidate:
         return CDCP(*self.prune, align=self.align) if self.prune else None
 
     def build(self, model: nn.Module) -> nn.Module:
-        """The compressed copy of the timm ``model`` (left untouched) this candidate describes."""
+        """The compressed copy of the timm ``model`` (left untouched) this candidate describes; for a
+        :class:`cait.segmentation.Segmenter`, a segmenter on the compressed backbone with a copy of its head."""
+        import copy
+
         from ..baselines import compress_baseline
         from ..model import compress
+        from ..segmentation import Segmenter
 
+        if isinstance(model, Segmenter):
+            return Segmenter(self.build(model.backbone), copy.deepcopy(model.head)).train(model.training)
         if self.method == "tome":
             return compress_baseline(model, "tome", self.merge_flops)
         return compress(model, merge=self.atme(), prune=self.cdcp())
@@ -81,13 +87,15 @@ class Candidate:
 
 
 def generate(model: nn.Module, prune_levels=PRUNE_LEVELS, merge_levels=MERGE_LEVELS, forms=FORMS, align: int = ALIGN) -> list[Candidate]:
-    """Every (pruning, merge target, schedule form) combination that ``model`` (a timm ViT) can run,
+    """Every (pruning, merge target, schedule form) combination that ``model`` (a timm ViT, or a
+    segmentation model's backbone) can run,
     without duplicates: merge targets below what a form can reach on the model's grid are skipped, as
     are keep ratios that ``align`` rounds to all (or none) of a narrow model's channels.
     Schedules are solved on the pruned model's cost model, as ``ATME(flops=...)`` does."""
     from ..model import compress
+    from .result import trunk
 
-    out: dict[str, Candidate] = {}
+    model, out = trunk(model), {}
     for prune in prune_levels:
         try:
             pruned = compress(model, prune=CDCP(*prune, align=align) if prune else None)
@@ -119,9 +127,10 @@ def solved(candidate: Candidate, model: nn.Module) -> Candidate:
     from dataclasses import replace
 
     from ..model import compress
+    from .result import trunk
 
     if candidate.method == "tome" or candidate.merge_flops >= 1 or candidate.schedule:
         return candidate
-    pruned = compress(model, prune=candidate.cdcp())
+    pruned = compress(trunk(model), prune=candidate.cdcp())
     start = candidate.start
     return replace(candidate, schedule=solve(cost_model(pruned), candidate.merge_flops, candidate.block, candidate.shape, start))

@@ -14,14 +14,31 @@ from .targets import FlopsRatio, Target, target_from_json, target_to_json
 FORMAT = 1  # version of the plan file
 
 
+def trunk(model: nn.Module) -> nn.Module:
+    """The timm ViT a plan compresses: a segmentation model's backbone, else the model itself."""
+    from ..segmentation import Segmenter
+
+    return model.backbone if isinstance(model, Segmenter) else model
+
+
+def name_of(model: nn.Module) -> str:
+    """What a plan calls the model: timm's architecture name (a segmentation model: ``Segmenter(<name>)``)."""
+    inner = trunk(model)
+    name = (getattr(inner, "pretrained_cfg", None) or {}).get("architecture") or type(inner).__name__
+    return name if inner is model else f"{type(model).__name__}({name})"
+
+
 def fingerprint(model: nn.Module) -> str:
     """A short hash of a timm model's architecture settings (depth, widths, heads, ...; not its
-    classifier size or input size, which a plan checks apart)."""
+    classifier size or input size, which a plan checks apart); a segmentation model's also covers
+    its decode head."""
     import hashlib
 
     from ..architecture import record
 
-    settings = {k: v for k, v in record(model)["kwargs"].items() if k not in ("num_classes", "img_size")}
+    settings = {k: v for k, v in record(trunk(model))["kwargs"].items() if k not in ("num_classes", "img_size")}
+    if trunk(model) is not model:
+        settings["head"] = repr(model.head)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -82,7 +99,7 @@ class Plan:
     batch: int
     device: str
     dtype: str
-    model: str  # timm name or class
+    model: str  # timm name or class (name_of)
     input_size: tuple[int, int, int]
     machine: dict
     dense_latency_s: float
@@ -125,7 +142,7 @@ class Plan:
         size = tuple(default_input_size(model))
         if size != tuple(self.input_size):
             raise ValueError(f"this plan was made for {self.model} on {tuple(self.input_size)} inputs; the model takes {size}")
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        name = name_of(model)
         if name != self.model:
             raise ValueError(f"this plan was made for {self.model}, not {name}")
         if self.architecture and fingerprint(model) != self.architecture:
@@ -137,7 +154,7 @@ class Plan:
         candidate = self.candidate
         self.check(model)
         fast = candidate.build(model)
-        fast.origin = self.origin()
+        trunk(fast).origin = self.origin()
         return fast
 
     def origin(self, path: str | os.PathLike | None = None) -> dict:

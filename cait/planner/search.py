@@ -22,7 +22,7 @@ from ..benchmarks.latency import RUNTIMES, machine, prepare, time_interleaved
 from ..cost import default_input_size, flops
 from . import fidelity
 from .candidates import Candidate, generate, recipe, solved
-from .result import Plan, Point, fingerprint
+from .result import Plan, Point, fingerprint, name_of, trunk
 from .targets import FlopsRatio, Latency, Speedup
 
 DENSE = "dense"
@@ -42,9 +42,9 @@ def _check(model, images, target, runtime, batch, labels, budget_s, repeats, can
     from ..model import CompressedViT
     from ..support import check_supported
 
-    if isinstance(model, CompressedViT):
+    if isinstance(trunk(model), CompressedViT):
         raise ValueError("plan takes the dense timm model, not a compressed one (plan from the model it came from)")
-    check_supported(model)
+    check_supported(trunk(model))
     if not isinstance(target, (Speedup, Latency, FlopsRatio)):
         raise TypeError(f"target must be cait.planner.Speedup, Latency or FlopsRatio, got {type(target).__name__}")
     if runtime not in RUNTIMES:
@@ -55,8 +55,11 @@ def _check(model, images, target, runtime, batch, labels, budget_s, repeats, can
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != size or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be calibration images (B >= 1, {size[0]}, {size[1]}, {size[2]}) for this model, got {shape}")
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(images),)):
-        raise ValueError(f"labels must be a tensor of {len(images)} class indices (one per image), got {getattr(labels, 'shape', labels)}")
+    kind = fidelity.kind_of(model)
+    shape = (len(images), *images.shape[2:]) if kind == "segmenter" else (len(images),)
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != shape):
+        what = f"masks {shape} (a class per pixel)" if kind == "segmenter" else f"{len(images)} class indices (one per image)"
+        raise ValueError(f"labels must be a tensor of {what}, got {getattr(labels, 'shape', labels)}")
     if not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
         raise ValueError(f"budget_s must be positive, finite seconds, got {budget_s!r}")
     if candidates is not None and (
@@ -67,8 +70,8 @@ def _check(model, images, target, runtime, batch, labels, budget_s, repeats, can
     for c in candidates or ():
         if seen.setdefault(c.key, c) != c:
             raise ValueError(f"two candidates share the name {c.key!r} but differ: give them different merge_flops, shape or start")
-    if labels is not None and (labels.dtype.is_floating_point or getattr(model, "num_classes", 0) == 0):
-        raise ValueError("labels must be integer class indices, for a classifier (a backbone has no classes)")
+    if labels is not None and (labels.dtype.is_floating_point or kind == "backbone"):
+        raise ValueError("labels must be integer class indices, for a classifier or a segmentation model (a backbone has no classes)")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
 
@@ -177,7 +180,10 @@ def plan(
     size = tuple(default_input_size(dense))
     timing_images = torch.randn(batch, *size, device=device, dtype=weight.dtype)
     calibration = images.to(device=device, dtype=weight.dtype)
-    context = dict(record(dense)["kwargs"], runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype), **machine())
+    kind = fidelity.kind_of(dense)
+    context = dict(record(trunk(dense))["kwargs"], runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype), **machine())
+    if kind == "segmenter":
+        context["head"] = repr(dense.head)
     store = _Cache(cache, context)
     bar = tqdm(total=round(budget_s), unit="s", desc="planning", disable=not progress, leave=False)
 
@@ -215,7 +221,7 @@ def plan(
         tick("dense timed")
 
         # Fidelity of the candidates nearest the target, within FIDELITY_SHARE of the budget.
-        reference_out = fidelity.outputs(_uncompressed(dense), calibration, features=_features(dense))
+        reference_out = fidelity.outputs(_uncompressed(dense), calibration, kind)
         pool = candidates if candidates is not None else generate(dense)
         dense_flops = flops(dense)
         points: dict[str, Point] = {}
@@ -317,10 +323,9 @@ def plan(
             time_rung(reference_keys, max(repeats, max((points[k].repeats for k in points if k in seconds), default=repeats)))
             update(reference_keys)
     bar.close()
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     return Plan(
         target=target, runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype).removeprefix("torch."),
-        model=name, input_size=size, machine=machine(), dense_latency_s=dense_latency_now(), dense_gflops=dense_flops / 1e9,
+        model=name_of(model), input_size=size, machine=machine(), dense_latency_s=dense_latency_now(), dense_gflops=dense_flops / 1e9,
         points=list(points.values()), chosen=chosen.key if chosen else None, fastest=fastest.key if fastest else None,
         references=reference_keys, spent_s=clock() - start, budget_s=float(budget_s), considered=len(pool), architecture=fingerprint(dense),
     )  # fmt: skip
@@ -341,15 +346,10 @@ def _spread(dense: list[float], own: list[float]) -> tuple[float, float] | None:
     return quartiles[0], quartiles[2]
 
 
-def _features(model: nn.Module) -> bool:
-    """Whether fidelity compares features (a backbone without classifier) rather than logits."""
-    return getattr(model, "num_classes", 0) == 0
-
-
 def _uncompressed(model: nn.Module) -> nn.Module:
     from ..model import compress
 
-    return compress(model) if _features(model) else model  # forward_dense comes with the compressed model
+    return compress(model) if fidelity.kind_of(model) == "backbone" else model  # forward_dense comes with the compressed model
 
 
 def _predicted_flops(candidate: Candidate, model: nn.Module) -> float:
@@ -365,9 +365,11 @@ def _predicted_flops(candidate: Candidate, model: nn.Module) -> float:
 
 def _evaluate(c: Candidate, dense: nn.Module, images, reference_out, dense_flops: int, labels) -> Point:
     fast = c.build(dense)
-    out = fidelity.outputs(fast, images, features=_features(dense))
+    kind = fidelity.kind_of(dense)
+    out = fidelity.outputs(fast, images, kind)
     count = flops(fast)
-    return Point(c, count / dense_flops, count / 1e9, fidelity.measure(reference_out, out, _features(dense), labels))
+    classes = dense.num_classes if kind == "segmenter" else 0
+    return Point(c, count / dense_flops, count / 1e9, fidelity.measure(reference_out, out, kind, labels, classes))
 
 
 def _undominated(points: list[Point]) -> list[Point]:

@@ -13,7 +13,14 @@ def confusion(logits: torch.Tensor, labels: torch.Tensor, classes: int) -> torch
     ``labels (B, H, W)`` (``IGNORE`` pixels are left out)."""
     if logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match (B, K, H, W) / (B, H, W)")
-    predicted, labels = logits.argmax(1).flatten(), labels.flatten().long()
+    return mask_confusion(logits.argmax(1), labels, classes)
+
+
+def mask_confusion(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """:func:`confusion` of predicted masks ``(B, H, W)`` (class indices) against ``labels (B, H, W)``."""
+    if predicted.shape != labels.shape:
+        raise ValueError(f"predicted masks {tuple(predicted.shape)} and labels {tuple(labels.shape)} differ in shape")
+    predicted, labels = predicted.flatten(), labels.flatten().long()
     valid = labels != IGNORE
     if bool(((labels < 0) | (labels >= classes))[valid].any()):
         raise ValueError(f"labels must be class indices in [0, {classes}) or {IGNORE} (ignored)")

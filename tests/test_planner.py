@@ -460,3 +460,26 @@ def test_the_segmentation_comparison_fine_tunes_the_planned_choice(monkeypatch, 
     if row["reachable"]:
         assert 0 <= row["planned_miou"] <= 1 and row["planned_speedup"] > 0 and "miou" in row["chosen"]
     assert "dense mIoU" in benchmark.segmentation_table([row])
+
+
+def test_another_measured_point_can_be_built_from_a_plan(tiny, images, planned, tmp_path, capsys):
+    plan, _ = planned
+    other = next(p for p in plan.points if p.speedup is not None and p.key != plan.chosen and p.candidate.method == "cait")
+    fast = plan.compress(tiny, point=other.key)
+    with torch.no_grad():
+        assert torch.equal(fast(images), other.candidate.build(tiny)(images))
+    assert fast.origin["point (not the plan's choice)"].startswith(other.key) and "chosen" not in fast.origin
+    with pytest.raises(ValueError, match="has no point 'merge=0.123'.*Pareto front: "):
+        plan.compress(tiny, point="merge=0.123")
+    tome = next(k for k in plan.references if plan.point(k).candidate.method == "tome")
+    with pytest.raises(ValueError, match="ToMe reference"):
+        plan.compress(tiny, point=tome)
+    unreachable = made_plan(Speedup(50), chosen=False)  # its fastest point can still be built by name
+    unreachable.save(tmp_path / "plan.json")
+    out = tmp_path / "m.safetensors"
+    point = unreachable.fastest
+    args = ["compress", "--plan", str(tmp_path / "plan.json"), "--out", str(out)]
+    assert cli([*args, "--plan-point", point]) == 0
+    assert cait.load(out).origin["point (not the plan's choice)"].startswith(point)
+    assert cli(["compress", "--model", "deit_tiny_patch16_224", "--merge-flops", "0.8", "--plan-point", point, "--out", str(out)]) == 2
+    assert "it needs --plan FILE" in capsys.readouterr().err

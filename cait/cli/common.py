@@ -86,6 +86,12 @@ def add_compression_arguments(p: argparse.ArgumentParser) -> None:
         help="the configuration a `cait plan` file chose (instead of the merge and keep flags; --model and --img-size "
         "default to the plan's)",
     )
+    p.add_argument(
+        "--plan-point",
+        metavar="KEY",
+        help="with --plan: another measured configuration of the plan instead of its choice, by its name in the plan's table "
+        "(e.g. a faster or more faithful point of its Pareto front)",
+    )
 
 
 def load_images(folder: str, model, count: int):
@@ -195,6 +201,8 @@ def check_compression(args) -> None:
 
     if getattr(args, "plan", None):
         _check_plan(args)
+    elif getattr(args, "plan_point", None):
+        raise ValueError("--plan-point names a configuration of a plan: it needs --plan FILE")
     importance = args.importance or ("activation" if args.calibration else "weight")
     if importance == "activation" and not args.calibration:
         raise ValueError("--importance activation needs --calibration DIR")
@@ -225,7 +233,7 @@ def _check_plan(args) -> None:
     if given:
         raise ValueError(f"--plan fixes the configuration it measured: drop {', '.join(given)}")
     plan = Plan.load(args.plan)
-    plan.candidate  # noqa: B018  (refuses a plan whose target was out of reach, with what it found)
+    plan.candidate_at(args.plan_point)  # refuses a plan whose target was out of reach (with what it found), or an unknown point
     if args.model is None:
         args.model = plan.model
     elif args.model != plan.model:
@@ -248,7 +256,8 @@ def compression(args, model, calibration_folder: str | None):
 
         plan = Plan.load(args.plan)
         plan.check(model)
-        return plan.candidate.atme(), plan.candidate.cdcp()
+        candidate = plan.candidate_at(args.plan_point)
+        return candidate.atme(), candidate.cdcp()
     prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
     importance = args.importance or ("activation" if args.calibration else "weight")
     merge = None

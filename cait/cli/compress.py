@@ -53,7 +53,7 @@ def run(args) -> None:
     merge, prune = compression(args, model, args.calibration)
     fast = cait.compress(model, merge=merge, prune=prune, dynamic_img_size=args.dynamic_img_size)
     if args.plan:
-        fast.origin = cait.Plan.load(args.plan).origin(args.plan)
+        fast.origin = cait.Plan.load(args.plan).origin(args.plan, point=args.plan_point)
     cait.save(fast, args.out)
     print(f"wrote {args.out}\n")
     describe(fast, dense=model)

@@ -146,7 +146,8 @@ def run(args) -> None:
         path = os.path.join(args.out, "model.safetensors")
         trained = student.materialize()
         if args.plan:
-            getattr(trained, "backbone", trained).origin = cait.Plan.load(args.plan).origin(args.plan) | {"fine-tuned": args.out}
+            origin = cait.Plan.load(args.plan).origin(args.plan, point=args.plan_point)
+            getattr(trained, "backbone", trained).origin = origin | {"fine-tuned": args.out}
         cait.save(trained, path)
         print(f"wrote {path}\n")
         describe(getattr(student.model, "backbone", student.model), dense=getattr(model, "backbone", model))

@@ -135,6 +135,21 @@ class Plan:
             raise ValueError(f"this plan found nothing that reaches {self.target}: {self.summary()}")
         return self.point(self.chosen).candidate
 
+    def candidate_at(self, point: str | None = None) -> Candidate:
+        """The configuration of the measured CAIT ``point`` (a key of :attr:`points`, e.g. another
+        point of :attr:`front`), or the chosen one when None. ``ValueError`` for a key the plan does
+        not hold (the front's keys listed), a ToMe reference, or (None) an out-of-reach target."""
+        if point is None:
+            return self.candidate
+        try:
+            found = self.point(point)
+        except KeyError:
+            keys = ", ".join(p.key for p in self.front) or "none"
+            raise ValueError(f"this plan has no point {point!r} (its Pareto front: {keys})") from None
+        if found.candidate.method != "cait":
+            raise ValueError(f"{point!r} is the plan's ToMe reference, not a CAIT configuration")
+        return found.candidate
+
     def check(self, model: nn.Module) -> None:
         """``ValueError`` unless the timm ``model`` is the plan's architecture at its input size."""
         from ..cost import default_input_size
@@ -148,29 +163,36 @@ class Plan:
         if self.architecture and fingerprint(model) != self.architecture:
             raise ValueError(f"this plan was made for a {self.model} built with other settings (depth, widths, heads, ...) than this one")
 
-    def compress(self, model: nn.Module) -> nn.Module:
-        """The chosen configuration applied to the timm ``model`` (the plan's architecture and input
-        size, else ``ValueError``): the same model the plan measured, given the same weights."""
-        candidate = self.candidate
+    def compress(self, model: nn.Module, point: str | None = None) -> nn.Module:
+        """The chosen configuration (or the measured ``point``, see :meth:`candidate_at`) applied to
+        the timm ``model`` (the plan's architecture and input size, else ``ValueError``): the same
+        model the plan measured, given the same weights."""
+        candidate = self.candidate_at(point)
         self.check(model)
         fast = candidate.build(model)
-        trunk(fast).origin = self.origin()
+        trunk(fast).origin = self.origin(point=point)
         return fast
 
-    def origin(self, path: str | os.PathLike | None = None) -> dict:
-        """What a model built from this plan records of it (:attr:`cait.CompressedViT.origin`)."""
+    def origin(self, path: str | os.PathLike | None = None, point: str | None = None) -> dict:
+        """What a model built from this plan (its choice, or ``point``) records of it (:attr:`cait.CompressedViT.origin`)."""
         where = self.machine.get("gpu") or self.machine.get("cpu")
         made = {"plan": os.path.abspath(path)} if path else {}
-        return made | {"target": str(self.target), "measured": f"{self.runtime}, batch {self.batch}, {where}", "chosen": self.summary()}
+        made |= {"target": str(self.target), "measured": f"{self.runtime}, batch {self.batch}, {where}"}
+        if point is None:
+            return made | {"chosen": self.summary()}
+        return made | {"point (not the plan's choice)": self.describe(self.point(point))}
+
+    def describe(self, p: Point) -> str:
+        """One line: a point's configuration and what was measured of it."""
+        if p.speedup is None:
+            return f"{p.key}: not timed, {p.flops_ratio:.3f} of the FLOPs, fidelity {p.fidelity['score']:.4f}"
+        return (f"{p.key}: {p.speedup:.2f}x ({1e3 * p.latency_s:.2f} ms per batch of {self.batch}), "
+                f"{p.flops_ratio:.3f} of the FLOPs, fidelity {p.fidelity['score']:.4f}")  # fmt: skip
 
     def summary(self) -> str:
         """One line: what was chosen (or the fastest point where the target is out of reach)."""
         if self.chosen is not None:
-            p = self.point(self.chosen)
-            if p.speedup is None:
-                return f"{p.key}: not timed (the budget ran out), {p.flops_ratio:.3f} of the FLOPs, fidelity {p.fidelity['score']:.4f}"
-            return (f"{p.key}: {p.speedup:.2f}x ({1e3 * p.latency_s:.2f} ms per batch of {self.batch}), "
-                    f"{p.flops_ratio:.3f} of the FLOPs, fidelity {p.fidelity['score']:.4f}")  # fmt: skip
+            return self.describe(self.point(self.chosen))
         if self.fastest is None:
             return "no configuration was timed (raise the budget)"
         p = self.point(self.fastest)

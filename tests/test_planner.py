@@ -483,3 +483,22 @@ def test_another_measured_point_can_be_built_from_a_plan(tiny, images, planned, 
     assert cait.load(out).origin["point (not the plan's choice)"].startswith(point)
     assert cli(["compress", "--model", "deit_tiny_patch16_224", "--merge-flops", "0.8", "--plan-point", point, "--out", str(out)]) == 2
     assert "it needs --plan FILE" in capsys.readouterr().err
+
+
+def test_slow_setups_of_candidates_count_against_the_budget(tiny, images, pool, monkeypatch):
+    """A runtime whose compressed models take far longer to get ready than dense (an ONNX export that
+    grows with the merge steps): the search plans with the slowest setup seen and stays in budget."""
+    from cait.planner import search
+
+    machine = FakeMachine(tiny)
+    real = search.prepare
+
+    def slow_prepare(model, *args):
+        machine.now += 0.02 if model is not None and hasattr(model, "schedule") else 0.001  # 20 ms per candidate, 1 ms for dense
+        return real(model, *args)
+
+    monkeypatch.setattr(search, "prepare", slow_prepare)
+    budget = 0.15
+    plan = cait.plan(tiny, images, Speedup(1.5), budget_s=budget, candidates=pool, timer=machine.timer, clock=machine.clock, progress=False)
+    assert plan.spent_s <= budget
+    assert 0 < sum(p.speedup is not None for p in plan.points) < 8  # at most what the budget affords at 20 ms each

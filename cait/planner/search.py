@@ -234,7 +234,11 @@ def plan(
 
         # Successive halving on the points no other beats on both FLOPs and fidelity.
         frontier = _undominated(list(points.values()))
-        per_candidate = max(setup_s, 1e-3) + (repeats + 1) * dense_latency * 2
+        setups = [max(setup_s, 1e-3)]  # seconds to get a model ready (compile, export): dense's, then every candidate's
+
+        def rung_cost(models: int, reps: int) -> float:
+            """Seconds to time ``models`` candidates and dense at ``reps`` runs after a warm-up (candidates at dense's pace at most)."""
+            return (models + 1) * (reps + 1) * dense_latency_now()
 
         def speedup(key: str) -> float:
             return statistics.median(paired[key] or seconds[DENSE]) / statistics.median(seconds[key])
@@ -272,17 +276,23 @@ def plan(
                 fastest = min((p for p in frontier if p.key not in seconds), key=lambda p: p.flops_ratio, default=None)
                 if fastest is not None:  # first, so the rung's width never cuts it
                     fresh = [fastest, *(p for p in fresh if p is not fastest)]
-            affordable = max(0, int(left / (per_candidate * reps / repeats)) - len(survivors))
-            new = fresh[: min(width, affordable)]
-            if not new and (len(survivors) <= 1 or left < per_candidate * len(survivors) * reps / repeats):
+            count = 0  # new candidates the rest of the budget affords: each one's setup (the slowest seen) and its timing
+            while count < min(width, len(fresh)) and (count + 1) * max(setups) + rung_cost(len(survivors) + count + 1, reps) <= left:
+                count += 1
+            new = fresh[:count]
+            if not new and (len(survivors) <= 1 or left < rung_cost(len(survivors), reps)):
                 break
-            for p in new:
+            for i, p in enumerate(new):
+                if i and budget_s - (clock() - start) < max(setups) + rung_cost(len(survivors) + i + 1, reps):
+                    break  # setups took longer than expected: time the ones ready
+                ready = clock()
                 try:
                     runners[p.key] = prepare(p.candidate.build(dense), timing_images, runtime, exports)[0]
                 except Exception as error:  # a runtime that cannot take this configuration: leave it out, say so
                     print(f"{p.key} [{runtime}] not timed: {type(error).__name__}: {str(error)[:200]}", flush=True)
                     frontier.remove(p)
                     continue
+                setups.append(clock() - ready)
                 seconds[p.key], paired[p.key] = store.get(p.key), store.get(f"{p.key} | dense")
             rung = survivors + [p.key for p in new if p.key in runners]
             if not rung:
@@ -303,7 +313,7 @@ def plan(
         chosen = _choose(points.values(), meets)
 
         reference_keys = []
-        if references and budget_s - (clock() - start) > 2 * per_candidate:
+        if references and budget_s - (clock() - start) > 2 * max(setups) + rung_cost(2, repeats):
             at = chosen or fastest
             refs = [solved(recipe(), dense)] + (
                 [Candidate(method="tome", merge_flops=round(at.flops_ratio, 3), label="ToMe")] if at else []

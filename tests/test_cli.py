@@ -112,6 +112,8 @@ def test_help_explains_every_flag():
     "argv, message",
     [
         (["compress", "--model", "deit_tiny_patch16_224", "--out", "x.safetensors"], "nothing to compress"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "0", "--out", "x.safetensors"], "--merge-r 0 merge nothing"),
+        (["compress", "--model", "deit_tiny_patch16_224", "--merge-flops", "1", "--out", "x.safetensors"], "nothing to compress"),
         (["compress", "--model", "no_such_model", "--merge-r", "2", "--out", "x.safetensors"], "Unknown model"),
         (["compress", "--model", "deit_tiny_patch16_224", "--merge-r", "200", "--out", "x.safetensors"], "at most 147"),
         (

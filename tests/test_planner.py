@@ -385,6 +385,7 @@ def test_the_plan_benchmark_plans_a_setting_and_writes_its_plan(tmp_path):
         (["--accuracy", "--models", "deit_tiny_patch16_224"], "drop --models"),
         (["--segmentation", "--models", "deit_tiny_patch16_224"], "drop --models"),
         (["--segmentation", "--accuracy"], "not both"),
+        (["--threads", "1"], "--threads only with --accuracy/--segmentation"),
         (["--segmentation", "--seeds", "0"], "--seeds, --epochs and --finetune-epochs must be at least 1"),
     ],
 )

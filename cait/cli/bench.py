@@ -293,9 +293,15 @@ def bench_plan(args) -> None:
     if any((args.all, args.kernels, args.curve, args.rope_rule, args.tune, args.time_only, args.plot, args.picture,
             args.variant, args.checkpoint, args.dtype, args.weights)):
         raise ValueError("--plan runs on its own (CPU, fp32, random weights or the digits ViTs): drop the other mode flags")
-    if args.batch or args.runtime or args.compile or args.threads or args.img_size or args.device == "cuda" or args.cuda_graph:
-        raise ValueError("--plan times the settings of cait.planner.benchmark.SETTINGS on the CPU: drop --batch/--runtime/--threads/"
+    if args.batch or args.runtime or args.compile or args.img_size or args.device == "cuda" or args.cuda_graph:
+        raise ValueError("--plan times the settings of cait.planner.benchmark.SETTINGS on the CPU: drop --batch/--runtime/"
                          "--img-size/--device/--cuda-graph (--models keeps the settings of those models)")  # fmt: skip
+    if args.threads and not (args.accuracy or args.segmentation):
+        raise ValueError("--plan times each setting on its own thread count (1 and 2): --threads only with --accuracy/--segmentation")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads[0])
     budget = args.budget if args.budget is not None else 120.0 if args.accuracy or args.segmentation else 300.0
     if not math.isfinite(budget) or budget <= 0:
         raise ValueError(f"--budget must be positive, finite seconds, got {args.budget}")

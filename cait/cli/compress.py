@@ -41,9 +41,12 @@ def run(args) -> None:
     import cait
 
     prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
-    if args.merge_flops is None and args.merge_r is None and not prune_requested and not args.plan:
+    merge_requested = (args.merge_flops is not None and args.merge_flops < 1) or (args.merge_r is not None and any(args.merge_r))
+    if not merge_requested and not prune_requested and not args.plan:
+        given = " (--merge-flops 1 and --merge-r 0 merge nothing)" if args.merge_flops is not None or args.merge_r is not None else ""
         raise ValueError(
-            "nothing to compress: give --merge-flops or --merge-r, and/or --keep-qk/--keep-v/--keep-mlp below 1, or --plan FILE"
+            f"nothing to compress{given}: give --merge-flops below 1 or --merge-r above 0, and/or --keep-qk/--keep-v/--keep-mlp "
+            "below 1, or --plan FILE"
         )
     check_output(args.out, suffix=".safetensors")
     check_compression(args)

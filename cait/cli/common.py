@@ -179,6 +179,41 @@ def build_model(args):
     return model.eval()
 
 
+def is_hf_folder(name: str | None) -> bool:
+    """Whether ``--model`` names a folder (a Hugging Face ``save_pretrained`` folder) rather than a timm name."""
+    return name is not None and os.path.isdir(name)
+
+
+def build_hf_model(args):
+    """The Hugging Face model saved in the folder ``args.model`` (``save_pretrained``: ``config.json`` and
+    weights), in eval mode, as the class its ``config.json`` names (``architectures``)."""
+    folder = args.model
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", getattr(args, "pretrained", False)),
+                                      ("--img-size", args.img_size), ("--num-classes", args.num_classes)) if value]  # fmt: skip
+    if given:
+        raise ValueError(f"--model {folder} is a Hugging Face folder, which holds its weights and settings: drop {', '.join(given)}")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{folder} is a folder without config.json: --model takes a timm name or a Hugging Face save_pretrained folder"
+        )
+    from cait.hf import require_transformers
+
+    transformers = require_transformers(f"--model {folder} (a Hugging Face folder)")
+    try:
+        with open(config_path) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{config_path} is not a readable Hugging Face config: {error}") from error
+    if len(architectures) != 1 or not isinstance(architectures[0], str):
+        raise ValueError(f"{config_path} must name one model class in 'architectures', got {architectures!r}")
+    cls = getattr(transformers, architectures[0], None)
+    if cls is None:
+        raise ValueError(f"{config_path} names {architectures[0]}, which transformers {transformers.__version__} does not have")
+    transformers.utils.logging.disable_progress_bar()  # refusals and results stay one line each on stderr
+    return cls.from_pretrained(folder).eval()
+
+
 def load_checkpoint(model, path: str, name: str) -> None:
     """timm's ``load_checkpoint``, its many-line or empty errors turned into one ValueError line."""
     from timm.models import load_checkpoint as timm_load
@@ -277,8 +312,21 @@ def _align(values: list[int] | None):
 
 
 def describe(fast, dense) -> None:
-    """Print what a compressed model keeps, next to its dense original."""
+    """Print what a compressed model keeps, next to its dense original (for a compressed Hugging Face
+    model: its backbone next to the timm model that computes the HF model's trunk)."""
     import cait
+    from cait.hf import HFCompressed
+
+    if isinstance(fast, HFCompressed):
+        heads = ", ".join(fast.heads) or "none"
+        print(f"hf        Hugging Face {fast.class_name} (heads: {heads}), compressed through timm's VisionTransformer")
+        fast = fast.backbone
+        if dense is not None and type(dense).__module__.startswith("transformers."):
+            dense = cait.hf.to_timm(dense)
+        elif dense is None:
+            from cait import architecture
+
+            dense = architecture.build(fast.architecture(), device=None)
 
     spec = fast.architecture()
     grid = fast.grid

@@ -1,0 +1,487 @@
+"""Hugging Face ``transformers`` vision backbones, compressed through the timm architecture that computes
+the same function.
+
+Each supported class (:data:`SUPPORTED`) is a pre-norm ViT that a timm ``VisionTransformer`` with the
+right settings computes exactly: :func:`to_timm` builds that timm model (LayerNorm eps, activation,
+LayerScale, SwiGLU, pre-norm, no final norm, prefix tokens) and copies the HF weights into it (q, k, v
+packed into timm's ``qkv``, CLIP's class/position embeddings reshaped). :func:`compress` compresses it
+with :func:`cait.compress` as any timm ViT and wraps it in :class:`HFCompressed`, which keeps HF's
+calling convention (``forward(pixel_values, output_hidden_states=None, return_dict=None,
+interpolate_pos_encoding=None, labels=None)``), HF's output classes, HF's heads (pooler, classifiers,
+CLIP's post-norm and projection, run as HF runs them) and ``.config`` (the HF config with the
+compression recorded under ``config.cait``).
+
+Merged tokens are put back on the patch grid before they leave the model: ``last_hidden_state`` and
+every entry of ``hidden_states`` have HF's shape ``(B, P + H*W, C)``, each patch position holding the
+feature of the token that holds it at that depth (prefix tokens as they are). So HF heads and
+downstream code that reshape the patch tokens to a grid keep working, a mean over the patch tokens
+is the mean weighted by the cells each merged token holds, and with nothing merged every field equals
+HF's own (tested).
+
+Refused (:class:`cait.support.Unsupported`, naming the missing feature): other classes (:data:`REFUSED`
+names known ones and why), ``output_attentions`` (attention maps between merged tokens are not HF's),
+``bool_masked_pos``, ``attention_mask``, and position-embedding interpolation at sizes other than the
+model's own: HF interpolates with bicubic ``align_corners=False`` and no antialiasing, timm with
+antialiasing (they differ by ~0.3 on unit-scale embeddings), so another size would be silently another
+function. This module imports ``transformers`` only when a Hugging Face model is compressed or loaded
+(``pip install 'cait[hf]'``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import nn
+
+from .support import Unsupported
+
+# HF class name -> family (the timm settings and the weight mapping; the heads as HF runs them)
+SUPPORTED = {
+    "ViTModel": "vit",
+    "ViTForImageClassification": "vit",
+    "DeiTModel": "deit",
+    "DeiTForImageClassification": "deit",
+    "DeiTForImageClassificationWithTeacher": "deit",
+    "Dinov2Model": "dinov2",
+    "Dinov2ForImageClassification": "dinov2",
+    "CLIPVisionModel": "clip",
+    "CLIPVisionModelWithProjection": "clip",
+}
+
+# Known vision classes cait does not take yet: class name -> (feature, why)
+REFUSED = {
+    "ViTForMaskedImageModeling": ("masked image modeling", "its decoder reads every patch token of a masked input"),
+    "DeiTForMaskedImageModeling": ("masked image modeling", "its decoder reads every patch token of a masked input"),
+    "ViTMAEModel": ("random masking", "MAE drops a random subset of patches before the blocks (no fixed patch grid)"),
+    "ViTMAEForPreTraining": ("random masking", "MAE drops a random subset of patches before the blocks (no fixed patch grid)"),
+    "Dinov2Backbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet (use Dinov2Model)"),
+    "Dinov2WithRegistersModel": ("register tokens after the position embedding", "not mapped yet"),
+    "Dinov2WithRegistersForImageClassification": ("register tokens after the position embedding", "not mapped yet"),
+    "Dinov2WithRegistersBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet"),
+    "DINOv3ViTModel": ("RoPE mapping", "the mapping onto timm's Eva (RoPE) is not verified yet"),
+    "DINOv3ViTBackbone": ("RoPE mapping", "the mapping onto timm's Eva (RoPE) is not verified yet"),
+    "SiglipVisionModel": ("attention pooling head", "SigLIP's pooling head is not mapped onto timm's AttentionPoolLatent yet"),
+    "SiglipForImageClassification": ("attention pooling head", "SigLIP is not mapped yet"),
+    "Siglip2VisionModel": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
+    "Siglip2ForImageClassification": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
+    "BeitModel": ("relative position bias", "BEiT adds a relative position bias inside attention"),
+    "BeitForImageClassification": ("relative position bias", "BEiT adds a relative position bias inside attention"),
+    "Data2VecVisionModel": ("relative position bias", "Data2Vec-vision adds a relative position bias inside attention"),
+    "Data2VecVisionForImageClassification": ("relative position bias", "Data2Vec-vision adds a relative position bias"),
+    "IJepaModel": ("no class token mapping", "I-JEPA is not mapped yet"),
+    "IJepaForImageClassification": ("no class token mapping", "I-JEPA is not mapped yet"),
+    "ViTMSNModel": ("model class", "ViT-MSN is not mapped yet"),
+    "ViTMSNForImageClassification": ("model class", "ViT-MSN is not mapped yet"),
+    "Aimv2VisionModel": ("model class", "AIMv2 (RMSNorm, SwiGLU, attention pooling) is not mapped yet"),
+    "ViTHybridModel": ("patch embedding", "a CNN stem replaces the patch embedding"),
+    "ViTHybridForImageClassification": ("patch embedding", "a CNN stem replaces the patch embedding"),
+}
+
+ACTIVATIONS = {
+    "gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu",
+}  # fmt: skip
+POOLER_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+INSTALL = "pip install 'cait[hf]'"
+
+
+def is_hf_model(model) -> bool:
+    """Whether ``model`` is a module from Hugging Face ``transformers`` (no import of transformers)."""
+    return isinstance(model, nn.Module) and type(model).__module__.startswith("transformers.")
+
+
+def require_transformers(what: str):
+    """``transformers``, or one ``ImportError`` line saying what needs it and how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        error = ImportError(f"{what} needs Hugging Face transformers, which is not installed: {INSTALL}")
+        error.cait_extra = "hf"  # the CLI prints it as one line
+        raise error from None
+    return transformers
+
+
+def check_hf(model: nn.Module) -> str:
+    """The family of a supported HF model; :class:`Unsupported` naming the missing feature otherwise."""
+    name = type(model).__name__
+    if name in SUPPORTED:
+        return SUPPORTED[name]
+    supported = ", ".join(SUPPORTED)
+    if name in REFUSED:
+        feature, why = REFUSED[name]
+        raise Unsupported(feature, f"Hugging Face {name} is not supported yet: {why}. cait takes {supported}")
+    raise Unsupported("Hugging Face model class", f"Hugging Face {name} is not supported: cait takes {supported}")
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def _activation(config, key: str = "hidden_act") -> str:
+    act = getattr(config, key)
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise Unsupported("activation", f"{key}={act!r} is not supported: cait maps {sorted(ACTIVATIONS)} onto timm's")
+    return ACTIVATIONS[act]
+
+
+def trunk(model: nn.Module) -> nn.Module:
+    """The HF module holding ``embeddings`` (``model.vit``, ``model.dinov2``, ``vision_model``, or the model)."""
+    for name in ("vit", "deit", "dinov2", "vision_model"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "embeddings"):
+            return inner
+    return model
+
+
+def _layers(family: str, inner: nn.Module):
+    return inner.layers if family in ("vit", "deit") else inner.encoder.layer if family == "dinov2" else inner.encoder.layers
+
+
+def timm_settings(family: str, config) -> dict:
+    """The timm ``VisionTransformer`` constructor arguments that compute what the HF ``config`` computes."""
+    from timm.layers import SwiGLU
+
+    config = getattr(config, "vision_config", config)
+    width, heads = config.hidden_size, config.num_attention_heads
+    if width % heads or getattr(config, "head_dim", width // heads) != width // heads:
+        head_dim = getattr(config, "head_dim", None)
+        raise Unsupported("head width", f"hidden_size {width} with {heads} heads of {head_dim}: timm needs hidden_size / heads")
+    settings = dict(
+        img_size=_pair(config.image_size), patch_size=_pair(config.patch_size), in_chans=config.num_channels,
+        num_classes=0, global_pool="token", embed_dim=width, depth=config.num_hidden_layers, num_heads=heads,
+        qkv_bias=bool(getattr(config, "qkv_bias", True)), norm_layer=functools.partial(nn.LayerNorm, eps=config.layer_norm_eps),
+    )  # fmt: skip
+    if family == "dinov2":
+        hidden = int(width * config.mlp_ratio)
+        if config.use_swiglu_ffn:  # as HF's Dinov2SwiGLUFFN: two thirds, rounded up to a multiple of 8
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+            settings.update(mlp_layer=SwiGLU, act_layer="silu")
+        else:
+            settings.update(act_layer=_activation(config))
+        settings.update(init_values=config.layerscale_value)
+    else:
+        hidden = config.intermediate_size
+        settings.update(act_layer=_activation(config))
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        raise Unsupported("MLP width", f"an MLP of {hidden} units on width {width} is not timm's int(width * mlp_ratio)")
+    settings["mlp_ratio"] = ratio
+    if family == "deit":
+        settings["reg_tokens"] = 1  # the distillation token: [cls, dist, patches] + position embedding, as timm's prefix
+    if family == "clip":
+        settings.update(pre_norm=True, final_norm=False)  # pre_layrnorm; post_layernorm only on the pooled token (a head)
+    return settings
+
+
+def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
+    """The HF trunk's tensors under timm's ``VisionTransformer`` names (q, k, v packed into ``qkv``)."""
+    def t(tensor):
+        return tensor.detach().clone()
+
+    emb, out = inner.embeddings, {}
+    if family == "clip":
+        out["cls_token"] = t(emb.class_embedding).reshape(1, 1, -1)
+        out["pos_embed"] = t(emb.position_embedding.weight)[None]
+        out["patch_embed.proj.weight"] = t(emb.patch_embedding.weight)
+        out["norm_pre.weight"], out["norm_pre.bias"] = t(inner.pre_layrnorm.weight), t(inner.pre_layrnorm.bias)
+    else:
+        out["cls_token"] = t(emb.cls_token)
+        if family == "deit":
+            out["reg_token"] = t(emb.distillation_token)
+        out["pos_embed"] = t(emb.position_embeddings)
+        proj = emb.patch_embeddings.projection
+        out["patch_embed.proj.weight"] = t(proj.weight)
+        if proj.bias is not None:
+            out["patch_embed.proj.bias"] = t(proj.bias)
+        out["norm.weight"], out["norm.bias"] = t(inner.layernorm.weight), t(inner.layernorm.bias)
+    for i, layer in enumerate(_layers(family, inner)):
+        p = f"blocks.{i}."
+        if family == "clip":
+            attn, norms, o = layer.self_attn, (layer.layer_norm1, layer.layer_norm2), layer.self_attn.out_proj
+        elif family == "dinov2":
+            attn, norms, o = layer.attention, (layer.norm1, layer.norm2), layer.attention.o_proj
+            out[p + "ls1.gamma"], out[p + "ls2.gamma"] = t(layer.layer_scale1.lambda1), t(layer.layer_scale2.lambda1)
+        else:
+            attn, norms, o = layer.attention, (layer.layernorm_before, layer.layernorm_after), layer.attention.o_proj
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        out[p + "attn.qkv.weight"] = torch.cat([t(m.weight) for m in qkv])
+        if attn.q_proj.bias is not None:
+            out[p + "attn.qkv.bias"] = torch.cat([t(m.bias) for m in qkv])
+        out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = t(o.weight), t(o.bias)
+        for k, norm in enumerate(norms, 1):
+            out[f"{p}norm{k}.weight"], out[f"{p}norm{k}.bias"] = t(norm.weight), t(norm.bias)
+        mlp = layer.mlp
+        if hasattr(mlp, "gate_proj"):  # Dinov2SwiGLUFFN: down(silu(gate(x)) * up(x)) = timm SwiGLU fc2(act(fc1_g) * fc1_x)
+            pairs = (("fc1_g", mlp.gate_proj), ("fc1_x", mlp.up_proj), ("fc2", mlp.down_proj))
+        else:
+            pairs = (("fc1", mlp.fc1), ("fc2", mlp.fc2))
+        for name, linear in pairs:
+            out[f"{p}mlp.{name}.weight"], out[f"{p}mlp.{name}.bias"] = t(linear.weight), t(linear.bias)
+    return out
+
+
+def to_timm(model: nn.Module) -> nn.Module:
+    """The timm ``VisionTransformer`` (no head) computing what ``model``'s trunk computes, with its weights
+    (copies: ``model`` is left as it is). :class:`Unsupported` for classes and settings cait cannot map."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    family = check_hf(model)
+    inner = trunk(model)
+    with torch.device("meta"):
+        vit = VisionTransformer(**timm_settings(family, inner.config))
+    weights = _timm_weights(family, inner)
+    vit.load_state_dict(weights, strict=True, assign=True)
+    return vit.train(model.training)
+
+
+def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
+    """HF's modules after the trunk, for ``class_name`` and its ``config`` (built as HF builds them, from
+    torch.nn only): ``pooler`` (ViT/DeiT's dense + activation), ``classifier`` (or DeiT's ``cls_classifier``
+    and ``distillation_classifier``), CLIP's ``post_layernorm`` and ``visual_projection``."""
+    family = SUPPORTED[class_name]
+    vision = getattr(config, "vision_config", config)
+    width, out = vision.hidden_size, nn.ModuleDict()
+    labels = getattr(config, "num_labels", 0)
+
+    def classifier(inputs):
+        return nn.Linear(inputs, labels) if labels > 0 else nn.Identity()
+
+    if pooler:
+        act = getattr(config, "pooler_act", "tanh")
+        if act not in POOLER_ACTIVATIONS:
+            raise Unsupported("pooler activation", f"pooler_act={act!r} is not supported: cait builds {sorted(POOLER_ACTIVATIONS)}")
+        out["pooler"] = nn.Sequential(nn.Linear(width, getattr(config, "pooler_output_size", None) or width), POOLER_ACTIVATIONS[act]())
+    if class_name in ("ViTForImageClassification", "DeiTForImageClassification"):
+        out["classifier"] = classifier(width)
+    elif class_name == "DeiTForImageClassificationWithTeacher":
+        out["cls_classifier"], out["distillation_classifier"] = classifier(width), classifier(width)
+    elif class_name == "Dinov2ForImageClassification":
+        out["classifier"] = classifier(2 * width)
+    elif family == "clip":
+        out["post_layernorm"] = nn.LayerNorm(width, eps=vision.layer_norm_eps)
+        if class_name == "CLIPVisionModelWithProjection":
+            out["visual_projection"] = nn.Linear(width, config.projection_dim, bias=False)
+    return out
+
+
+def _head_weights(class_name: str, model: nn.Module, built: nn.ModuleDict) -> dict[str, torch.Tensor]:
+    inner = trunk(model)
+    sources = {}
+    if "pooler" in built:
+        sources["pooler.0"] = inner.pooler.dense
+    for name in ("classifier", "cls_classifier", "distillation_classifier", "visual_projection"):
+        if name in built:
+            sources[name] = getattr(model, name)
+    if "post_layernorm" in built:
+        sources["post_layernorm"] = inner.post_layernorm
+    return {f"{prefix}.{k}": v.detach().clone() for prefix, module in sources.items() for k, v in module.state_dict().items()}
+
+
+def has_pooler(model: nn.Module) -> bool:
+    return SUPPORTED[type(model).__name__] in ("vit", "deit") and getattr(trunk(model), "pooler", None) is not None
+
+
+class HFCompressed(nn.Module):
+    """A compressed Hugging Face vision model: HF's calling convention and outputs on a
+    :class:`cait.CompressedViT` (``backbone``) plus HF's heads (``heads``, run as HF runs them).
+
+    ``forward(pixel_values, output_hidden_states=None, return_dict=None, interpolate_pos_encoding=None,
+    labels=None)`` returns the HF class's output (``BaseModelOutputWithPooling``, ``ImageClassifierOutput``,
+    ...), or its tuple with ``return_dict=False``. ``last_hidden_state`` and ``hidden_states`` hold HF's
+    shapes (merged tokens put back on the patch grid). ``config``: the HF config, with ``config.cait``
+    recording the compression (tile, schedule, FLOPs target, kept channels per block).
+    """
+
+    def __init__(self, backbone: nn.Module, class_name: str, hf_config, head_modules: nn.ModuleDict, pooler: bool):
+        super().__init__()
+        self.backbone, self.heads = backbone, head_modules
+        self.class_name, self.family, self.pooler = class_name, SUPPORTED[class_name], pooler
+        self.hf_config = hf_config
+
+    @property
+    def config(self):
+        """The HF config with ``cait`` set to the compression record (read afresh on every access)."""
+        self.hf_config.cait = self.compression()
+        return self.hf_config
+
+    def compression(self) -> dict:
+        fast = self.backbone
+        return {
+            "tile": fast.tile,
+            "schedule": list(fast.schedule),
+            "merge_flops": fast.merge.flops if fast.merge is not None else None,
+            "kept": [{k: (None if v is None else int(torch.as_tensor(v).shape[-1])) for k, v in b.kept.items()} for b in fast.blocks],
+        }
+
+    def record(self) -> dict:
+        """What :func:`cait.save` stores to rebuild this wrapper (``hf`` in the file's config)."""
+        import transformers
+
+        config = copy.deepcopy(self.hf_config)
+        if hasattr(config, "cait"):
+            del config.cait
+        return {
+            "class": self.class_name, "config_class": type(config).__name__, "config": config.to_dict(), "pooler": self.pooler,
+            "compression": self.compression(), "transformers_version": transformers.__version__,
+        }  # fmt: skip
+
+    @property
+    def main_input_name(self) -> str:
+        return "pixel_values"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.vit.patch_embed.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.vit.patch_embed.proj.weight.device
+
+    def _check_size(self, pixel_values: torch.Tensor, interpolate_pos_encoding) -> None:
+        fast = self.backbone
+        chans, height, width = fast.input_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != chans:
+            raise ValueError(f"pixel_values must have shape (B, {chans}, H, W), got {tuple(pixel_values.shape)}")
+        size = tuple(pixel_values.shape[2:])
+        if size == (height, width):
+            return
+        # ViT/DeiT/CLIP without interpolate_pos_encoding refuse other sizes (as HF does); DINOv2 always interpolates
+        if not interpolate_pos_encoding and self.family != "dinov2":
+            raise ValueError(f"Input image size ({size[0]}*{size[1]}) doesn't match model ({height}*{width}).")
+        raise Unsupported(
+            "position-embedding interpolation",
+            f"images of {size[0]}x{size[1]} px need the position embedding interpolated from the model's {height}x{width} px, "
+            f"and HF's interpolation (bicubic, no antialiasing) is not timm's (antialiased): cait refuses rather than compute "
+            f"another function; resize the images to {height}x{width}",
+        )
+
+    def _full(self, x: torch.Tensor, state) -> torch.Tensor:
+        """Tokens ``(B, P + N', C)`` -> HF's ``(B, P + H*W, C)``: each patch position gets its token's feature."""
+        from cait_kernels import unmerge
+
+        prefix, cells = self.backbone.num_prefix_tokens, state.grid[0] * state.grid[1]
+        if x.shape[1] == prefix + cells:  # nothing merged yet: tokens are the cells in raster order
+            return x
+        return torch.cat([x[:, :prefix], unmerge(x, state.owner, prefix=prefix)], dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        from transformers import modeling_outputs as outputs
+
+        config = self.hf_config
+        if output_attentions or (output_attentions is None and getattr(config, "output_attentions", False)):
+            raise Unsupported("attention maps", "output_attentions: attention maps between merged tokens are not HF's maps")
+        for name, value in (("bool_masked_pos", bool_masked_pos), ("attention_mask", attention_mask)):
+            if value is not None:
+                raise Unsupported(name, f"{name} is not supported by a compressed model (merging needs every patch of the grid)")
+        if kwargs:
+            raise TypeError(f"{self.class_name} (compressed) got unexpected arguments: {', '.join(sorted(kwargs))}")
+        if labels is not None and "classifier" not in self.heads and "cls_classifier" not in self.heads:
+            raise TypeError(f"{self.class_name} takes no labels")
+        if labels is not None and self.class_name == "DeiTForImageClassificationWithTeacher":
+            raise ValueError("DeiTForImageClassificationWithTeacher is inference-only (as in HF): it takes no labels")
+        hidden = output_hidden_states if output_hidden_states is not None else bool(getattr(config, "output_hidden_states", False))
+        as_dict = return_dict if return_dict is not None else bool(getattr(config, "return_dict", True))
+        self._check_size(pixel_values, interpolate_pos_encoding)
+        pixel_values = pixel_values.to(self.dtype)
+
+        fast = self.backbone
+        state = fast.embed(pixel_values)
+        states = [state] if hidden else None
+        for block in fast.blocks:
+            state = fast.run_block(block, state)
+            if hidden:
+                states.append(state)
+        last = self._full(fast.vit.norm(state.x), state)
+        hidden_states = tuple(self._full(s.x, s) for s in states) if hidden else None
+        out = self._heads(last, hidden_states, labels, outputs)
+        return out if as_dict else out.to_tuple()
+
+    def _heads(self, last: torch.Tensor, hidden_states, labels, outputs):
+        h = self.heads
+        if self.family == "clip":
+            pooled = h["post_layernorm"](last[:, 0])
+            if "visual_projection" in h:
+                from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+                embeds = h["visual_projection"](pooled)
+                return CLIPVisionModelOutput(image_embeds=embeds, last_hidden_state=last, hidden_states=hidden_states)
+            return outputs.BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden_states)
+        if self.class_name == "DeiTForImageClassificationWithTeacher":
+            from transformers.models.deit.modeling_deit import DeiTForImageClassificationWithTeacherOutput
+
+            cls_logits, dist_logits = h["cls_classifier"](last[:, 0]), h["distillation_classifier"](last[:, 1])
+            return DeiTForImageClassificationWithTeacherOutput(
+                logits=(cls_logits + dist_logits) / 2, cls_logits=cls_logits, distillation_logits=dist_logits, hidden_states=hidden_states
+            )
+        if "classifier" in h:
+            if self.family == "dinov2":
+                logits = h["classifier"](torch.cat([last[:, 0], last[:, 1:].mean(dim=1)], dim=1))
+            else:
+                logits = h["classifier"](last[:, 0])
+            loss = None
+            if labels is not None:
+                from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+                loss = ForSequenceClassificationLoss(labels.to(logits.device), logits, self.hf_config)
+            return outputs.ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        if self.family == "dinov2":
+            pooled = last[:, 0]
+        else:
+            pooled = h["pooler"](last[:, 0]) if "pooler" in h else None
+        return outputs.BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden_states)
+
+    def extra_repr(self) -> str:
+        return f"class={self.class_name}"
+
+
+def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynamic_img_size: bool = False) -> HFCompressed:
+    """:func:`cait.compress` for a Hugging Face model (see the module docstring). ``copy`` has no effect
+    (the HF weights are always copied into timm's layout; ``model`` stays usable)."""
+    from .model import compress as compress_timm
+
+    class_name = type(model).__name__
+    check_hf(model)
+    if dynamic_img_size:
+        raise Unsupported(
+            "position-embedding interpolation",
+            "dynamic_img_size=True: HF interpolates position embeddings with bicubic without antialiasing, timm with it; "
+            "a compressed HF model takes its own input size only",
+        )
+    pooler = has_pooler(model)
+    head_modules = heads(class_name, model.config, pooler)
+    head_modules.load_state_dict(_head_weights(class_name, model, head_modules), strict=True, assign=True)
+    fast = compress_timm(to_timm(model), merge=merge, prune=prune, copy=False)
+    wrapper = HFCompressed(fast, class_name, copy_config(model.config), head_modules, pooler)
+    return wrapper.train(model.training)
+
+
+def copy_config(config):
+    return copy.deepcopy(config)
+
+
+def from_record(backbone: nn.Module, record: dict) -> HFCompressed:
+    """The wrapper a saved ``hf`` record describes around ``backbone`` (heads on the meta device)."""
+    transformers = require_transformers(f"loading a compressed Hugging Face {record.get('class', 'model')}")
+    class_name = record["class"]
+    if class_name not in SUPPORTED:
+        raise ValueError(f"the file wraps a Hugging Face {class_name}, which this cait does not know")
+    config_class = getattr(transformers, record["config_class"], None)
+    if config_class is None:
+        raise ValueError(f"the installed transformers {transformers.__version__} has no {record['config_class']}")
+    config = config_class.from_dict(record["config"])
+    with torch.device("meta"):
+        head_modules = heads(class_name, config, bool(record["pooler"]))
+    return HFCompressed(backbone, class_name, config, head_modules, bool(record["pooler"]))

@@ -3,12 +3,13 @@ the same function.
 
 Each supported class (:data:`SUPPORTED`) is a pre-norm ViT that a timm ``VisionTransformer`` with the
 right settings computes exactly: :func:`to_timm` builds that timm model (LayerNorm eps, activation,
-LayerScale, SwiGLU, pre-norm, no final norm, prefix tokens) and copies the HF weights into it (q, k, v
-packed into timm's ``qkv``, CLIP's class/position embeddings reshaped). :func:`compress` compresses it
+LayerScale, SwiGLU, pre-norm, no final norm, prefix tokens: DeiT's distillation token, DINOv2's
+registers) and copies the HF weights into it (q, k, v packed into timm's ``qkv``, CLIP's and SigLIP's
+position embeddings reshaped, SigLIP's pooling head as timm's ``AttentionPoolLatent``). :func:`compress` compresses it
 with :func:`cait.compress` as any timm ViT and wraps it in :class:`HFCompressed`, which keeps HF's
 calling convention (``forward(pixel_values, output_hidden_states=None, return_dict=None,
 interpolate_pos_encoding=None, labels=None)``), HF's output classes, HF's heads (pooler, classifiers,
-CLIP's post-norm and projection, run as HF runs them) and ``.config`` (the HF config with the
+CLIP's post-norm and projection, SigLIP's attention pooling, run as HF runs them) and ``.config`` (the HF config with the
 compression recorded under ``config.cait``).
 
 Merged tokens are put back on the patch grid before they leave the model: ``last_hidden_state`` and
@@ -46,8 +47,11 @@ SUPPORTED = {
     "DeiTForImageClassificationWithTeacher": "deit",
     "Dinov2Model": "dinov2",
     "Dinov2ForImageClassification": "dinov2",
+    "Dinov2WithRegistersModel": "dinov2_reg",
+    "Dinov2WithRegistersForImageClassification": "dinov2_reg",
     "CLIPVisionModel": "clip",
     "CLIPVisionModelWithProjection": "clip",
+    "SiglipVisionModel": "siglip",
 }
 
 # Known vision classes cait does not take yet: class name -> (feature, why)
@@ -57,13 +61,10 @@ REFUSED = {
     "ViTMAEModel": ("random masking", "MAE drops a random subset of patches before the blocks (no fixed patch grid)"),
     "ViTMAEForPreTraining": ("random masking", "MAE drops a random subset of patches before the blocks (no fixed patch grid)"),
     "Dinov2Backbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet (use Dinov2Model)"),
-    "Dinov2WithRegistersModel": ("register tokens after the position embedding", "not mapped yet"),
-    "Dinov2WithRegistersForImageClassification": ("register tokens after the position embedding", "not mapped yet"),
     "Dinov2WithRegistersBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet"),
     "DINOv3ViTModel": ("RoPE mapping", "the mapping onto timm's Eva (RoPE) is not verified yet"),
     "DINOv3ViTBackbone": ("RoPE mapping", "the mapping onto timm's Eva (RoPE) is not verified yet"),
-    "SiglipVisionModel": ("attention pooling head", "SigLIP's pooling head is not mapped onto timm's AttentionPoolLatent yet"),
-    "SiglipForImageClassification": ("attention pooling head", "SigLIP is not mapped yet"),
+    "SiglipForImageClassification": ("classifier on the mean of patch tokens", "not mapped yet (SiglipVisionModel is)"),
     "Siglip2VisionModel": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
     "Siglip2ForImageClassification": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
     "BeitModel": ("relative position bias", "BEiT adds a relative position bias inside attention"),
@@ -128,7 +129,7 @@ def _activation(config, key: str = "hidden_act") -> str:
 
 def trunk(model: nn.Module) -> nn.Module:
     """The HF module holding ``embeddings`` (``model.vit``, ``model.dinov2``, ``vision_model``, or the model)."""
-    for name in ("vit", "deit", "dinov2", "vision_model"):
+    for name in ("vit", "deit", "dinov2", "dinov2_with_registers", "vision_model"):
         inner = getattr(model, name, None)
         if isinstance(inner, nn.Module) and hasattr(inner, "embeddings"):
             return inner
@@ -136,7 +137,9 @@ def trunk(model: nn.Module) -> nn.Module:
 
 
 def _layers(family: str, inner: nn.Module):
-    return inner.layers if family in ("vit", "deit") else inner.encoder.layer if family == "dinov2" else inner.encoder.layers
+    if family in ("vit", "deit"):
+        return inner.layers
+    return inner.encoder.layer if family.startswith("dinov2") else inner.encoder.layers
 
 
 def timm_settings(family: str, config) -> dict:
@@ -153,7 +156,7 @@ def timm_settings(family: str, config) -> dict:
         num_classes=0, global_pool="token", embed_dim=width, depth=config.num_hidden_layers, num_heads=heads,
         qkv_bias=bool(getattr(config, "qkv_bias", True)), norm_layer=functools.partial(nn.LayerNorm, eps=config.layer_norm_eps),
     )  # fmt: skip
-    if family == "dinov2":
+    if family.startswith("dinov2"):
         hidden = int(width * config.mlp_ratio)
         if config.use_swiglu_ffn:  # as HF's Dinov2SwiGLUFFN: two thirds, rounded up to a multiple of 8
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
@@ -168,8 +171,12 @@ def timm_settings(family: str, config) -> dict:
     if int(width * ratio) != hidden:
         raise Unsupported("MLP width", f"an MLP of {hidden} units on width {width} is not timm's int(width * mlp_ratio)")
     settings["mlp_ratio"] = ratio
+    if family == "dinov2_reg":  # [cls + pos_0, registers, patches + pos]: timm's no_embed_class, pos_0 folded into cls
+        settings.update(reg_tokens=config.num_register_tokens, no_embed_class=True)
     if family == "deit":
         settings["reg_tokens"] = 1  # the distillation token: [cls, dist, patches] + position embedding, as timm's prefix
+    if family == "siglip":  # no class token; post_layernorm on every token is timm's final norm
+        settings.update(class_token=False, global_pool="")
     if family == "clip":
         settings.update(pre_norm=True, final_norm=False)  # pre_layrnorm; post_layernorm only on the pooled token (a head)
     return settings
@@ -181,16 +188,24 @@ def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
         return tensor.detach().clone()
 
     emb, out = inner.embeddings, {}
-    if family == "clip":
+    if family == "siglip":
+        out["pos_embed"] = t(emb.position_embedding.weight)[None]
+        out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = t(emb.patch_embedding.weight), t(emb.patch_embedding.bias)
+        out["norm.weight"], out["norm.bias"] = t(inner.post_layernorm.weight), t(inner.post_layernorm.bias)
+    elif family == "clip":
         out["cls_token"] = t(emb.class_embedding).reshape(1, 1, -1)
         out["pos_embed"] = t(emb.position_embedding.weight)[None]
         out["patch_embed.proj.weight"] = t(emb.patch_embedding.weight)
         out["norm_pre.weight"], out["norm_pre.bias"] = t(inner.pre_layrnorm.weight), t(inner.pre_layrnorm.bias)
     else:
         out["cls_token"] = t(emb.cls_token)
+        out["pos_embed"] = t(emb.position_embeddings)
         if family == "deit":
             out["reg_token"] = t(emb.distillation_token)
-        out["pos_embed"] = t(emb.position_embeddings)
+        if family == "dinov2_reg":  # HF adds pos_0 to the class token before the registers join: the same sum, folded
+            out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+            out["pos_embed"] = out["pos_embed"][:, 1:].clone()
+            out["reg_token"] = t(emb.register_tokens)
         proj = emb.patch_embeddings.projection
         out["patch_embed.proj.weight"] = t(proj.weight)
         if proj.bias is not None:
@@ -198,9 +213,9 @@ def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
         out["norm.weight"], out["norm.bias"] = t(inner.layernorm.weight), t(inner.layernorm.bias)
     for i, layer in enumerate(_layers(family, inner)):
         p = f"blocks.{i}."
-        if family == "clip":
+        if family in ("clip", "siglip"):
             attn, norms, o = layer.self_attn, (layer.layer_norm1, layer.layer_norm2), layer.self_attn.out_proj
-        elif family == "dinov2":
+        elif family.startswith("dinov2"):
             attn, norms, o = layer.attention, (layer.norm1, layer.norm2), layer.attention.o_proj
             out[p + "ls1.gamma"], out[p + "ls2.gamma"] = t(layer.layer_scale1.lambda1), t(layer.layer_scale2.lambda1)
         else:
@@ -248,7 +263,17 @@ def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
     def classifier(inputs):
         return nn.Linear(inputs, labels) if labels > 0 else nn.Identity()
 
-    if pooler:
+    if pooler and family == "siglip":  # HF's attention-pooling head is timm's AttentionPoolLatent (one latent, token pool)
+        from timm.layers import AttentionPoolLatent, get_act_layer
+
+        out["head"] = AttentionPoolLatent(
+            width, num_heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / width, qkv_bias=True,
+            norm_layer=functools.partial(nn.LayerNorm, eps=vision.layer_norm_eps), act_layer=get_act_layer(_activation(vision)),
+        )  # fmt: skip
+        if out["head"].mlp.fc1.out_features != vision.intermediate_size:
+            units = vision.intermediate_size
+            raise Unsupported("MLP width", f"the pooling head's MLP of {units} units is not timm's int(width * mlp_ratio)")
+    elif pooler:
         act = getattr(config, "pooler_act", "tanh")
         if act not in POOLER_ACTIVATIONS:
             raise Unsupported("pooler activation", f"pooler_act={act!r} is not supported: cait builds {sorted(POOLER_ACTIVATIONS)}")
@@ -257,7 +282,7 @@ def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
         out["classifier"] = classifier(width)
     elif class_name == "DeiTForImageClassificationWithTeacher":
         out["cls_classifier"], out["distillation_classifier"] = classifier(width), classifier(width)
-    elif class_name == "Dinov2ForImageClassification":
+    elif class_name in ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"):
         out["classifier"] = classifier(2 * width)
     elif family == "clip":
         out["post_layernorm"] = nn.LayerNorm(width, eps=vision.layer_norm_eps)
@@ -269,6 +294,18 @@ def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
 def _head_weights(class_name: str, model: nn.Module, built: nn.ModuleDict) -> dict[str, torch.Tensor]:
     inner = trunk(model)
     sources = {}
+    if "head" in built:  # SigLIP: nn.MultiheadAttention's packed in_proj -> timm's q and kv
+        head, width = inner.head, inner.config.hidden_size
+        mha, out = head.attention, {}
+        out["latent"] = head.probe
+        out["q.weight"], out["kv.weight"] = mha.in_proj_weight[:width], mha.in_proj_weight[width:]
+        out["q.bias"], out["kv.bias"] = mha.in_proj_bias[:width], mha.in_proj_bias[width:]
+        out["proj.weight"], out["proj.bias"] = mha.out_proj.weight, mha.out_proj.bias
+        for name in ("norm.weight", "norm.bias"):
+            out[name] = getattr(head.layernorm, name.split(".")[1])
+        for name in ("fc1", "fc2"):
+            out[f"mlp.{name}.weight"], out[f"mlp.{name}.bias"] = getattr(head.mlp, name).weight, getattr(head.mlp, name).bias
+        return {f"head.{k}": v.detach().clone() for k, v in out.items()}
     if "pooler" in built:
         sources["pooler.0"] = inner.pooler.dense
     for name in ("classifier", "cls_classifier", "distillation_classifier", "visual_projection"):
@@ -280,7 +317,12 @@ def _head_weights(class_name: str, model: nn.Module, built: nn.ModuleDict) -> di
 
 
 def has_pooler(model: nn.Module) -> bool:
-    return SUPPORTED[type(model).__name__] in ("vit", "deit") and getattr(trunk(model), "pooler", None) is not None
+    """Whether the HF model has a pooling module its config does not say it has (ViT/DeiT's ``add_pooling_layer``,
+    SigLIP's ``vision_use_head``)."""
+    family, inner = SUPPORTED[type(model).__name__], trunk(model)
+    if family == "siglip":
+        return getattr(inner, "head", None) is not None
+    return family in ("vit", "deit") and getattr(inner, "pooler", None) is not None
 
 
 class HFCompressed(nn.Module):
@@ -292,6 +334,7 @@ class HFCompressed(nn.Module):
     ...), or its tuple with ``return_dict=False``. ``last_hidden_state`` and ``hidden_states`` hold HF's
     shapes (merged tokens put back on the patch grid). ``config``: the HF config, with ``config.cait``
     recording the compression (tile, schedule, FLOPs target, kept channels per block).
+    :meth:`forward_dense` gives the final features on the patch grid ``(B, C, H/p, W/p)``.
     """
 
     def __init__(self, backbone: nn.Module, class_name: str, hf_config, head_modules: nn.ModuleDict, pooler: bool):
@@ -348,7 +391,7 @@ class HFCompressed(nn.Module):
         if size == (height, width):
             return
         # ViT/DeiT/CLIP without interpolate_pos_encoding refuse other sizes (as HF does); DINOv2 always interpolates
-        if not interpolate_pos_encoding and self.family != "dinov2":
+        if not interpolate_pos_encoding and not self.family.startswith("dinov2"):
             raise ValueError(f"Input image size ({size[0]}*{size[1]}) doesn't match model ({height}*{width}).")
         raise Unsupported(
             "position-embedding interpolation",
@@ -427,8 +470,9 @@ class HFCompressed(nn.Module):
                 logits=(cls_logits + dist_logits) / 2, cls_logits=cls_logits, distillation_logits=dist_logits, hidden_states=hidden_states
             )
         if "classifier" in h:
-            if self.family == "dinov2":
-                logits = h["classifier"](torch.cat([last[:, 0], last[:, 1:].mean(dim=1)], dim=1))
+            if self.family.startswith("dinov2"):  # class token and the mean of the patch tokens (registers left out)
+                patches = last[:, self.backbone.num_prefix_tokens :]
+                logits = h["classifier"](torch.cat([last[:, 0], patches.mean(dim=1)], dim=1))
             else:
                 logits = h["classifier"](last[:, 0])
             loss = None
@@ -437,11 +481,20 @@ class HFCompressed(nn.Module):
 
                 loss = ForSequenceClassificationLoss(labels.to(logits.device), logits, self.hf_config)
             return outputs.ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
-        if self.family == "dinov2":
+        if self.family == "siglip":
+            pooled = h["head"](last) if "head" in h else None
+        elif self.family.startswith("dinov2"):
             pooled = last[:, 0]
         else:
             pooled = h["pooler"](last[:, 0]) if "pooler" in h else None
         return outputs.BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden_states)
+
+    def forward_dense(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values ``(B, C, H, W)`` -> the final features ``(B, hidden_size, H/p, W/p)`` on the patch grid
+        (``last_hidden_state``'s patch tokens as a feature map, each cell its token's feature), as
+        :meth:`cait.CompressedViT.forward_dense`."""
+        self._check_size(pixel_values, None)
+        return self.backbone.forward_dense(pixel_values.to(self.dtype))
 
     def extra_repr(self) -> str:
         return f"class={self.class_name}"

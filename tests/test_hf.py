@@ -28,6 +28,10 @@ CASES = {  # id -> (class, config)
     "deit": ("DeiTModel", "DeiTConfig", dict(intermediate_size=128)),
     "deit_cls": ("DeiTForImageClassification", "DeiTConfig", dict(intermediate_size=128, num_labels=4)),
     "deit_teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", dict(intermediate_size=128, num_labels=4)),
+    "dinov2_reg": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", dict(num_register_tokens=2)),
+    "dinov2_reg_cls": ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", dict(num_labels=3)),
+    "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(intermediate_size=128)),
+    "siglip_nohead": ("SiglipVisionModel", "SiglipVisionConfig", dict(intermediate_size=96, vision_use_head=False)),
     "clip": ("CLIPVisionModel", "CLIPVisionConfig", dict(intermediate_size=128)),
     "clip_proj": ("CLIPVisionModelWithProjection", "CLIPVisionConfig", dict(intermediate_size=128, projection_dim=16)),
 }
@@ -90,7 +94,7 @@ def test_unmerged_unpruned_equals_hf(case, batch):
     assert isinstance(ours, tuple) and len(ours) == len(theirs)
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(ours, theirs) if b.numel())
     # interpolate_pos_encoding at the model's own size changes nothing (HF: the embedding as it is)
-    if case.startswith(("vit", "deit", "clip")):
+    if case.startswith(("vit", "deit", "clip", "siglip")):
         with torch.no_grad():
             assert_outputs_close(fast(x, interpolate_pos_encoding=True), fast(x), 0)
 
@@ -143,7 +147,7 @@ def zero_pruned_channels(model, fast):
             out.weight[:, drop] = 0
 
 
-@pytest.mark.parametrize("case", CORE + ["deit_teacher", "clip_proj"])
+@pytest.mark.parametrize("case", CORE + ["deit_teacher", "clip_proj", "dinov2_reg_cls", "siglip"])
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_pruned_equals_hf_with_zeroed_channels(case, method):
     model = hf_model(case)
@@ -173,6 +177,18 @@ def test_save_load_round_trip_is_bit_exact(case, tmp_path):
         for p, q in zip(*((v if isinstance(v, tuple) else (v,)) for v in (a[key], b[key]))):
             assert torch.equal(p, q), key
     assert set(back.state_dict()) == set(fast.state_dict())
+
+
+@pytest.mark.parametrize("case", ["vit", "dinov2_reg", "siglip"])
+def test_forward_dense_is_last_hidden_state_on_the_grid(case):
+    model = hf_model(case)
+    fast = cait.compress(model, merge=cait.ATME(r=[4, 2, 0])).eval()
+    x = images(2)
+    with torch.no_grad():
+        dense, last = fast.forward_dense(x), fast(x).last_hidden_state
+    prefix = fast.backbone.num_prefix_tokens
+    assert dense.shape == (2, 64, 4, 4)
+    assert torch.equal(dense.flatten(2).transpose(1, 2), last[:, prefix:])
 
 
 def test_config_records_the_compression_and_hf_settings():

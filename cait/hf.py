@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 
 import torch
 from torch import nn
@@ -106,7 +107,11 @@ def require_transformers(what: str):
 
 def check_hf(model: nn.Module) -> str:
     """The family of a supported HF model; :class:`Unsupported` naming the missing feature otherwise."""
-    name = type(model).__name__
+    return check_hf_name(type(model).__name__)
+
+
+def check_hf_name(name: str) -> str:
+    """The family of the HF class ``name``; :class:`Unsupported` naming the missing feature otherwise."""
     if name in SUPPORTED:
         return SUPPORTED[name]
     supported = ", ".join(SUPPORTED)
@@ -496,8 +501,62 @@ class HFCompressed(nn.Module):
         self._check_size(pixel_values, None)
         return self.backbone.forward_dense(pixel_values.to(self.dtype))
 
+    def first_field(self) -> nn.Module:
+        """A module ``pixel_values -> `` the first field of this model's output (HF's ``to_tuple()[0]``: the
+        logits of a classifier, ``last_hidden_state`` of a backbone, ``image_embeds`` of CLIP with projection),
+        sharing this model's weights: what :func:`cait.export` and :func:`cait.optimize` take."""
+        return FirstField(self, self.backbone.input_size).train(self.training)
+
     def extra_repr(self) -> str:
         return f"class={self.class_name}"
+
+
+class FirstField(nn.Module):
+    """``pixel_values (B, C, H, W)`` -> the first field of the output (one tensor) of a model with HF's calling
+    convention (an HF model or an :class:`HFCompressed`); ``input_size``: ``(C, H, W)`` it takes."""
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int, int]):
+        super().__init__()
+        self.model, self.input_size = model, tuple(input_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values, return_dict=False)[0]
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` a supported HF model takes (its vision config's channels and image size)."""
+    config = getattr(trunk(model).config, "vision_config", trunk(model).config)
+    return (config.num_channels, *_pair(config.image_size))
+
+
+def is_folder(entry) -> bool:
+    """Whether a ``--models`` / ``--model`` entry names a folder (a Hugging Face ``save_pretrained`` folder)."""
+    return isinstance(entry, str) and os.path.isdir(entry)
+
+
+def from_folder(folder: str) -> nn.Module:
+    """The Hugging Face model saved in ``folder`` (``save_pretrained``: ``config.json`` and weights) in eval mode,
+    as the one class its ``config.json`` names (``architectures``). FileNotFoundError / ValueError / ImportError
+    (transformers not installed) name what is wrong in one line; :class:`Unsupported` for a class cait does not map."""
+    import json
+
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder} is a folder without config.json: give a timm name or a Hugging Face save_pretrained folder")
+    transformers = require_transformers(f"{folder} (a Hugging Face folder)")
+    try:
+        with open(config_path) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{config_path} is not a readable Hugging Face config: {error}") from error
+    if len(architectures) != 1 or not isinstance(architectures[0], str):
+        raise ValueError(f"{config_path} must name one model class in 'architectures', got {architectures!r}")
+    cls = getattr(transformers, architectures[0], None)
+    if cls is None:
+        raise ValueError(f"{config_path} names {architectures[0]}, which transformers {transformers.__version__} does not have")
+    check_hf_name(architectures[0])
+    transformers.utils.logging.disable_progress_bar()  # refusals and results stay one line each on stderr
+    return cls.from_pretrained(folder).eval()
 
 
 def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynamic_img_size: bool = False) -> HFCompressed:

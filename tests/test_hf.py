@@ -23,6 +23,7 @@ CASES = {  # id -> (class, config)
     "vit": ("ViTModel", "ViTConfig", dict(intermediate_size=128, layer_norm_eps=1e-12)),
     "vit_nopool_relu": ("ViTModel", "ViTConfig", dict(intermediate_size=96, hidden_act="relu", qkv_bias=False)),
     "vit_cls": ("ViTForImageClassification", "ViTConfig", dict(intermediate_size=128, num_labels=5)),
+    "vit_odd_nonsquare": ("ViTForImageClassification", "ViTConfig", dict(intermediate_size=128, num_labels=2, image_size=[40, 56])),
     "dinov2": ("Dinov2Model", "Dinov2Config", dict(layerscale_value=0.5, layer_norm_eps=1e-6)),
     "dinov2_cls_swiglu": ("Dinov2ForImageClassification", "Dinov2Config", dict(num_labels=3, use_swiglu_ffn=True)),
     "deit": ("DeiTModel", "DeiTConfig", dict(intermediate_size=128)),
@@ -53,8 +54,12 @@ def hf_model(case: str, seed: int = 0):
     return model
 
 
-def images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+def images(batch: int, size=32, seed: int = 1) -> torch.Tensor:
+    """``(batch, 3, H, W)`` random images; ``size``: ``H`` (square) or ``(H, W)``, or a model (its config's size)."""
+    if isinstance(size, torch.nn.Module):
+        size = size.config.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 def assert_outputs_close(ours, theirs, tol: float):
@@ -77,12 +82,12 @@ def assert_outputs_close(ours, theirs, tol: float):
 def test_unmerged_unpruned_equals_hf(case, batch):
     model = hf_model(case)
     fast = cait.compress(model).eval()
-    x = images(batch)
+    x = images(batch, model)
 
     def reference(**kwargs):  # HF cannot run an empty batch (its attention reshape fails): one image's fields, sliced
         if batch:
             return model(x, **kwargs)
-        out = model(images(1), **kwargs)
+        out = model(images(1, model), **kwargs)
         for key in out.keys():
             out[key] = tuple(t[:0] for t in out[key]) if isinstance(out[key], tuple) else out[key][:0]
         return out if kwargs.get("return_dict", True) else out.to_tuple()
@@ -102,8 +107,8 @@ def test_unmerged_unpruned_equals_hf(case, batch):
 def tile_constant(model, x: torch.Tensor, tile: int = 2) -> torch.Tensor:
     """Copy each 2x2 tile's first patch over the tile, in the images and in the position embedding."""
     config = model.config
-    H = W = config.image_size // config.patch_size
     p = config.patch_size
+    H, W = (size // p for size in ((config.image_size,) * 2 if isinstance(config.image_size, int) else config.image_size))
     rows, cols = (torch.arange(H) // tile) * tile, (torch.arange(W) // tile) * tile
     inner = cait.hf.trunk(model)
     with torch.no_grad():
@@ -119,10 +124,11 @@ def tile_constant(model, x: torch.Tensor, tile: int = 2) -> torch.Tensor:
 def test_merging_identical_neighbours_is_lossless(case):
     """Every output field (HF's shapes: merged tokens back on the grid) equals HF's on tile-constant input."""
     model = hf_model(case)
-    x = tile_constant(model, images(2))
+    x = tile_constant(model, images(2, model))
     fast = cait.compress(model, merge=cait.ATME(r=[8, 4, 0])).eval()  # 12 = all a 4x4 grid of 2x2 tiles allows
+    grid = fast.backbone.grid
     with torch.no_grad():
-        assert fast.backbone.forward_tokens(x).x.shape[1] == fast.backbone.num_prefix_tokens + 4
+        assert fast.backbone.forward_tokens(x).x.shape[1] == fast.backbone.num_prefix_tokens + grid[0] * grid[1] - 12
         assert_outputs_close(fast(x, output_hidden_states=True), model(x, output_hidden_states=True), 1e-4)
 
 
@@ -147,15 +153,15 @@ def zero_pruned_channels(model, fast):
             out.weight[:, drop] = 0
 
 
-@pytest.mark.parametrize("case", CORE + ["deit_teacher", "clip_proj", "dinov2_reg_cls", "siglip"])
+@pytest.mark.parametrize("case", CORE + ["deit_teacher", "clip_proj", "dinov2_reg_cls", "siglip", "vit_odd_nonsquare"])
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_pruned_equals_hf_with_zeroed_channels(case, method):
     model = hf_model(case)
-    calibration = images(4, seed=5) if method == "activation" else None
+    calibration = images(4, model, seed=5) if method == "activation" else None
     fast = cait.compress(model, prune=cait.CDCP(qk=0.5, v=0.5, mlp=0.5, align=4, method=method, calibration=calibration)).eval()
     assert all(block.kept["mlp"] is not None for block in fast.backbone.blocks)
     zero_pruned_channels(model, fast)
-    x = images(3)
+    x = images(3, model)
     with torch.no_grad():
         assert_outputs_close(fast(x, output_hidden_states=True), model(x, output_hidden_states=True), 1e-5)
 
@@ -170,7 +176,7 @@ def test_save_load_round_trip_is_bit_exact(case, tmp_path):
     assert type(back) is type(fast) and back.class_name == type(model).__name__
     assert back.config.to_dict() == fast.config.to_dict()
     assert back.config.cait["schedule"] == list(fast.backbone.schedule) and back.config.cait["merge_flops"] == 0.7
-    x = images(3)
+    x = images(3, model)
     with torch.no_grad():
         a, b = fast(x, output_hidden_states=True), back(x, output_hidden_states=True)
     for key in a.keys():
@@ -326,3 +332,44 @@ def test_cli_refuses_an_unsupported_folder_by_name(tmp_path, capsys):
         main(["compress", "--model", str(tmp_path / "mae"), "--merge-r", "2", "--out", str(tmp_path / "o.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ViTMAEModel is not supported yet" in err[0]
+
+
+@pytest.mark.parametrize("format", ["pt2", "onnx"])
+def test_export_writes_hfs_first_field(format, tmp_path):
+    """cait.export of a compressed HF classifier: the file maps pixel_values to the logits (export checks the
+    file itself; here against HF's output field of the eager wrapper, at a batch the trace did not see)."""
+    # one merging block: the ONNX export of a merge step is ~170 nodes and most of this test's time
+    fast = cait.compress(hf_model("dinov2_cls_swiglu"), merge=cait.ATME(r=[4, 0, 0]), prune=cait.CDCP(mlp=0.5, align=4)).eval()
+    path = tmp_path / f"m.{format}"
+    cait.export(fast, path, format=format, batch=2, dynamic_batch=True)
+    run = cait.load_exported(path)
+    x = images(3)
+    with torch.no_grad():
+        assert rel_err(run(x), fast(x).logits) < 1e-5
+
+
+def test_cli_bench_times_a_folder_and_a_saved_file(tmp_path, capsys):
+    from cait.cli import main
+
+    model = hf_model("vit_cls")
+    model.save_pretrained(tmp_path / "vit")
+    main(["bench", "--models", str(tmp_path / "vit"), "--batch", "2", "--repeats", "1", "--variant", "merge=0.7,prune=0.5/0.5/0.5"])
+    out = capsys.readouterr().out
+    assert "dense" in out and "merge=0.7,prune=0.5/0.5/0.5" in out
+    cait.save(cait.compress(model, merge=cait.ATME(r=[2, 2, 0])), tmp_path / "vit.safetensors")
+    main(["bench", "--models", str(tmp_path / "vit.safetensors"), "--batch", "2", "--repeats", "1"])
+    assert "saved" in capsys.readouterr().out
+
+
+def test_cli_exports_a_saved_hf_file(tmp_path, capsys):
+    from cait.cli import main
+
+    model = hf_model("clip_proj")
+    fast = cait.compress(model, merge=cait.ATME(r=[2, 2, 0])).eval()
+    cait.save(fast, tmp_path / "clip.safetensors")
+    main(["export", str(tmp_path / "clip.safetensors"), "--format", "pt2", "--batch", "2"])
+    assert "wrote" in capsys.readouterr().out
+    run = cait.load_exported(tmp_path / "clip.pt2")
+    x = images(2)
+    with torch.no_grad():
+        assert torch.allclose(run(x), fast(x).image_embeds, atol=1e-6)

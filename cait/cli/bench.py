@@ -37,9 +37,10 @@ def add_parser(commands) -> None:
     b.add_argument(
         "--models",
         nargs="+",
-        metavar="NAME|FILE",
-        help="timm model names and/or .safetensors files saved by cait (default: DeiT-T/S/B at 224). A file is timed as saved, "
-        "next to its architecture rebuilt from the file's config with random weights as the dense row; --variant applies to names",
+        metavar="NAME|FILE|DIR",
+        help="timm model names, .safetensors files saved by cait and/or Hugging Face save_pretrained folders (default: "
+        "DeiT-T/S/B at 224). A file is timed as saved, next to its architecture rebuilt from the file's config with random "
+        "weights as the dense row (a Hugging Face file: next to its HF class); --variant applies to names and folders",
     )
     b.add_argument(
         "--variant",
@@ -207,7 +208,7 @@ def run(args) -> None:
     if args.checkpoint and (len(args.models) != 1 or is_saved_model(args.models[0])):
         raise ValueError("--checkpoint needs exactly one timm model name in --models (a saved file holds its own weights)")
     check_checkpoint(args.checkpoint)
-    if not args.checkpoint and not all(is_saved_model(m) for m in args.models):
+    if not args.checkpoint and not all(is_saved_model(m) or os.path.isdir(m) for m in args.models):
         warn_random_weights("no --checkpoint: the timm models in --models have")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -267,11 +268,16 @@ def check_models(entries: list[str]) -> None:
     from cait.serialize import read_config
 
     for entry in entries:
+        if os.path.isdir(entry):  # a Hugging Face save_pretrained folder (cait.hf.from_folder names what is wrong with it)
+            continue
         if is_saved_model(entry):
             if "head" in read_config(entry):
                 raise ValueError(f"{entry} holds a segmentation model: cait bench times classifiers (see cait bench --segmentation)")
         elif not timm.is_model(entry):
-            raise ValueError(f"--models {entry}: not a timm model name (see timm.list_models()) nor a .safetensors file saved by cait")
+            raise ValueError(
+                f"--models {entry}: not a timm model name (see timm.list_models()), a .safetensors file saved by cait "
+                f"nor a Hugging Face save_pretrained folder"
+            )
 
 
 def bench_all(args) -> None:

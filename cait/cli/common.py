@@ -185,33 +185,14 @@ def is_hf_folder(name: str | None) -> bool:
 
 
 def build_hf_model(args):
-    """The Hugging Face model saved in the folder ``args.model`` (``save_pretrained``: ``config.json`` and
-    weights), in eval mode, as the class its ``config.json`` names (``architectures``)."""
-    folder = args.model
+    """The Hugging Face model saved in the folder ``args.model`` (:func:`cait.hf.from_folder`), in eval mode."""
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", getattr(args, "pretrained", False)),
                                       ("--img-size", args.img_size), ("--num-classes", args.num_classes)) if value]  # fmt: skip
     if given:
-        raise ValueError(f"--model {folder} is a Hugging Face folder, which holds its weights and settings: drop {', '.join(given)}")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"{folder} is a folder without config.json: --model takes a timm name or a Hugging Face save_pretrained folder"
-        )
-    from cait.hf import require_transformers
+        raise ValueError(f"--model {args.model} is a Hugging Face folder, which holds its weights and settings: drop {', '.join(given)}")
+    from cait.hf import from_folder
 
-    transformers = require_transformers(f"--model {folder} (a Hugging Face folder)")
-    try:
-        with open(config_path) as f:
-            architectures = json.load(f).get("architectures") or []
-    except (OSError, json.JSONDecodeError, AttributeError) as error:
-        raise ValueError(f"{config_path} is not a readable Hugging Face config: {error}") from error
-    if len(architectures) != 1 or not isinstance(architectures[0], str):
-        raise ValueError(f"{config_path} must name one model class in 'architectures', got {architectures!r}")
-    cls = getattr(transformers, architectures[0], None)
-    if cls is None:
-        raise ValueError(f"{config_path} names {architectures[0]}, which transformers {transformers.__version__} does not have")
-    transformers.utils.logging.disable_progress_bar()  # refusals and results stay one line each on stderr
-    return cls.from_pretrained(folder).eval()
+    return from_folder(args.model)
 
 
 def load_checkpoint(model, path: str, name: str) -> None:

@@ -2,7 +2,8 @@
 the same function.
 
 Each supported class (:data:`SUPPORTED`) is a pre-norm ViT that a timm ``VisionTransformer`` with the
-right settings computes exactly: :func:`to_timm` builds that timm model (LayerNorm eps, activation,
+right settings computes exactly (DINOv3: timm's ``Eva`` with DINOv3's RoPE, at any input size):
+:func:`to_timm` builds that timm model (LayerNorm eps, activation,
 LayerScale, SwiGLU, pre-norm, no final norm, prefix tokens: DeiT's distillation token, DINOv2's
 registers) and copies the HF weights into it (q, k, v packed into timm's ``qkv``, CLIP's and SigLIP's
 position embeddings reshaped, SigLIP's pooling head as timm's ``AttentionPoolLatent``). :func:`compress` compresses it
@@ -24,7 +25,8 @@ names known ones and why), ``output_attentions`` (attention maps between merged 
 ``bool_masked_pos``, ``attention_mask``, and position-embedding interpolation at sizes other than the
 model's own: HF interpolates with bicubic ``align_corners=False`` and no antialiasing, timm with
 antialiasing (they differ by ~0.3 on unit-scale embeddings), so another size would be silently another
-function. This module imports ``transformers`` only when a Hugging Face model is compressed or loaded
+function (DINOv3 has no such embedding: its RoPE is computed per grid, and it takes any size). This
+module imports ``transformers`` only when a Hugging Face model is compressed or loaded
 (``pip install 'cait[hf]'``).
 """
 
@@ -53,6 +55,7 @@ SUPPORTED = {
     "CLIPVisionModel": "clip",
     "CLIPVisionModelWithProjection": "clip",
     "SiglipVisionModel": "siglip",
+    "DINOv3ViTModel": "dinov3",
 }
 
 # Known vision classes cait does not take yet: class name -> (feature, why)
@@ -63,8 +66,7 @@ REFUSED = {
     "ViTMAEForPreTraining": ("random masking", "MAE drops a random subset of patches before the blocks (no fixed patch grid)"),
     "Dinov2Backbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet (use Dinov2Model)"),
     "Dinov2WithRegistersBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet"),
-    "DINOv3ViTModel": ("RoPE mapping", "the mapping onto timm's Eva (RoPE) is not verified yet"),
-    "DINOv3ViTBackbone": ("RoPE mapping", "the mapping onto timm's Eva (RoPE) is not verified yet"),
+    "DINOv3ViTBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet (use DINOv3ViTModel)"),
     "SiglipForImageClassification": ("classifier on the mean of patch tokens", "not mapped yet (SiglipVisionModel is)"),
     "Siglip2VisionModel": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
     "Siglip2ForImageClassification": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
@@ -144,6 +146,8 @@ def trunk(model: nn.Module) -> nn.Module:
 def _layers(family: str, inner: nn.Module):
     if family in ("vit", "deit"):
         return inner.layers
+    if family == "dinov3":
+        return inner.model.layer
     return inner.encoder.layer if family.startswith("dinov2") else inner.encoder.layers
 
 
@@ -185,6 +189,59 @@ def timm_settings(family: str, config) -> dict:
     if family == "clip":
         settings.update(pre_norm=True, final_norm=False)  # pre_layrnorm; post_layernorm only on the pooled token (a head)
     return settings
+
+
+def dinov3_settings(config) -> dict:
+    """The arguments of ``timm.create_model(DINOV3_NAME, ...)`` (timm's ``Eva`` with DINOv3's RoPE: coordinates of
+    patch centres in [-1, 1] per axis, periods ``rope_theta``, rotate-half) that compute what an HF DINOv3 config does."""
+    from timm.layers import LayerNorm
+
+    width = config.hidden_size
+    if config.key_bias or config.query_bias != config.value_bias:
+        raise Unsupported(
+            "q/k/v biases", "DINOv3 with a key bias, or a query bias without a value bias: timm's Eva has q and v biases only"
+        )
+    if not (config.proj_bias and config.mlp_bias):
+        raise Unsupported("biases", "DINOv3 without projection or MLP biases is not mapped onto timm's Eva")
+    if config.use_gated_mlp:
+        raise Unsupported("gated MLP", "DINOv3 with a gated MLP (use_gated_mlp) is not mapped onto timm's Eva yet")
+    if config.hidden_act != "gelu":
+        raise Unsupported("activation", f"DINOv3 with hidden_act={config.hidden_act!r}: timm's Eva MLP is GELU")
+    ratio = config.intermediate_size / width
+    if int(width * ratio) != config.intermediate_size:
+        raise Unsupported("MLP width", f"an MLP of {config.intermediate_size} units on width {width} is not timm's int(width * mlp_ratio)")
+    return dict(
+        img_size=_pair(config.image_size), patch_size=_pair(config.patch_size), in_chans=config.num_channels, num_classes=0,
+        global_pool="token", embed_dim=width, depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
+        qkv_bias=bool(config.query_bias), init_values=config.layerscale_value, rope_temperature=float(config.rope_theta),
+        num_reg_tokens=config.num_register_tokens, norm_layer=functools.partial(LayerNorm, eps=config.layer_norm_eps),
+        mlp_ratio=ratio, dynamic_img_size=True,
+    )  # fmt: skip
+
+
+DINOV3_NAME = "vit_small_patch16_dinov3"  # the timm name whose architecture the settings above resize
+
+
+def _dinov3_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An HF DINOv3's tensors under timm ``Eva``'s names (q, k, v packed into ``qkv``; q and v biases apart)."""
+    emb, out = model.embeddings, {}
+    out["cls_token"], out["reg_token"] = emb.cls_token, emb.register_tokens
+    out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = emb.patch_embeddings.weight, emb.patch_embeddings.bias
+    for i, layer in enumerate(model.model.layer):
+        p, attn = f"blocks.{i}.", layer.attention
+        out[p + "gamma_1"], out[p + "gamma_2"] = layer.layer_scale1.lambda1, layer.layer_scale2.lambda1
+        for name in ("norm1", "norm2"):
+            out[f"{p}{name}.weight"], out[f"{p}{name}.bias"] = getattr(layer, name).weight, getattr(layer, name).bias
+        out[p + "attn.qkv.weight"] = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        if attn.q_proj.bias is not None:
+            out[p + "attn.q_bias"], out[p + "attn.v_bias"] = attn.q_proj.bias, attn.v_proj.bias
+        out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = attn.o_proj.weight, attn.o_proj.bias
+        out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = layer.mlp.up_proj.weight, layer.mlp.up_proj.bias
+        out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = layer.mlp.down_proj.weight, layer.mlp.down_proj.bias
+    out["norm.weight"], out["norm.bias"] = model.norm.weight, model.norm.bias
+    if out["reg_token"].shape[1] == 0:
+        del out["reg_token"]
+    return {name: t.detach().clone() for name, t in out.items()}
 
 
 def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
@@ -249,6 +306,13 @@ def to_timm(model: nn.Module) -> nn.Module:
 
     family = check_hf(model)
     inner = trunk(model)
+    if family == "dinov3":  # timm's Eva keeps its rotary tables in non-persistent buffers: built for real, not on meta
+        import timm
+
+        with torch.device(inner.embeddings.cls_token.device):  # where the HF weights are (meta too: cait compresses there)
+            vit = timm.create_model(DINOV3_NAME, pretrained=False, **dinov3_settings(inner.config))
+        vit.load_state_dict(_dinov3_weights(inner), strict=True, assign=True)
+        return vit.train(model.training)
     with torch.device("meta"):
         vit = VisionTransformer(**timm_settings(family, inner.config))
     weights = _timm_weights(family, inner)
@@ -393,7 +457,7 @@ class HFCompressed(nn.Module):
         if pixel_values.dim() != 4 or pixel_values.shape[1] != chans:
             raise ValueError(f"pixel_values must have shape (B, {chans}, H, W), got {tuple(pixel_values.shape)}")
         size = tuple(pixel_values.shape[2:])
-        if size == (height, width):
+        if size == (height, width) or self.family == "dinov3":  # DINOv3: RoPE at any grid, as HF (no interpolation)
             return
         # ViT/DeiT/CLIP without interpolate_pos_encoding refuse other sizes (as HF does); DINOv2 always interpolates
         if not interpolate_pos_encoding and not self.family.startswith("dinov2"):
@@ -488,7 +552,7 @@ class HFCompressed(nn.Module):
             return outputs.ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
         if self.family == "siglip":
             pooled = h["head"](last) if "head" in h else None
-        elif self.family.startswith("dinov2"):
+        elif self.family.startswith(("dinov2", "dinov3")):
             pooled = last[:, 0]
         else:
             pooled = h["pooler"](last[:, 0]) if "pooler" in h else None
@@ -575,7 +639,16 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
     pooler = has_pooler(model)
     head_modules = heads(class_name, model.config, pooler)
     head_modules.load_state_dict(_head_weights(class_name, model, head_modules), strict=True, assign=True)
-    fast = compress_timm(to_timm(model), merge=merge, prune=prune, copy=False)
+    vit = to_timm(model)
+    fast = compress_timm(vit, merge=merge, prune=prune, copy=False)
+    if SUPPORTED[class_name] == "dinov3":  # timm's record of a name-built Eva keeps only sizes: the rest of the HF config
+        from .architecture import norm_spec
+
+        settings = dinov3_settings(trunk(model).config)
+        fast.source["kwargs"].update(
+            {k: settings[k] for k in ("qkv_bias", "init_values", "rope_temperature", "num_reg_tokens", "mlp_ratio")},
+            norm_layer=norm_spec(vit.norm),
+        )
     wrapper = HFCompressed(fast, class_name, copy_config(model.config), head_modules, pooler)
     return wrapper.train(model.training)
 

@@ -32,7 +32,7 @@ module imports ``transformers`` only when a Hugging Face model is compressed or 
 
 from __future__ import annotations
 
-import copy
+import copy as copying
 import functools
 import os
 
@@ -431,7 +431,7 @@ class HFCompressed(nn.Module):
         """What :func:`cait.save` stores to rebuild this wrapper (``hf`` in the file's config)."""
         import transformers
 
-        config = copy.deepcopy(self.hf_config)
+        config = copying.deepcopy(self.hf_config)
         if hasattr(config, "cait"):
             del config.cait
         return {
@@ -492,6 +492,8 @@ class HFCompressed(nn.Module):
     ):
         from transformers import modeling_outputs as outputs
 
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a tensor (B, C, H, W), got {type(pixel_values).__name__}")
         config = self.hf_config
         if output_attentions or (output_attentions is None and getattr(config, "output_attentions", False)):
             raise Unsupported("attention maps", "output_attentions: attention maps between merged tokens are not HF's maps")
@@ -649,12 +651,8 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
             {k: settings[k] for k in ("qkv_bias", "init_values", "rope_temperature", "num_reg_tokens", "mlp_ratio")},
             norm_layer=norm_spec(vit.norm),
         )
-    wrapper = HFCompressed(fast, class_name, copy_config(model.config), head_modules, pooler)
+    wrapper = HFCompressed(fast, class_name, copying.deepcopy(model.config), head_modules, pooler)
     return wrapper.train(model.training)
-
-
-def copy_config(config):
-    return copy.deepcopy(config)
 
 
 def from_record(backbone: nn.Module, record: dict) -> HFCompressed:

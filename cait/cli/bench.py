@@ -170,6 +170,7 @@ def run(args) -> None:
     from tqdm.auto import tqdm
 
     from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, is_saved_model, machine, parse_variant, run, table
+    from cait.hf import is_folder
 
     if args.threads and (len(args.threads) > 1 and not args.deploy or min(args.threads) < 1):
         raise ValueError("--threads takes one count >= 1 (several only with --deploy)")
@@ -208,7 +209,7 @@ def run(args) -> None:
     if args.checkpoint and (len(args.models) != 1 or is_saved_model(args.models[0])):
         raise ValueError("--checkpoint needs exactly one timm model name in --models (a saved file holds its own weights)")
     check_checkpoint(args.checkpoint)
-    if not args.checkpoint and not all(is_saved_model(m) or os.path.isdir(m) for m in args.models):
+    if not args.checkpoint and not all(is_saved_model(m) or is_folder(m) for m in args.models):
         warn_random_weights("no --checkpoint: the timm models in --models have")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -265,10 +266,11 @@ def check_models(entries: list[str]) -> None:
     import timm
 
     from cait.benchmarks.latency import is_saved_model
+    from cait.hf import is_folder
     from cait.serialize import read_config
 
     for entry in entries:
-        if os.path.isdir(entry):  # a Hugging Face save_pretrained folder (cait.hf.from_folder names what is wrong with it)
+        if is_folder(entry):  # a Hugging Face save_pretrained folder (cait.hf.from_folder names what is wrong with it)
             continue
         if is_saved_model(entry):
             if "head" in read_config(entry):

@@ -179,11 +179,6 @@ def build_model(args):
     return model.eval()
 
 
-def is_hf_folder(name: str | None) -> bool:
-    """Whether ``--model`` names a folder (a Hugging Face ``save_pretrained`` folder) rather than a timm name."""
-    return name is not None and os.path.isdir(name)
-
-
 def build_hf_model(args):
     """The Hugging Face model saved in the folder ``args.model`` (:func:`cait.hf.from_folder`), in eval mode."""
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", getattr(args, "pretrained", False)),

@@ -14,7 +14,6 @@ from .common import (
     check_output,
     compression,
     describe,
-    is_hf_folder,
 )
 
 
@@ -56,7 +55,9 @@ def run(args) -> None:
     check_compression(args)
     if args.model is None:
         raise ValueError("give --model (a timm name), or --plan FILE (its model)")
-    if is_hf_folder(args.model):
+    from cait.hf import is_folder
+
+    if is_folder(args.model):  # a Hugging Face save_pretrained folder
         if args.plan or args.calibration or args.dynamic_img_size:
             flag = "--plan" if args.plan else "--calibration" if args.calibration else "--dynamic-img-size"
             raise ValueError(f"{flag} is not supported with a Hugging Face folder yet (--model {args.model})")

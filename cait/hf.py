@@ -203,10 +203,10 @@ def dinov3_settings(config) -> dict:
         )
     if not (config.proj_bias and config.mlp_bias):
         raise Unsupported("biases", "DINOv3 without projection or MLP biases is not mapped onto timm's Eva")
-    if config.use_gated_mlp:
-        raise Unsupported("gated MLP", "DINOv3 with a gated MLP (use_gated_mlp) is not mapped onto timm's Eva yet")
-    if config.hidden_act != "gelu":
-        raise Unsupported("activation", f"DINOv3 with hidden_act={config.hidden_act!r}: timm's Eva MLP is GELU")
+    act = ACTIVATIONS.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    if act != ("silu" if config.use_gated_mlp else "gelu"):  # timm's Eva: GELU MLPs, SiLU-gated (SwiGLU) ones
+        kind = "gated MLP" if config.use_gated_mlp else "MLP"
+        raise Unsupported("activation", f"DINOv3 with a {kind} of hidden_act={config.hidden_act!r}: timm's Eva has GELU MLPs and SwiGLU")
     ratio = config.intermediate_size / width
     if int(width * ratio) != config.intermediate_size:
         raise Unsupported("MLP width", f"an MLP of {config.intermediate_size} units on width {width} is not timm's int(width * mlp_ratio)")
@@ -215,7 +215,7 @@ def dinov3_settings(config) -> dict:
         global_pool="token", embed_dim=width, depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
         qkv_bias=bool(config.query_bias), init_values=config.layerscale_value, rope_temperature=float(config.rope_theta),
         num_reg_tokens=config.num_register_tokens, norm_layer=functools.partial(LayerNorm, eps=config.layer_norm_eps),
-        mlp_ratio=ratio, dynamic_img_size=True,
+        mlp_ratio=ratio, swiglu_mlp=bool(config.use_gated_mlp), dynamic_img_size=True,
     )  # fmt: skip
 
 
@@ -236,7 +236,12 @@ def _dinov3_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         if attn.q_proj.bias is not None:
             out[p + "attn.q_bias"], out[p + "attn.v_bias"] = attn.q_proj.bias, attn.v_proj.bias
         out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = attn.o_proj.weight, attn.o_proj.bias
-        out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = layer.mlp.up_proj.weight, layer.mlp.up_proj.bias
+        if hasattr(layer.mlp, "gate_proj"):  # timm's packed SwiGLU (GluMlp, gate first): fc1 = [gate | up], act(gate) * up
+            mlp = layer.mlp
+            out[p + "mlp.fc1.weight"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            out[p + "mlp.fc1.bias"] = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+        else:
+            out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = layer.mlp.up_proj.weight, layer.mlp.up_proj.bias
         out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = layer.mlp.down_proj.weight, layer.mlp.down_proj.bias
     out["norm.weight"], out["norm.bias"] = model.norm.weight, model.norm.bias
     if out["reg_token"].shape[1] == 0:
@@ -648,7 +653,7 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
 
         settings = dinov3_settings(trunk(model).config)
         fast.source["kwargs"].update(
-            {k: settings[k] for k in ("qkv_bias", "init_values", "rope_temperature", "num_reg_tokens", "mlp_ratio")},
+            {k: settings[k] for k in ("qkv_bias", "init_values", "rope_temperature", "num_reg_tokens", "mlp_ratio", "swiglu_mlp")},
             norm_layer=norm_spec(vit.norm),
         )
     wrapper = HFCompressed(fast, class_name, copying.deepcopy(model.config), head_modules, pooler)

@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Exact versions known to work here (setup.py keeps loose ranges for real users).
 FRAMEWORK_PINS := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 timm==1.0.31
-TOOL_PINS := pytest==9.2.0 pytest-xdist==3.8.0 pytest-benchmark==5.3.1 tqdm==4.70.1 ruff==0.17.6 safetensors==0.8.0 scikit-learn==1.9.1 matplotlib==3.11.2 jsonschema==4.26.0 ninja==1.13.2 hypothesis==6.170.17 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1
+TOOL_PINS := pytest==9.2.0 pytest-xdist==3.8.0 pytest-benchmark==5.3.1 tqdm==4.70.1 ruff==0.17.6 safetensors==0.8.0 scikit-learn==1.9.1 matplotlib==3.11.2 jsonschema==4.26.0 ninja==1.13.2 hypothesis==6.170.17 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 transformers==5.25.0
 PINS := $(FRAMEWORK_PINS) $(TOOL_PINS)
 # make test runs one pytest-xdist worker per core (each on one thread, tests/conftest.py); TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= auto

@@ -2,6 +2,8 @@ from setuptools import find_packages, setup
 
 # cait.export(format="onnx") and the onnxruntime benchmark runtime; the floors are the versions tested
 EXPORT = ["onnx>=1.23", "onnxscript>=0.7.2", "onnxruntime>=1.31"]
+# Hugging Face vision models (cait.hf: ViT, DeiT, DINOv2, CLIP vision); the floor is the version tested
+HF = ["transformers>=5.25"]
 
 setup(
     name="cait",
@@ -23,8 +25,9 @@ setup(
     ],
     entry_points={"console_scripts": ["cait = cait.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema", "hypothesis>=6.170", *EXPORT],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "jsonschema", "hypothesis>=6.170", *EXPORT, *HF],
         "bench": ["pytest-benchmark", "scikit-learn", "matplotlib", *EXPORT],
         "export": EXPORT,
+        "hf": HF,
     },
 )

@@ -36,7 +36,7 @@ _NAMES = {  # public name -> module that defines it (relative to this package)
     "save": ".serialize",
     "visualize": ".regions",
 }
-_MODULES = {"finetune": ".train.finetune", "planner": ".planner", "segmentation": ".segmentation"}  # public sub-modules
+_MODULES = {"finetune": ".train.finetune", "hf": ".hf", "planner": ".planner", "segmentation": ".segmentation"}  # public sub-modules
 
 __all__ = sorted([*_NAMES, *_MODULES])
 

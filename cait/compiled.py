@@ -76,6 +76,8 @@ def optimize(model: nn.Module, example: torch.Tensor) -> Optimized:
 
     Args:
         model: a timm ViT or a compressed model (any ``nn.Module`` taking images), in eval mode,
+            (a compressed Hugging Face model compiles as ``pixel_values ->`` its first output field:
+            :meth:`cait.hf.HFCompressed.first_field`),
             on the device and in the dtype of ``example``.
         example: ``(B, C, H, W)`` images; compilation runs on it before this returns (CPU: about
             20 s for DeiT-S dense and 40-60 s compressed on 2 cores; cached by inductor afterwards).
@@ -97,4 +99,8 @@ def optimize(model: nn.Module, example: torch.Tensor) -> Optimized:
     weight = next(model.parameters())
     if weight.device != example.device or weight.dtype != example.dtype:
         raise ValueError(f"the model is {weight.dtype} on {weight.device} but the example {example.dtype} on {example.device}")
+    from .hf import HFCompressed
+
+    if isinstance(model, HFCompressed):  # compiled as the map to HF's first output field (cait.hf.HFCompressed.first_field)
+        model = model.first_field()
     return Optimized(model, example)

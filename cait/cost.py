@@ -37,6 +37,9 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     embed = getattr(model, "patch_embed", None)
     if embed is not None:
         return (embed.proj.in_channels, *embed.img_size)
+    size = getattr(model, "input_size", None)  # e.g. cait.hf.FirstField (a Hugging Face model's first output field)
+    if isinstance(size, tuple) and len(size) == 3:
+        return size
     for inner in ("vit", "backbone"):  # a compressed model's timm parts, a segmentation model's backbone
         if isinstance(getattr(model, inner, None), nn.Module):
             return default_input_size(getattr(model, inner))

@@ -282,7 +282,10 @@ def export(
 
     Args:
         model: a timm ViT, a compressed model or a segmentation model, in eval mode (any ``nn.Module``
-            whose ``forward`` takes images ``(B, C, H, W)``).
+            whose ``forward`` takes images ``(B, C, H, W)``). A compressed Hugging Face model
+            (:class:`cait.hf.HFCompressed`) is written as the map from ``pixel_values`` to the first field
+            of its output (:meth:`~cait.hf.HFCompressed.first_field`: logits of a classifier,
+            ``last_hidden_state`` of a backbone, ``image_embeds`` of CLIP with projection).
         path: the file to write; its suffix must be what :func:`load_exported` reads for ``format``
             (``.pt2``, ``.onnx``, ``.aoti.pt2``).
         format: ``pt2``, ``onnx`` or ``aoti``.
@@ -306,6 +309,10 @@ def export(
     weight = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     size = _input_size(model, img_size)
+    from .hf import HFCompressed
+
+    if isinstance(model, HFCompressed):  # a compressed Hugging Face model: the file computes HF's first output field
+        model = model.first_field()
     # torch.export specializes a batch of 1 (and 0): a dynamic batch is traced at 2 at least
     example = torch.randn(max(batch, 2) if dynamic_batch else batch, *size, generator=generator).to(weight)
     probes = [torch.randn(batch, *size, generator=generator).to(weight)]

@@ -461,8 +461,17 @@ def compress(
             counts are scaled to the grid (refused where they cannot hold). Shapes stay static per
             size: capture one CUDA graph per size.
 
-    The source's training mode and ``grad_checkpointing`` carry over.
+    The source's training mode and ``grad_checkpointing`` carry over. A Hugging Face ``transformers``
+    model (ViT, DeiT, DINOv2, CLIP vision; :mod:`cait.hf`) is compressed through the timm architecture
+    that computes the same function and comes back as a :class:`cait.hf.HFCompressed` with HF's calling
+    convention, outputs and ``config``.
     """
+    from .hf import is_hf_model
+
+    if is_hf_model(model):
+        from .hf import compress as compress_hf
+
+        return compress_hf(model, merge=merge, prune=prune, copy=copy, dynamic_img_size=dynamic_img_size)
     check_supported(model)
     if merge is not None and not isinstance(merge, ATME):
         raise TypeError(f"merge must be a cait.ATME schedule or None, got {type(merge).__name__}")

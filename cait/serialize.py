@@ -8,6 +8,10 @@ The config (JSON in the safetensors metadata under ``"cait"``, format :data:`FOR
 - ``tile``, ``schedule``, ``kept``: the ATME tile and schedule and every block's kept channels;
 - ``head``: a segmentation model's head (:func:`cait.segmentation.head_config`); its tensors
   are the backbone's under ``backbone.`` and the head's under ``head.``;
+- ``hf``: a compressed Hugging Face model (:mod:`cait.hf`): its class, its HF config (``to_dict``),
+  whether it has a pooler, the compression and the transformers version; the backbone's tensors are
+  under ``backbone.``, HF's heads under ``heads.``. Loading it needs ``transformers`` (one clear
+  ``ImportError`` line otherwise);
 - ``cait_version`` and ``timm_version`` of the writer, for information.
 
 :func:`save` proves the file before writing it: it rebuilds the model from the config it is about to
@@ -40,14 +44,20 @@ ARCHITECTURE_KEYS = (
 )  # fmt: skip
 
 
+def _is_hf(model) -> bool:
+    from .hf import HFCompressed
+
+    return isinstance(model, HFCompressed)
+
+
 def _backbone(model):
     from .model import CompressedViT
     from .segmentation import Segmenter
 
-    backbone = model.backbone if isinstance(model, Segmenter) else model
+    backbone = model.backbone if isinstance(model, Segmenter) or _is_hf(model) else model
     if not isinstance(backbone, CompressedViT):
         raise TypeError(
-            f"cait.save takes a model made by cait.compress or a Segmenter on one, got {type(model).__name__}"
+            f"cait.save takes a model made by cait.compress (a timm or Hugging Face one) or a Segmenter on one, got {type(model).__name__}"
             + (f" on a {type(backbone).__name__}" if backbone is not model else "")
         )
     return backbone
@@ -78,7 +88,9 @@ def config_of(model) -> dict:
         config["reference_schedule"] = {"grid": list(reference_grid), "counts": list(counts)}
     if backbone.origin:
         config["origin"] = backbone.origin
-    if backbone is not model:
+    if _is_hf(model):
+        config["hf"] = model.record()
+    elif backbone is not model:
         config["head"] = head_config(model.head)
     return config
 
@@ -128,6 +140,10 @@ def skeleton(config: dict) -> nn.Module:
     model.origin = config.get("origin")
     if config.get("merge_flops") is not None:  # other input sizes solve the same FLOPs target, as the saved model did
         model.merge = ATME(flops=float(config["merge_flops"]), block=config["tile"], position=position)
+    if "hf" in config:
+        from .hf import from_record
+
+        return from_record(model, config["hf"])
     if "head" in config:
         head = dict(config["head"])
         with torch.device("meta"):
@@ -183,6 +199,9 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
 def _probe_outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     backbone = _backbone(model)
     state = backbone.forward_tokens(images)
+    if _is_hf(model):  # every tensor of HF's output (hidden states included)
+        out = model(images, output_hidden_states=True, return_dict=False)
+        return [state.x, state.size, state.owner, *(t for t in out if isinstance(t, torch.Tensor)), *out[-1]]
     return [state.x, state.size, state.owner, model(images)]
 
 
@@ -209,7 +228,8 @@ def verify(model: nn.Module, config: dict) -> None:
     finally:
         for module, mode in modes.items():
             module.training = mode
-    for name, a, b in zip(("tokens", "token sizes", "owners", "output"), ours, theirs):
+    names = ("tokens", "token sizes", "owners", *("output",) * (len(ours) - 3))
+    for name, a, b in zip(names, ours, theirs, strict=True):
         if a.shape != b.shape or not torch.equal(a, b):
             raise ValueError(
                 f"cait.save cannot store this model exactly: rebuilt from the recorded settings it computes other {name} on a "

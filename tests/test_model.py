@@ -127,8 +127,9 @@ def test_models_of_other_libraries_are_refused_naming_the_library():
 
     with pytest.raises(NotImplementedError, match="comes from torchvision, not timm"):
         cait.compress(torchvision.models.vit_b_16())
-    hugging_face = type("ViTModel", (torch.nn.Module,), {"__module__": "transformers.models.vit.modeling_vit"})
-    with pytest.raises(NotImplementedError, match="comes from Hugging Face transformers, not timm"):
+    # Hugging Face classes go to cait.hf (tests/test_hf.py), which refuses the ones it does not map by name
+    hugging_face = type("SwinModel", (torch.nn.Module,), {"__module__": "transformers.models.swin.modeling_swin"})
+    with pytest.raises(NotImplementedError, match="Hugging Face SwinModel is not supported: cait takes ViTModel"):
         cait.compress(hugging_face())
 
 

@@ -69,6 +69,26 @@ def test_help_does_not_import_torch():
     assert out.strip().endswith("[]"), out
 
 
+def test_transformers_is_optional_and_lazy():
+    """``import cait``, ``cait --help``, timm compression, save and load never import transformers (``cait[hf]``)."""
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"  # as if not installed: any import of it fails
+        "import timm, torch, cait\n"
+        "from cait.cli import main\n"
+        "try: main(['--help'])\n"
+        "except SystemExit: pass\n"
+        "m = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=1, num_classes=3)\n"
+        "fast = cait.compress(m, merge=cait.ATME(r=1)); import cait.hf\n"
+        "import tempfile, os; path = os.path.join(tempfile.mkdtemp(), 'm.safetensors'); cait.save(fast, path); cait.load(path)\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("ok"), out
+    code = "import sys, cait, cait.cli; cait.cli.build_parser(); print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", out
+
+
 def _imports(path: pathlib.Path) -> set[str]:
     """Absolute module names imported by ``path`` (relative imports resolved against its package)."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])

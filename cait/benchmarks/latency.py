@@ -322,15 +322,29 @@ def contenders_for(entry: str, specs: dict, checkpoint: str | None = None, load_
     (``checkpoint`` loaded by ``load_weights(model, path, name)``, timm's loader by default) and one
     compressed copy per variant spec. A saved file: the model it holds, as ``"saved"``, next to the
     same architecture rebuilt from the file's config with random weights as ``"dense"`` (variants
-    apply to timm names only). ``kwargs`` go to ``timm.create_model`` (timm names only)."""
+    apply to timm names and Hugging Face folders only). A Hugging Face ``save_pretrained`` folder: the HF
+    model as ``"dense"`` and its compressed copies, each as the map to HF's first output field
+    (:class:`cait.hf.FirstField`); a compressed HF file next to its HF class with random weights. ``kwargs`` go to
+    ``timm.create_model`` (timm names only)."""
     import timm
 
+    from .. import hf
     from ..serialize import load
 
+    if hf.is_folder(entry):  # a Hugging Face save_pretrained folder: the HF model and compressed copies, HF's first field each
+        model = hf.from_folder(entry)
+        if any(spec[0] == "tome" for spec in specs.values()):
+            raise ValueError(f"{entry}: ToMe variants take timm models; a Hugging Face folder takes merge=/prune= variants")
+        variants = {text: build_variant(model, spec).eval().first_field() for text, spec in specs.items()}
+        return {"dense": hf.FirstField(model, hf.input_size(model)), **variants}
     if is_saved_model(entry):
         from ..architecture import build
 
         saved = load(entry)
+        if isinstance(saved, hf.HFCompressed):  # next to the HF class itself, random weights, from the saved HF config
+            transformers = hf.require_transformers("timing a compressed Hugging Face file")
+            dense = getattr(transformers, saved.class_name)(saved.hf_config).eval()
+            return {"dense": hf.FirstField(dense, saved.backbone.input_size), "saved": saved.first_field().eval()}
         return {"dense": build(saved.architecture(), device=None), "saved": saved}
     dense = timm.create_model(entry, **kwargs).eval()
     if checkpoint:

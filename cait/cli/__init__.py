@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except (ValueError, NotImplementedError, FileNotFoundError, IsADirectoryError) as error:
         parser.exit(2, f"cait {args.command}: error: {error}\n")
+    except ImportError as error:  # an optional extra that is not installed (e.g. transformers for a Hugging Face file)
+        if not getattr(error, "cait_extra", None):
+            raise
+        parser.exit(2, f"cait {args.command}: error: {error}\n")
     except RuntimeError as error:
         if "Unknown model" not in str(error):
             raise

@@ -37,9 +37,10 @@ def add_parser(commands) -> None:
     b.add_argument(
         "--models",
         nargs="+",
-        metavar="NAME|FILE",
-        help="timm model names and/or .safetensors files saved by cait (default: DeiT-T/S/B at 224). A file is timed as saved, "
-        "next to its architecture rebuilt from the file's config with random weights as the dense row; --variant applies to names",
+        metavar="NAME|FILE|DIR",
+        help="timm model names, .safetensors files saved by cait and/or Hugging Face save_pretrained folders (default: "
+        "DeiT-T/S/B at 224). A file is timed as saved, next to its architecture rebuilt from the file's config with random "
+        "weights as the dense row (a Hugging Face file: next to its HF class); --variant applies to names and folders",
     )
     b.add_argument(
         "--variant",
@@ -184,6 +185,7 @@ def run(args) -> None:
     from tqdm.auto import tqdm
 
     from cait.benchmarks.latency import DEFAULT_VARIANTS, as_json, is_saved_model, machine, parse_variant, run, table
+    from cait.hf import is_folder
 
     if args.threads and (len(args.threads) > 1 and not args.deploy or min(args.threads) < 1):
         raise ValueError("--threads takes one count >= 1 (several only with --deploy)")
@@ -226,7 +228,7 @@ def run(args) -> None:
     if args.checkpoint and (len(args.models) != 1 or is_saved_model(args.models[0])):
         raise ValueError("--checkpoint needs exactly one timm model name in --models (a saved file holds its own weights)")
     check_checkpoint(args.checkpoint)
-    if not args.checkpoint and not all(is_saved_model(m) for m in args.models):
+    if not args.checkpoint and not all(is_saved_model(m) or is_folder(m) for m in args.models):
         warn_random_weights("no --checkpoint: the timm models in --models have")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -348,14 +350,20 @@ def check_models(entries: list[str]) -> None:
     import timm
 
     from cait.benchmarks.latency import is_saved_model
+    from cait.hf import is_folder
     from cait.serialize import read_config
 
     for entry in entries:
+        if is_folder(entry):  # a Hugging Face save_pretrained folder (cait.hf.from_folder names what is wrong with it)
+            continue
         if is_saved_model(entry):
             if "head" in read_config(entry):
                 raise ValueError(f"{entry} holds a segmentation model: cait bench times classifiers (see cait bench --segmentation)")
         elif not timm.is_model(entry):
-            raise ValueError(f"--models {entry}: not a timm model name (see timm.list_models()) nor a .safetensors file saved by cait")
+            raise ValueError(
+                f"--models {entry}: not a timm model name (see timm.list_models()), a .safetensors file saved by cait "
+                f"nor a Hugging Face save_pretrained folder"
+            )
 
 
 def bench_all(args) -> None:

@@ -185,6 +185,17 @@ def build_model(args):
     return model.eval()
 
 
+def build_hf_model(args):
+    """The Hugging Face model saved in the folder ``args.model`` (:func:`cait.hf.from_folder`), in eval mode."""
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", getattr(args, "pretrained", False)),
+                                      ("--img-size", args.img_size), ("--num-classes", args.num_classes)) if value]  # fmt: skip
+    if given:
+        raise ValueError(f"--model {args.model} is a Hugging Face folder, which holds its weights and settings: drop {', '.join(given)}")
+    from cait.hf import from_folder
+
+    return from_folder(args.model)
+
+
 def load_checkpoint(model, path: str, name: str) -> None:
     """timm's ``load_checkpoint``, its many-line or empty errors turned into one ValueError line."""
     from timm.models import load_checkpoint as timm_load
@@ -286,8 +297,21 @@ def _align(values: list[int] | None):
 
 
 def describe(fast, dense) -> None:
-    """Print what a compressed model keeps, next to its dense original."""
+    """Print what a compressed model keeps, next to its dense original (for a compressed Hugging Face
+    model: its backbone next to the timm model that computes the HF model's trunk)."""
     import cait
+    from cait.hf import HFCompressed
+
+    if isinstance(fast, HFCompressed):
+        heads = ", ".join(fast.heads) or "none"
+        print(f"hf        Hugging Face {fast.class_name} (heads: {heads}), compressed through timm's VisionTransformer")
+        fast = fast.backbone
+        if dense is not None and type(dense).__module__.startswith("transformers."):
+            dense = cait.hf.to_timm(dense)
+        elif dense is None:
+            from cait import architecture
+
+            dense = architecture.build(fast.architecture(), device=None)
 
     spec = fast.architecture()
     grid = fast.grid

@@ -8,6 +8,7 @@ from .common import (
     EXAMPLES,
     add_compression_arguments,
     add_model_arguments,
+    build_hf_model,
     build_model,
     check_compression,
     check_output,
@@ -25,7 +26,12 @@ def add_parser(commands) -> None:
         description="Build a timm model, merge tokens and/or prune channels, and save the compressed model "
         "(weights and config in one .safetensors file that `cait.load` reads without the original weights).",
     )
-    add_model_arguments(c, required=False, model_help="timm model name, e.g. deit_small_patch16_224 (default with --plan: the plan's)")
+    add_model_arguments(
+        c,
+        required=False,
+        model_help="timm model name, e.g. deit_small_patch16_224 (default with --plan: the plan's), or a Hugging Face "
+        "save_pretrained folder (ViT, DeiT, DINOv2, CLIP vision; needs pip install 'cait[hf]')",
+    )
     add_compression_arguments(c)
     c.add_argument(
         "--dynamic-img-size",
@@ -52,7 +58,15 @@ def run(args) -> None:
     check_compression(args)
     if args.model is None:
         raise ValueError("give --model (a timm name), or --plan FILE (its model)")
-    model = build_model(args)
+    from cait.hf import is_folder
+
+    if is_folder(args.model):  # a Hugging Face save_pretrained folder
+        if args.plan or args.calibration or args.dynamic_img_size:
+            flag = "--plan" if args.plan else "--calibration" if args.calibration else "--dynamic-img-size"
+            raise ValueError(f"{flag} is not supported with a Hugging Face folder yet (--model {args.model})")
+        model = build_hf_model(args)
+    else:
+        model = build_model(args)
     merge, prune = compression(args, model, args.calibration)
     fast = cait.compress(model, merge=merge, prune=prune, dynamic_img_size=args.dynamic_img_size)
     if args.plan:

@@ -19,11 +19,16 @@ def add_parser(commands) -> None:
 def run(args) -> None:
     import cait
     from cait import architecture
+    from cait.hf import HFCompressed
     from cait.segmentation import Segmenter, head_kind
 
     model = cait.load(args.file)
-    fast = model.backbone if isinstance(model, Segmenter) else model
-    describe(fast, dense=architecture.build(fast.architecture(), device=None))
+    if isinstance(model, HFCompressed):
+        describe(model, dense=None)
+        fast = model = model.backbone
+    else:
+        fast = model.backbone if isinstance(model, Segmenter) else model
+        describe(fast, dense=architecture.build(fast.architecture(), device=None))
     if fast.origin:
         print("origin    " + "\n          ".join(f"{key}: {value}" for key, value in fast.origin.items()))
     else:

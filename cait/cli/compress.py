@@ -47,7 +47,7 @@ def run(args) -> None:
     import cait
 
     prune_requested = (args.keep_qk, args.keep_v, args.keep_mlp) != (1.0, 1.0, 1.0)
-    merge_requested = (args.merge_flops is not None and args.merge_flops < 1) or (args.merge_r is not None and any(args.merge_r))
+    merge_requested = (args.merge_flops is not None and args.merge_flops != 1) or (args.merge_r is not None and any(args.merge_r))
     if not merge_requested and not prune_requested and not args.plan:
         given = " (--merge-flops 1 and --merge-r 0 merge nothing)" if args.merge_flops is not None or args.merge_r is not None else ""
         raise ValueError(

@@ -314,6 +314,9 @@ def to_timm(model: nn.Module) -> nn.Module:
     if family == "dinov3":  # timm's Eva keeps its rotary tables in non-persistent buffers: built for real, not on meta
         import timm
 
+        if not timm.is_model(DINOV3_NAME):
+            raise Unsupported("timm's DINOv3", f"Hugging Face DINOv3ViTModel maps onto timm's {DINOV3_NAME}, which timm {timm.__version__} "
+                              "does not have: upgrade timm")  # fmt: skip
         with torch.device(inner.embeddings.cls_token.device):  # where the HF weights are (meta too: cait compresses there)
             vit = timm.create_model(DINOV3_NAME, pretrained=False, **dinov3_settings(inner.config))
         vit.load_state_dict(_dinov3_weights(inner), strict=True, assign=True)

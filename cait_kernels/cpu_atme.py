@@ -18,6 +18,7 @@ reference), after which calls go straight to the C++ kernel. Inference only: it 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -29,9 +30,12 @@ import torch
 from .atme import atme_step_reference, check_atme_inputs
 
 SOURCE = Path(__file__).with_name("csrc") / "atme_cpu.cpp"
-# One build per torch version: venvs with different torch share torch's extension cache folder, and a
-# library built against one torch does not load into another.
-NAME = "cait_cpu_kernels_torch" + torch.__version__.split("+")[0].replace(".", "_")
+# One build per torch version and source file: venvs with different torch share torch's extension cache folder
+# (a library built against one torch does not load into another), and so do checkouts of cait in other places
+# (the build file records the source's path: each checkout rewrote it and forced a rebuild of the others').
+NAME = "cait_cpu_kernels_torch{}_{}".format(
+    torch.__version__.split("+")[0].replace(".", "_"), hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:8]
+)
 # at::parallel_for is OpenMP in the header on Linux builds of torch: without the flag it runs serially.
 # The kernel then shares torch's libgomp (same soname, already loaded), so one thread pool serves both.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []

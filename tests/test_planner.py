@@ -235,7 +235,9 @@ def test_a_short_real_run_on_this_cpu(tiny, images, tmp_path):
     plan.plot(str(tmp_path / "plan.png"))
     assert (tmp_path / "plan.png").stat().st_size > 0
     (context,) = json.loads(cache.read_text()).values()
-    assert set(context) == {"dense", *(p.key for p in timed), *(f"{p.key} | dense" for p in timed)}
+    # a configuration's key, then a digest of what it is
+    names = {k.split(" #")[0] + (" | dense" if k.endswith(" | dense") else "") for k in context}
+    assert names == {"dense", *(p.key for p in timed), *(f"{p.key} | dense" for p in timed)}
 
     def no_timing(*args):
         raise AssertionError("everything was in the cache")
@@ -503,3 +505,115 @@ def test_slow_setups_of_candidates_count_against_the_budget(tiny, images, pool, 
     plan = cait.plan(tiny, images, Speedup(1.5), budget_s=budget, candidates=pool, timer=machine.timer, clock=machine.clock, progress=False)
     assert plan.spent_s <= budget
     assert 0 < sum(p.speedup is not None for p in plan.points) < 8  # at most what the budget affords at 20 ms each
+
+
+def test_the_timing_cache_tells_configurations_of_one_name_apart(tiny, images, tmp_path):
+    """Keys name a schedule's form: two configurations with one key but other counts must not share timings."""
+    cache = str(tmp_path / "timings.json")
+    first = Candidate(merge_flops=0.6, schedule=(30, 10, 0, 0))
+    other = Candidate(merge_flops=0.6, schedule=(1, 0, 0, 0))
+    assert first.key == other.key
+    kwargs = dict(batch=2, budget_s=60, references=False, repeats=2, cache=cache, progress=False)
+    cait.plan(tiny, images, Speedup(1.1), candidates=[first], **kwargs)
+    timed = []
+
+    def record(runners, images, repeats):
+        timed.append(set(runners))
+        return {name: [1e-3 if name == "dense" else 5e-4] * repeats for name in runners}
+
+    again = cait.plan(tiny, images, Speedup(1.1), batch=2, budget_s=60, candidates=[other], references=False, repeats=2, cache=cache,
+                      timer=record, progress=False)  # fmt: skip
+    assert any(other.key in names for names in timed) and again.point(other.key).speedup == pytest.approx(2.0)
+
+
+def test_a_fake_machine_plan_with_references_stays_in_budget(tiny, images):
+    """The references are timed with as many runs as the budget affords (they ran at the most-timed
+    point's count whatever was left, and overran)."""
+    now = [0.0]
+
+    def timer(runners, images, repeats):  # dense 10 ms, the candidates 5 to 7 ms
+        out = {k: [0.01 if k == "dense" else 0.01 * (0.5 + 0.05 * i)] * repeats for i, k in enumerate(runners)}
+        now[0] += len(runners) * (repeats + 1) * 0.01
+        return out
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4).eval()
+    cands, calibration = generate(model)[:40], torch.randn(4, 3, 64, 64)
+    for budget in (5.0, 20.0):
+        now[0] = 0.0
+        plan = cait.plan(model, calibration, Speedup(1.2), batch=2, budget_s=budget, candidates=cands, timer=timer,
+                         clock=lambda: now[0], progress=False)  # fmt: skip
+        assert plan.spent_s <= budget and plan.references
+
+
+def test_candidates_and_labels_are_checked_before_any_work(tiny, images):
+    def refused(match, **kwargs):
+        with pytest.raises(ValueError, match=match):
+            cait.plan(tiny, images, Speedup(1.5), timer=no_timer, progress=False, **kwargs)
+
+    def no_timer(*args):
+        raise AssertionError("timed before refusing")
+
+    refused("has no schedule", candidates=[Candidate(merge_flops=0.5)])
+    refused("merges in 2 blocks; the model has 4", candidates=[Candidate(schedule=(1, 1), merge_flops=0.9)])
+    refused("keep ratio", candidates=[Candidate(prune=(1.5, 0.5, 0.5))])
+    refused("class indices in \\[0, 10\\)", labels=torch.full((len(images),), 5000))
+    refused("class indices in \\[0, 10\\)", labels=torch.full((len(images),), -1))
+    refused("budget_s", budget_s=True)
+
+
+def test_no_plan_chooses_the_uncompressed_model(tiny, images):
+    assert all(any(c.schedule) or c.prune for c in generate(tiny))
+    machine = FakeMachine(tiny)
+    identity = Candidate()
+    pruned = Candidate(prune=(0.5, 0.75, 0.75))
+    plan = cait.plan(tiny, images, Speedup(0.5), budget_s=1.0, candidates=[identity, pruned], timer=machine.timer, clock=machine.clock,
+                     progress=False)  # fmt: skip
+    assert plan.chosen == pruned.key  # the identity is more faithful (1.0) and meets 0.5x, but is no compression
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(chosen="merge=0.123"),
+        lambda d: d["points"][0].update(fidelity={}),
+        lambda d: d.update(input_size=[3, 64]),
+        lambda d: d.update(points="x"),
+        lambda d: d["points"][0]["candidate"].update(prune=[0.25, 0.75, 0.75]),  # the chosen key then names no point
+    ],
+)
+def test_a_plan_file_whose_parts_disagree_is_refused_in_one_line(edit, tmp_path, capsys):
+    data = made_plan(Speedup(1.5), chosen=True).to_json()
+    edit(data)
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="is not a complete cait plan"):
+        Plan.load(tmp_path / "plan.json")
+    assert cli(["compress", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "is not a complete cait plan" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_segmentation_plan_and_a_model_that_is_no_vit(tmp_path, capsys):
+    plan = made_plan(Speedup(1.5), chosen=True)
+    plan.model = "Segmenter(deit_tiny_patch16_224)"
+    plan.save(tmp_path / "plan.json")
+    assert cli(["compress", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "is for a segmentation model: build it in Python" in capsys.readouterr().err
+    assert cli(["compress", "--model", "resnet18", "--img-size", "64", "--merge-r", "2", "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "resnet18 cannot be built with --img-size" in capsys.readouterr().err
+
+
+def test_the_bench_table_says_when_nothing_was_timed():
+    from cait.planner import benchmark
+
+    row = {"model": "m", "batch": 1, "runtime": "compile", "threads": 1, "target": 1.9, "reachable": False, "chosen": None,
+           "fastest": None, "recipe": None, "tome": None, "planned_at_recipe_speed": None}  # fmt: skip
+    assert "nothing timed: raise --budget" in benchmark.table([row]) and "out of reach" not in benchmark.table([row])
+
+
+def test_the_plot_names_the_score_it_draws():
+    from cait.planner.result import _metric_name
+
+    assert _metric_name({"score": 1, "miou": 1}, "Segmenter(x)") == "mIoU (given masks)"
+    assert _metric_name({"score": 1, "agreement": 1}, "Segmenter(x)") == "pixel agreement with dense"
+    assert _metric_name({"score": 1, "top1": 1, "agreement": 1}, "deit") == "top-1 accuracy (given labels)"
+    assert _metric_name({"score": 1, "cosine": 1}, "deit") == "cosine of grid features with dense"

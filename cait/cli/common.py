@@ -177,7 +177,11 @@ def build_model(args):
         overrides["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
-    model = timm.create_model(args.model, pretrained=args.pretrained, **overrides)
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, **overrides)
+    except TypeError as error:  # a setting the model's class has no argument for (e.g. img_size of a CNN)
+        flags = " / ".join(f"--{k.replace('_', '-')}" for k in overrides)
+        raise ValueError(f"{args.model} cannot be built with {flags} ({error}): cait takes timm ViTs (VisionTransformer, Eva)") from None
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint, args.model)
     elif not args.pretrained:
@@ -244,6 +248,8 @@ def _check_plan(args) -> None:
     if given:
         raise ValueError(f"--plan fixes the configuration it measured: drop {', '.join(given)}")
     plan = Plan.load(args.plan)
+    if plan.model.startswith("Segmenter("):
+        raise ValueError(f"--plan {args.plan} is for a segmentation model: build it in Python, plan.compress(segmenter)")
     plan.candidate_at(args.plan_point)  # refuses a plan whose target was out of reach (with what it found), or an unknown point
     if args.model is None:
         args.model = plan.model

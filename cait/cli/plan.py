@@ -107,7 +107,7 @@ def run(args) -> None:
     plan.plot(picture)
     print(plan.table(), "\n")
     print(f"target    {target} ({runtime}, batch {args.batch}, {plan.machine.get('gpu') or plan.machine['cpu']}, "
-          f"{plan.machine['threads']} threads)")  # fmt: skip
+          f"{plan.machine['threads']} thread{'s' if plan.machine['threads'] != 1 else ''})")  # fmt: skip
     print(f"{'chosen' if plan.reachable else 'result'}    {plan.summary()}")
     searched = [p for p in plan.points if not p.candidate.label]  # the labelled ones are the references
     timed = sum(p.speedup is not None for p in searched)

@@ -135,7 +135,10 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        choice = _cell(r["chosen"]) if r["reachable"] else f"out of reach; fastest {_cell(r['fastest'])}"
+        if r["reachable"]:
+            choice = _cell(r["chosen"])
+        else:
+            choice = f"out of reach; fastest {_cell(r['fastest'])}" if r["fastest"] else "nothing timed: raise --budget"
         name = r["chosen"]["configuration"] if r["reachable"] else r["fastest"]["configuration"] if r["fastest"] else ""
         lines.append(f"| {r['model']} | {r['batch']}, {r['runtime']}, {r['threads']} | {r['target']:g}x | {choice} ({name}) | "
                      f"{_cell(r['recipe'])} | {_cell(r['tome'])} | {_cell(r['planned_at_recipe_speed'])} |")  # fmt: skip
@@ -253,7 +256,8 @@ def segmentation_table(rows: list[dict]) -> str:
     for r in rows:
         if "planned_miou" not in r:
             fastest = r["fastest"]
-            lines.append(f"| {r['seed']} | out of reach: fastest {fastest['configuration'] if fastest else '-'} | | "
+            what = f"out of reach: fastest {fastest['configuration']}" if fastest else "nothing timed: raise --budget"
+            lines.append(f"| {r['seed']} | {what} | | "
                          f"{_cell(fastest, 'miou')} | | | {100 * r['dense_miou']:.2f} | |")  # fmt: skip
             continue
         chosen = r["chosen"]

@@ -104,7 +104,8 @@ def generate(model: nn.Module, prune_levels=PRUNE_LEVELS, merge_levels=MERGE_LEV
         cost, depth = cost_model(pruned), len(pruned.blocks)
         for merge in merge_levels:
             if merge >= 1:
-                out.setdefault(Candidate(prune=prune, align=align).key, Candidate(prune=prune, align=align))
+                if prune is not None:  # pruning alone; nothing merged nor pruned is the dense model, no candidate
+                    out.setdefault(Candidate(prune=prune, align=align).key, Candidate(prune=prune, align=align))
                 continue
             for shape, start_share, block in forms:
                 start = min(depth - 1, round(start_share * depth))

@@ -243,9 +243,25 @@ class Plan:
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a cait plan")
         try:
-            return cls.from_json(data)
-        except (KeyError, TypeError, ValueError) as error:
+            plan = cls.from_json(data)
+            plan.validate()
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
             raise ValueError(f"{path} is not a complete cait plan ({type(error).__name__}: {error})") from None
+        return plan
+
+    def validate(self) -> None:
+        """``ValueError`` (or the ``KeyError``/``TypeError`` of a missing field) unless the plan's parts agree:
+        three input sizes, every point's fidelity has a score, the chosen, fastest and reference keys
+        name its points."""
+        if len(self.input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in self.input_size):
+            raise ValueError(f"input_size must be (C, H, W), got {self.input_size}")
+        keys = {p.key for p in self.points}
+        for p in self.points:
+            if not isinstance(p.fidelity.get("score"), (int, float)):
+                raise ValueError(f"point {p.key!r} has no fidelity score")
+        for name, key in (("chosen", self.chosen), ("fastest", self.fastest), *(("reference", k) for k in self.references)):
+            if key is not None and key not in keys:
+                raise ValueError(f"its {name} configuration {key!r} is none of its points")
 
     def plot(self, path: str) -> None:
         """A PNG at ``path``: fidelity against measured speedup; every timed point, the front as a line,
@@ -272,7 +288,7 @@ class Plan:
         if not isinstance(self.target, FlopsRatio):  # a FLOPs target is no speed
             ax.axvline(self.target.needed_speedup(self.dense_latency_s), color="black", linestyle=":", label=f"target: {self.target}")
         sample = (timed or self.points or [None])[0]
-        metric = "cosine of features" if sample and "cosine" in sample.fidelity else "top-1 agreement with dense"
+        metric = _metric_name(sample.fidelity if sample else {}, self.model)
         ax.set(xlabel=f"speedup over dense ({self.runtime}, batch {self.batch}, {self.device})", ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -280,3 +296,14 @@ class Plan:
         figure.tight_layout()
         figure.savefig(path, dpi=110)
         plt.close(figure)
+
+
+def _metric_name(fidelity: dict, model: str) -> str:
+    """What a plan's fidelity score is, in words (the plot's axis)."""
+    if "cosine" in fidelity:
+        return "cosine of grid features with dense"
+    if "miou" in fidelity:
+        return "mIoU (given masks)"
+    if "top1" in fidelity:
+        return "top-1 accuracy (given labels)"
+    return "pixel agreement with dense" if model.startswith("Segmenter(") else "top-1 agreement with dense"

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -60,7 +61,7 @@ def _check(model, images, target, runtime, batch, labels, budget_s, repeats, can
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != shape):
         what = f"masks {shape} (a class per pixel)" if kind == "segmenter" else f"{len(images)} class indices (one per image)"
         raise ValueError(f"labels must be a tensor of {what}, got {getattr(labels, 'shape', labels)}")
-    if not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
+    if isinstance(budget_s, bool) or not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
         raise ValueError(f"budget_s must be positive, finite seconds, got {budget_s!r}")
     if candidates is not None and (
         not isinstance(candidates, (list, tuple)) or not candidates or not all(isinstance(c, Candidate) for c in candidates)
@@ -68,12 +69,40 @@ def _check(model, images, target, runtime, batch, labels, budget_s, repeats, can
         raise ValueError("candidates must be a non-empty list of cait.planner.Candidate (see cait.planner.generate), or None")
     seen: dict = {}
     for c in candidates or ():
+        _check_candidate(c, trunk(model))
         if seen.setdefault(c.key, c) != c:
             raise ValueError(f"two candidates share the name {c.key!r} but differ: give them different merge_flops, shape or start")
-    if labels is not None and (labels.dtype.is_floating_point or kind == "backbone"):
-        raise ValueError("labels must be integer class indices, for a classifier or a segmentation model (a backbone has no classes)")
+    if labels is not None:
+        _check_labels(labels, kind, model)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
+
+
+def _check_candidate(c: Candidate, model: nn.Module) -> None:
+    """What a candidate says, checked without building it: a merge target has its solved schedule, one
+    count per block; keep ratios and counts are valid (the specs check themselves)."""
+    if c.method == "cait" and c.merge_flops < 1 and not any(c.schedule):
+        raise ValueError(f"candidate {c.key!r} aims at merge_flops={c.merge_flops:g} but has no schedule: solve it for the model "
+                         "(cait.planner.candidates.solved, or cait.planner.generate)")  # fmt: skip
+    if c.method == "cait" and any(c.schedule) and len(c.schedule) != len(model.blocks):
+        raise ValueError(f"candidate {c.key!r} merges in {len(c.schedule)} blocks; the model has {len(model.blocks)}")
+    if c.method == "cait":
+        c.atme(), c.cdcp()
+
+
+def _check_labels(labels: torch.Tensor, kind: str, model: nn.Module) -> None:
+    """Class indices a classifier or a segmentation model can score (masks: or -100, ignored; not all ignored)."""
+    from ..segmentation import IGNORE
+
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or kind == "backbone":
+        raise ValueError("labels must be integer class indices, for a classifier or a segmentation model (a backbone has no classes)")
+    classes = model.num_classes
+    valid = labels != IGNORE if kind == "segmenter" else torch.ones_like(labels, dtype=torch.bool)
+    if kind == "segmenter" and not bool(valid.any()):
+        raise ValueError(f"every pixel of the masks is ignored ({IGNORE}): nothing to score")
+    if bool(((labels < 0) | (labels >= classes))[valid].any()):
+        extra = f" or {IGNORE} (ignored)" if kind == "segmenter" else ""
+        raise ValueError(f"labels must be class indices in [0, {classes}){extra} for this model")
 
 
 class _Cache:
@@ -155,7 +184,7 @@ def plan(
             (default: interleaved timing after a warm-up, :func:`cait.benchmarks.latency.time_interleaved`).
 
     The search: every candidate near the target's FLOPs is built and its fidelity measured (at most
-    40% of the budget, nearest first to the FLOPs that reach the target at 90% efficiency); the
+    40% of the budget, nearest first to the FLOPs that reach a speed target at 90% efficiency); the
     candidates that no other beats on both FLOPs and fidelity go to successive halving: a rung times
     dense and a set of them interleaved, keeps
     the better half (those that meet the target by fidelity, the others by speed), adds untimed
@@ -171,17 +200,26 @@ def plan(
     from ..architecture import record
 
     _check(model, images, target, runtime, batch, labels, budget_s, repeats, candidates)
-    start, timer = clock(), timer or _default_timer
+    if cache is not None and os.path.isdir(cache):
+        raise ValueError(f"cache {cache!r} is a folder: give a file (JSON) to keep the timings in")
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
     if runtime == "cuda graph" and device.type != "cuda":
         raise ValueError("runtime 'cuda graph' needs a CUDA device")
+    if device.type == "cpu":
+        from cait_kernels import cpu_atme
+
+        cpu_atme.available()  # builds the C++ merge step on its first use on this machine: not the search's time
+    start, timer = clock(), timer or _default_timer
     dense = copy.deepcopy(model).eval().to(device)  # the caller's model keeps its mode and device
     size = tuple(default_input_size(dense))
     timing_images = torch.randn(batch, *size, device=device, dtype=weight.dtype)
     calibration = images.to(device=device, dtype=weight.dtype)
     kind = fidelity.kind_of(dense)
-    context = dict(record(trunk(dense))["kwargs"], runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype), **machine())
+    from .. import __version__
+
+    context = dict(record(trunk(dense))["kwargs"], runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype),
+                   cait=__version__, **machine())  # fmt: skip
     if kind == "segmenter":
         context["head"] = repr(dense.head)
     store = _Cache(cache, context)
@@ -195,7 +233,7 @@ def plan(
     # Every compiled candidate is another entry of one code object (CompressedViT.forward): lift dynamo's
     # limit of 8 per code object for the search.
     limits = torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=4096) if runtime == "compile" else nullcontext()
-    with limits, tempfile.TemporaryDirectory() as folder:
+    with bar, limits, tempfile.TemporaryDirectory() as folder:  # the bar closes first on an error, so the message stays on screen
         exports = {"folder": folder}
         # Dense first: its latency turns a latency target into a speedup and sizes the rungs.
         prepared = clock()
@@ -203,6 +241,14 @@ def plan(
         setup_s = clock() - prepared
         seconds: dict[str, list[float]] = {DENSE: store.get(DENSE)}
         paired: dict[str, list[float]] = {}  # per candidate: the dense seconds of the rungs it was timed in
+
+        def entry(key: str) -> str:
+            """A configuration's name in the cache: its key and a digest of everything it is (counts, kept ratios,
+            tile, ...), since keys name a schedule's form and two configurations of one form can differ."""
+            if key == DENSE:
+                return key
+            settings = {k: v for k, v in points[key].candidate.to_json().items() if k != "label"}
+            return f"{key} #{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
 
         def time_rung(keys: list[str], reps: int) -> None:
             """Bring every key (and dense, timed interleaved with them) to ``reps`` measured runs at least."""
@@ -213,7 +259,7 @@ def plan(
                     seconds[k] += list(values)
                 for k in keys:  # the dense runs interleaved with this key's: its speedup is over those
                     paired[k] += list(measured[DENSE])
-                store.put({**{k: seconds[k] for k in measured}, **{f"{k} | dense": paired[k] for k in keys}})
+                store.put({**{entry(k): seconds[k] for k in measured}, **{f"{entry(k)} | dense": paired[k] for k in keys}})
 
         time_rung([], repeats)
         dense_latency = statistics.median(seconds[DENSE])
@@ -225,11 +271,15 @@ def plan(
         pool = candidates if candidates is not None else generate(dense)
         dense_flops = flops(dense)
         points: dict[str, Point] = {}
-        ordered = sorted(pool, key=lambda c: abs(math.log(max(1e-6, _predicted_flops(c, dense)) * needed / EFFICIENCY)))
+        efficiency = 1.0 if isinstance(target, FlopsRatio) else EFFICIENCY  # a FLOPs target is met by FLOPs alone
+        ordered = sorted(pool, key=lambda c: abs(math.log(max(1e-6, _predicted_flops(c, dense)) * needed / efficiency)))
+        evaluations = [0.0]  # seconds per candidate's fidelity (build, forward on the calibration images)
         for c in ordered:
             if points and clock() - start > FIDELITY_SHARE * budget_s:
                 break
+            began = clock()
             points[c.key] = _evaluate(c, dense, calibration, reference_out, dense_flops, labels)
+            evaluations.append(clock() - began)
             tick(f"fidelity {len(points)}/{len(ordered)}")
 
         # Successive halving on the points no other beats on both FLOPs and fidelity.
@@ -289,11 +339,11 @@ def plan(
                 try:
                     runners[p.key] = prepare(p.candidate.build(dense), timing_images, runtime, exports)[0]
                 except Exception as error:  # a runtime that cannot take this configuration: leave it out, say so
-                    print(f"{p.key} [{runtime}] not timed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                    print(f"{p.key} [{runtime}] not timed: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr, flush=True)
                     frontier.remove(p)
                     continue
                 setups.append(clock() - ready)
-                seconds[p.key], paired[p.key] = store.get(p.key), store.get(f"{p.key} | dense")
+                seconds[p.key], paired[p.key] = store.get(entry(p.key)), store.get(f"{entry(p.key)} | dense")
             rung = survivors + [p.key for p in new if p.key in runners]
             if not rung:
                 break
@@ -312,27 +362,33 @@ def plan(
         fastest = max((p for p in points.values() if p.speedup is not None), key=lambda p: p.speedup, default=None)
         chosen = _choose(points.values(), meets)
 
-        reference_keys = []
-        if references and budget_s - (clock() - start) > 2 * max(setups) + rung_cost(2, repeats):
+        # The references: as many runs as the most-timed point, or as many as the rest of the budget affords.
+        reference_keys, runs = [], max(repeats, max((p.repeats for p in points.values() if p.key in seconds), default=repeats))
+
+        def reference_cost(reps: int) -> float:
+            return 2 * (max(setups) + max(evaluations)) + rung_cost(2, reps)
+
+        while runs > repeats and reference_cost(runs) > budget_s - (clock() - start):
+            runs = max(repeats, runs // 2)
+        if references and reference_cost(runs) <= budget_s - (clock() - start):
             at = chosen or fastest
             refs = [solved(recipe(), dense)] + (
-                [Candidate(method="tome", merge_flops=round(at.flops_ratio, 3), label="ToMe")] if at else []
-            )
+                [Candidate(method="tome", merge_flops=round(at.flops_ratio, 3), label="ToMe")] if at and at.flops_ratio < 0.995 else []
+            )  # ToMe merging nothing is no reference
             for c in refs:
                 try:
                     p = points.get(c.key) or _evaluate(c, dense, calibration, reference_out, dense_flops, labels)
                     p.candidate = dataclasses.replace(p.candidate, label=c.label)  # a generated point may be the recipe
                     runners[c.key] = prepare(c.build(dense), timing_images, runtime, exports)[0]
                 except Exception as error:  # ToMe out of reach, or a runtime that cannot take it: the plot has one reference less
-                    print(f"reference {c.label} left out: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                    print(f"reference {c.label} left out: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr, flush=True)
                     continue
                 points[c.key] = p
-                seconds.setdefault(c.key, store.get(c.key))
-                paired.setdefault(c.key, store.get(f"{c.key} | dense"))
+                seconds.setdefault(c.key, store.get(entry(c.key)))
+                paired.setdefault(c.key, store.get(f"{entry(c.key)} | dense"))
                 reference_keys.append(c.key)
-            time_rung(reference_keys, max(repeats, max((points[k].repeats for k in points if k in seconds), default=repeats)))
+            time_rung(reference_keys, runs)
             update(reference_keys)
-    bar.close()
     return Plan(
         target=target, runtime=runtime, batch=batch, device=str(device), dtype=str(weight.dtype).removeprefix("torch."),
         model=name_of(model), input_size=size, machine=machine(), dense_latency_s=dense_latency_now(), dense_gflops=dense_flops / 1e9,
@@ -342,8 +398,10 @@ def plan(
 
 
 def _choose(points, meets) -> Point | None:
-    """The most faithful CAIT point that meets the target (ties: the faster)."""
-    return max((p for p in points if p.candidate.method == "cait" and meets(p)), key=lambda p: (p.rank(), p.speedup or 0), default=None)
+    """The most faithful CAIT point that meets the target (ties: the faster); never one that merges and
+    prunes nothing (the dense model itself, which a plan is not for)."""
+    compressing = [p for p in points if p.candidate.method == "cait" and (any(p.candidate.schedule) or p.candidate.prune) and meets(p)]
+    return max(compressing, key=lambda p: (p.rank(), p.speedup or 0), default=None)
 
 
 def _spread(dense: list[float], own: list[float]) -> tuple[float, float] | None:

@@ -352,6 +352,8 @@ def fit(
     if compile:
         runner = torch.compile(runner)
     checkpoint = os.path.join(out_dir, "checkpoint.pt")
+    if main_process:
+        os.makedirs(out_dir, exist_ok=True)
     start_epoch, updates, log = 0, 0, []
     if resume:
         start_epoch, updates, log = load_checkpoint(checkpoint, student, optimizer, loop)

@@ -63,7 +63,7 @@ def test_the_command_refuses_bad_recipe_values_in_one_line_before_any_work(tmp_p
     base = ["finetune", "--model", "deit_tiny_patch16_224", "--data", missing, "--out", str(tmp_path / "run")]
     for extra, words in ((["--recipe", "deit", "--cutmix", "-2"], "--cutmix must be a number >= 0"),
                          (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs CUDA"),
-                         (["--task", "segmentation", "--mixup", "0.8", "--num-classes", "3"], "--task segmentation takes no --mixup")):  # fmt: skip
+                         (["--task", "segmentation", "--mixup", "0.8"], "--task segmentation takes no --mixup")):  # fmt: skip
         assert run(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
@@ -103,7 +103,8 @@ def test_warmup_then_cosine_per_update_on_every_group():
     recipe = Recipe(lr=1e-3, score_lr=1e-2, sched="cosine", warmup_epochs=1.0, warmup_lr=1e-6, min_lr=1e-5, epochs=3)
     optimizer = components.optimizer(student, recipe)
     loop = Loop(scheduler=components.scheduler(optimizer, recipe, updates_per_epoch=4))
-    weights, scores = group_of(optimizer, dict(student.model.named_parameters())["vit.head.weight"]), group_of(optimizer, student.gates.blocks[0].qk)
+    head = dict(student.model.named_parameters())["vit.head.weight"]
+    weights, scores = group_of(optimizer, head), group_of(optimizer, student.gates.blocks[0].qk)
 
     def expected(peak, t):  # 4 warm-up updates from 1e-6, then cosine over the 12 updates of 3 epochs to 1e-5
         if t < 4:

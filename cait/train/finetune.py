@@ -113,6 +113,20 @@ def make_student(model: nn.Module, merge: ATME | None, prune: CDCP | None, warmu
     return Student(student, gates)
 
 
+def fully_shard_student(student: Student, mesh=None) -> Student:
+    """FSDP2: ``torch.distributed.fsdp.fully_shard`` on every transformer block of the student's
+    backbone, then on the student (the rest: embeddings, head, gate scores); in place, returns it.
+    Build the optimizer afterwards (the parameters become sharded DTensors); :func:`train_epoch`
+    trains it as it trains an unsharded student. ``mesh``: a 1-D device mesh (default: all processes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    backbone = getattr(student.model, "backbone", student.model)
+    for block in backbone.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    return student
+
+
 def _distilled_training(model: nn.Module, enable: bool) -> None:
     vit = getattr(model, "vit", None)  # a classifier; segmenters use the features only
     if hasattr(vit, "set_distilled_training"):

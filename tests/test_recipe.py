@@ -24,9 +24,7 @@ DEPTH, CLASSES = 2, 4
 
 def tiny_vit(seed: int = 0):
     torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=DEPTH, num_heads=2, num_classes=CLASSES
-    )
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=DEPTH, num_heads=2, num_classes=CLASSES)
 
 
 def tiny_student(model, warmup: int = 3):
@@ -243,3 +241,47 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_uninterrupted_wei
         optimizer = components.optimizer(student, Recipe())
         fit(student, None, DataLoader(data(16), batch_size=4), None, epochs=4, optimizer=optimizer, distill=Distillation(0.0),
             out_dir=str(tmp_path / "cut"), resume=True)  # fmt: skip
+
+
+def test_deit_transforms_hold_randaugment_and_random_erasing(tmp_path):
+    from test_finetune import image_folder as write_image_folder
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+
+    from cait.cli.common import image_folder
+
+    write_image_folder(tmp_path / "data", per_class=1)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=2)
+    augment = components.transform_arguments(Recipe.preset("deit"))
+    train = image_folder(str(tmp_path / "data"), "train", model, training=True, augment=augment).transform.transforms
+    (rand,) = [t for t in train if isinstance(t, RandAugment)]
+    (erase,) = [t for t in train if isinstance(t, RandomErasing)]
+    assert len(rand.ops) == 15 and rand.ops[0].magnitude == 9 and erase.probability == 0.25 and erase.mode == "pixel"
+    val = image_folder(str(tmp_path / "data"), "val", model, training=False, augment=augment).transform.transforms
+    assert not any(isinstance(t, (RandAugment, RandomErasing)) for t in val)
+
+
+def test_deit_recipe_from_the_command_line_prints_stores_and_refuses_another_on_resume(tmp_path, capsys):
+    import json
+
+    from test_finetune import image_folder
+
+    image_folder(tmp_path / "data", per_class=4)
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=2).state_dict(), tmp_path / "teacher.pth")
+    argv = ["finetune", "--recipe", "deit", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2",
+            "--checkpoint", str(tmp_path / "teacher.pth"), "--data", str(tmp_path / "data"), "--merge-flops", "0.8", "--keep-mlp",
+            "0.5", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert run(argv) == 0
+    printed = capsys.readouterr().out
+    assert "recipe deit: epochs 2, batch_size 4, lr None, lr_base 0.0005" in printed and "mixup 0.8" in printed
+    stored = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert stored["recipe"]["auto_augment"] == "rand-m9-mstd0.5-inc1" and stored["recipe"]["distillation"] == "hard"
+    assert stored["resolved"]["lr"] == pytest.approx(5e-4 * 4 / 512) and stored["resolved"]["updates_per_epoch"] == 2
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert [row["epoch"] for row in log] == [1, 2] and all("val_ema_top1" in row and row["train_img_per_s"] > 0 for row in log)
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        assert cait.load(tmp_path / "run" / name).blocks[0].mlp.fc1.out_features == 384
+    for extra, words in ((["--mixup", "0.5"], "--mixup 0.8 -> 0.5"), (["--epochs", "3"], "--epochs 2 -> 3")):
+        assert run(argv + extra + ["--resume"]) == 2
+        assert words in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 A recipe says *what* to train with; :mod:`cait.train.components` builds timm's optimizer, scheduler,
 Mixup, EMA, transforms and sampler from it. ``Recipe()`` (the ``default`` preset) is the loop cait had
-before recipes: constant learning rate, AdamW, timm's default transforms, soft distillation. ``deit``
+before recipes: constant learning rate, AdamW, timm's default transforms, soft distillation (but no
+weight decay on norms, biases and tokens, as timm's parameter groups have it). ``deit``
 is DeiT's recipe (Touvron et al. 2021, ``facebookresearch/deit`` ``main.py`` defaults) for 30 epochs,
 the budget of the fine-tunes of compressed DeiTs (DynamicViT, EViT, ToMe, DiffRate): AdamW at
 ``5e-4 * global batch / 512``, weight decay 0.05 (none on norms, biases and tokens), cosine decay to

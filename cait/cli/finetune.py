@@ -219,7 +219,10 @@ def run(args) -> None:
     backbone = getattr(model, "backbone", model)
     merge, prune = compression(args, getattr(backbone, "vit", backbone), args.calibration)
     sampler = components.sampler(train_set, recipe, world, rank, args.seed)
-    drop_last = len(train_set) > recipe.batch_size  # equal batches, but never an empty epoch
+    per_process = len(sampler) if sampler is not None else len(train_set)
+    drop_last = per_process > recipe.batch_size  # equal batches, but never an empty epoch
+    if recipe.mixing and not drop_last and per_process % 2:
+        raise ValueError(f"--mixup/--cutmix pair images: the one batch of {per_process} training images per process must be even")
     train_loader = DataLoader(
         train_set, recipe.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers, drop_last=drop_last
     )

@@ -133,6 +133,9 @@ def _distilled_training(model: nn.Module, enable: bool) -> None:
         vit.set_distilled_training(enable)
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class Loop:
     """What one optimizer update does besides ``optimizer.step()`` (every part optional; the defaults
@@ -160,12 +163,15 @@ class Loop:
     channels_last: bool = False
     scaler: object = None
 
+    def __post_init__(self):
+        if self.precision not in ("fp32", *AUTOCAST):
+            raise ValueError(f"Loop precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise ValueError(f"Loop accumulate must be a whole number >= 1, got {self.accumulate!r}")
+
     def updates_per_epoch(self, batches: int) -> int:
         """Optimizer updates in an epoch of ``batches`` batches (a last, shorter group also updates)."""
         return -(-batches // self.accumulate)
-
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def unwrap(runner: nn.Module) -> nn.Module:
@@ -194,6 +200,8 @@ def train_epoch(
     import contextlib
 
     loop = loop or Loop()
+    if loop.precision == "fp16" and loop.scaler is None:
+        raise ValueError("fp16 training needs a loss scaler: set Loop.scaler to a torch.amp.GradScaler (fit makes one)")
     inner = unwrap(student)
     ddp = student if isinstance(student, nn.parallel.DistributedDataParallel) else None
     device = next(inner.parameters()).device

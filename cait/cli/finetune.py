@@ -201,7 +201,7 @@ def run(args) -> None:
     precision = components.precision(recipe, device)
     record_path = os.path.join(args.out, "recipe.json")
     if args.resume:
-        _check_resumable(record_path, recipe)
+        _check_resumable(record_path, recipe, args.seed)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -269,14 +269,17 @@ def run(args) -> None:
         dist.destroy_process_group()
 
 
-def _check_resumable(record_path: str, recipe) -> None:
-    """Refuse ``--resume`` with another recipe than the run's (``epochs`` may grow under a constant schedule)."""
+def _check_resumable(record_path: str, recipe, seed: int) -> None:
+    """Refuse ``--resume`` with another recipe or seed than the run's (``epochs`` may grow under a constant schedule)."""
     import json
 
     if not os.path.exists(record_path):
         raise FileNotFoundError(f"--resume: no {record_path} (was the run started by this version of cait finetune?)")
     with open(record_path) as f:
-        saved = json.load(f)["recipe"]
+        record = json.load(f)
+    if record["seed"] != seed:
+        raise ValueError(f"--resume with --seed {seed}: the run was started with --seed {record['seed']}")
+    saved = record["recipe"]
     allowed = {"name", "epochs"} if recipe.sched == "constant" else {"name"}
     changed = [k for k, v in recipe.as_dict().items() if k not in allowed and saved.get(k) != v]
     if changed:

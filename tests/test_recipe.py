@@ -96,6 +96,19 @@ def test_optimizer_layer_decay_no_weight_decay_and_the_gates_group():
         assert (group["lr_scale"], group["weight_decay"]) == (ours["lr_scale"], ours["weight_decay"]), name
 
 
+def test_a_segmentation_student_keeps_its_backbone_tokens_free_of_weight_decay():
+    from cait import segmentation
+
+    dense = segmentation.segmenter(tiny_vit(), classes=3)
+    student = segmentation.make_student(dense, cait.ATME(flops=0.8), cait.CDCP(qk=0.5, v=0.5, mlp=0.5, align=1), warmup=0)
+    optimizer = components.optimizer(student, Recipe(weight_decay=0.05))
+    named = dict(student.model.named_parameters())
+    assert group_of(optimizer, named["backbone.vit.pos_embed"])["weight_decay"] == 0.0
+    assert group_of(optimizer, named["backbone.blocks.0.attn.qkv.weight"])["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="--layer-decay: Segmenter has no timm group_matcher"):
+        components.optimizer(student, Recipe(layer_decay=0.75))
+
+
 def test_warmup_then_cosine_per_update_on_every_group():
     student = tiny_student(tiny_vit())
     recipe = Recipe(lr=1e-3, score_lr=1e-2, sched="cosine", warmup_epochs=1.0, warmup_lr=1e-6, min_lr=1e-5, epochs=3)

@@ -19,7 +19,8 @@ def optimizer(student: nn.Module, recipe: Recipe, world_size: int = 1) -> torch.
     """AdamW (``create_optimizer_v2``) on ``student`` (a :class:`~cait.train.finetune.Student`).
 
     Weights: learning rate :meth:`Recipe.learning_rate`, weight decay on matrices only (none on 1-D
-    parameters, biases, and the model's ``no_weight_decay()`` tokens: class, distillation, position),
+    parameters, biases, and the model's or its segmentation backbone's ``no_weight_decay()`` tokens:
+    class, distillation, position),
     with ``recipe.layer_decay`` each block's rate scaled by ``layer_decay ** (layers - layer)`` (the
     group's ``lr_scale``, applied by the scheduler). Gate scores: one group at ``score_lr``, no decay.
 
@@ -29,15 +30,17 @@ def optimizer(student: nn.Module, recipe: Recipe, world_size: int = 1) -> torch.
     import timm.optim
 
     model = student.model
-    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    no_decay = _no_weight_decay(model)
     if recipe.layer_decay is not None and not hasattr(model, "group_matcher"):
         raise ValueError(f"--layer-decay: {type(model).__name__} has no timm group_matcher to number its layers")
 
     def groups(_):
         if recipe.layer_decay is not None:
-            weights = timm.optim.param_groups_layer_decay(model, recipe.weight_decay, list(no_decay), layer_decay=recipe.layer_decay)
+            weights = timm.optim.param_groups_layer_decay(
+                model, weight_decay=recipe.weight_decay, no_weight_decay_list=list(no_decay), layer_decay=recipe.layer_decay
+            )
         else:
-            weights = timm.optim.param_groups_weight_decay(model, recipe.weight_decay, list(no_decay))
+            weights = timm.optim.param_groups_weight_decay(model, weight_decay=recipe.weight_decay, no_weight_decay_list=list(no_decay))
         if student.gates is not None:
             weights.append({"params": list(student.gates.parameters()), "lr": recipe.score_lr, "weight_decay": 0.0, "gates": True})
         return weights
@@ -45,6 +48,17 @@ def optimizer(student: nn.Module, recipe: Recipe, world_size: int = 1) -> torch.
     return timm.optim.create_optimizer_v2(
         student, "adamw", lr=recipe.learning_rate(world_size), weight_decay=recipe.weight_decay, param_group_fn=groups
     )
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    """Parameter names timm exempts from weight decay (tokens, position embeddings), also through a
+    segmentation model's ``backbone``."""
+    if hasattr(model, "no_weight_decay"):
+        return set(model.no_weight_decay())
+    backbone = getattr(model, "backbone", None)
+    if hasattr(backbone, "no_weight_decay"):
+        return {f"backbone.{name}" for name in backbone.no_weight_decay()}
+    return set()
 
 
 def scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, updates_per_epoch: int):

@@ -270,7 +270,8 @@ def run(args) -> None:
 
 
 def _check_resumable(record_path: str, recipe, seed: int) -> None:
-    """Refuse ``--resume`` with another recipe or seed than the run's (``epochs`` may grow under a constant schedule)."""
+    """Refuse ``--resume`` with another recipe or seed than the run's (``epochs`` may grow under a constant
+    schedule with ``--anneal-epochs`` given)."""
     import json
 
     if not os.path.exists(record_path):
@@ -280,7 +281,8 @@ def _check_resumable(record_path: str, recipe, seed: int) -> None:
     if record["seed"] != seed:
         raise ValueError(f"--resume with --seed {seed}: the run was started with --seed {record['seed']}")
     saved = record["recipe"]
-    allowed = {"name", "epochs"} if recipe.sched == "constant" else {"name"}
+    # more epochs keep a constant schedule, but move a cosine one and an annealing given as a third of the epochs
+    allowed = {"name", "epochs"} if recipe.sched == "constant" and recipe.anneal_epochs is not None else {"name"}
     changed = [k for k, v in recipe.as_dict().items() if k not in allowed and saved.get(k) != v]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(recipe, k)}" for k in changed)

@@ -52,6 +52,8 @@ def test_presets_scale_the_learning_rate_and_bad_values_name_their_flag():
                             ({"warmup_epochs": 40.0}, "--warmup-epochs")):  # fmt: skip
         with pytest.raises(ValueError, match=flag):
             Recipe.preset("deit", **overrides)
+    with pytest.raises(ValueError, match="--auto-augment 'rand-x9' is not a timm augmentation policy"):
+        Recipe.preset("deit", auto_augment="rand-x9")
     with pytest.raises(ValueError, match="--recipe 'beit'"):
         Recipe.preset("beit")
 

@@ -114,6 +114,8 @@ class Recipe:
             "auto_augment",
             "must be a timm policy",
         )
+        if self.auto_augment is not None:
+            _check_policy(self.auto_augment)
         if self.mixing:
             need(self.batch_size % 2 == 0, "batch_size", "must be even with --mixup or --cutmix (timm's Mixup pairs images)")
 
@@ -142,6 +144,16 @@ class Recipe:
     def as_dict(self) -> dict:
         """The fields, for JSON."""
         return dataclasses.asdict(self)
+
+
+def _check_policy(policy: str) -> None:
+    """Build timm's training transform with ``policy`` once; ValueError (naming the flag) if timm rejects it."""
+    import timm.data
+
+    try:
+        timm.data.create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError) as error:
+        raise ValueError(f"--auto-augment {policy!r} is not a timm augmentation policy: {error}") from None
 
 
 def _number(value) -> bool:

@@ -19,6 +19,8 @@ builds (smaller ``nn.Linear`` layers), so saving, loading, benchmarks and kernel
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -79,8 +81,9 @@ class Gates(nn.Module):
         self.targets = prune.counts(attn.d_qk, attn.d_v, hidden, self.rotary)  # what cait.compress keeps: the same aligned widths
         self.hooks = []
         for block, gates in zip(model.blocks, self.blocks):
-            self.hooks.append(block.attn.qkv.register_forward_hook(lambda m, a, out, g=gates, at=block.attn: _mask_qkv(out, g, at)))
-            self.hooks.append(block.mlp.fc2.register_forward_pre_hook(lambda m, a, g=gates: (a[0] * g.mask("mlp").to(a[0].dtype),)))
+            # partials, not lambdas: copy.deepcopy of the model (an EMA copy) then gives hooks bound to the copy's gates
+            self.hooks.append(block.attn.qkv.register_forward_hook(functools.partial(_mask_qkv, gates=gates, attn=block.attn)))
+            self.hooks.append(block.mlp.fc2.register_forward_pre_hook(functools.partial(_mask_mlp, gates=gates)))
         self._set_counts()
         model.gated = True
 
@@ -125,7 +128,12 @@ class Gates(nn.Module):
         return model
 
 
-def _mask_qkv(out: torch.Tensor, gates: BlockGates, attn) -> torch.Tensor:
+def _mask_mlp(module, args: tuple, *, gates: BlockGates) -> tuple:
+    """The ``fc2`` input ``(B, N, hidden)`` times the MLP mask."""
+    return (args[0] * gates.mask("mlp").to(args[0].dtype),)
+
+
+def _mask_qkv(module, args, out: torch.Tensor, *, gates: BlockGates, attn) -> torch.Tensor:
     """The unpruned ``[q heads | k heads | v heads]`` output with q and k under one mask, v under its
     own; the ATME metric is told the kept qk channels, so it averages them as the pruned model will."""
     qk, v = gates.mask("qk"), gates.mask("v").flatten()

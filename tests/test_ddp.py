@@ -1,5 +1,6 @@
 """DistributedDataParallel fine-tuning in two CPU processes (gloo): two processes on halves of each batch
-end with the same weights and CDCP scores as one process on the whole batches; a segmentation model
+end with the same weights and CDCP scores as one process on the whole batches (plain SGD, and the
+recipe's AdamW with layer decay, schedule, EMA, accumulation and clipping; FSDP2 shards too); a segmentation model
 trains under DDP built from the Python API (``fit(ddp=True)``) and from ``cait finetune`` (torchrun's
 environment), past the second step, where a parameter without a gradient stops DDP."""
 
@@ -10,11 +11,14 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import cait
 from cait import segmentation
-from cait.train.finetune import Distillation, fit, make_student, teacher_of, train_epoch
+from cait.train import components
+from cait.train.finetune import Distillation, Loop, fit, make_student, teacher_of, train_epoch
+from cait.train.recipe import Recipe
 from models import build
 
 STEPS, BATCH, WORLD = 3, 4, 2
@@ -135,3 +139,87 @@ def test_segmentation_finetune_command_trains_under_ddp(tmp_path):
     in_two_processes(_cli_job, argv, group=False)
     loaded = cait.load(tmp_path / "cait" / "model.safetensors")
     assert isinstance(loaded, segmentation.Segmenter) and sum(loaded.backbone.schedule) > 0
+
+
+RECIPE = Recipe(
+    lr=1e-3, sched="cosine", warmup_epochs=1.0, epochs=2, ema_decay=0.9, accumulate=2, clip_grad=0.5, layer_decay=0.75, batch_size=4
+)
+
+
+def recipe_setup(parallel=None):
+    """A tiny student trained with the recipe's components (layer decay, warm-up + cosine, EMA,
+    accumulation over 2 batches, clipping), its teacher, and 4 global batches of 4 images.
+    ``parallel(student)`` (DDP or FSDP2) runs before the optimizer is built; it returns the runner."""
+    from test_recipe import tiny_student, tiny_vit
+
+    model = tiny_vit()
+    student = tiny_student(model, warmup=2)
+    runner = parallel(student) if parallel is not None else student
+    optimizer = components.optimizer(student, RECIPE)
+    loop = Loop(scheduler=components.scheduler(optimizer, RECIPE, updates_per_epoch=2), accumulate=2, clip_grad=0.5,
+                ema=components.ema(student, RECIPE) if parallel is None or isinstance(runner, DDP) else None)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.randn(4, 4, 3, 32, 32, generator=g), torch.randint(0, 4, (4, 4), generator=g)
+    return student, runner, teacher_of(model), optimizer, loop, images, labels
+
+
+def recipe_train(runner, teacher, optimizer, loop, batches):
+    train_epoch(runner, teacher, batches, optimizer, Distillation(alpha=0.5, temperature=2.0), loop=loop)
+
+
+def _halves(rank, images, labels):
+    half = images.shape[1] // WORLD
+    return [(x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]) for x, y in zip(images, labels)]
+
+
+def _recipe_ddp_job(rank, out):
+    student, runner, teacher, optimizer, loop, images, labels = recipe_setup(lambda s: DDP(s))
+    recipe_train(runner, teacher, optimizer, loop, _halves(rank, images, labels))
+    if rank == 0:
+        torch.save({"student": student.state_dict(), "ema": loop.ema.module.state_dict()}, out)
+
+
+def _recipe_fsdp_job(rank, out):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cait.train.finetune import fully_shard_student
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    student, runner, teacher, optimizer, loop, images, labels = recipe_setup(lambda s: fully_shard_student(s, mesh))
+    recipe_train(runner, teacher, optimizer, loop, _halves(rank, images, labels))
+    full = {name: value.full_tensor() for name, value in student.state_dict().items()}  # an all-gather: every rank calls it
+    if rank == 0:
+        torch.save({"student": full}, out)
+
+
+def single_process_recipe_run():
+    student, runner, teacher, optimizer, loop, images, labels = recipe_setup()
+    initial = {name: value.clone() for name, value in student.state_dict().items()}
+    recipe_train(runner, teacher, optimizer, loop, list(zip(images, labels)))
+    return student, loop, initial
+
+
+def assert_same_weights(parallel: dict, single: dict, initial: dict) -> None:
+    assert parallel.keys() == single.keys()
+    for name, value in single.items():
+        assert torch.allclose(parallel[name], value, rtol=1e-4, atol=1e-5), name
+    assert sum(not torch.equal(value, initial[name]) for name, value in single.items()) > len(single) // 2, "most tensors trained"
+
+
+def test_two_processes_with_the_recipe_equal_one_with_the_global_batch(tmp_path):
+    """DDP with layer decay, warm-up + cosine, EMA, accumulation and clipping: 2 processes x 2 images
+    per batch end where 1 process x 4 images ends, weights, gate scores and EMA alike."""
+    in_two_processes(_recipe_ddp_job, str(tmp_path / "ddp.pt"))
+    student, loop, initial = single_process_recipe_run()
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert_same_weights(ddp["student"], student.state_dict(), initial)
+    assert_same_weights(ddp["ema"], loop.ema.module.state_dict(), initial)
+
+
+def test_fsdp2_shards_train_like_one_process(tmp_path):
+    """FSDP2 (``fully_shard`` per block, then the student; gloo on CPU) with the recipe's optimizer and
+    schedule: the gathered weights equal one process's on the global batches."""
+    in_two_processes(_recipe_fsdp_job, str(tmp_path / "fsdp.pt"))
+    student, _, initial = single_process_recipe_run()
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    assert_same_weights(fsdp["student"], student.state_dict(), initial)

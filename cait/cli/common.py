@@ -349,8 +349,9 @@ def write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
-def image_folder(root: str, split: str, model, training: bool):
-    """``root/split`` as a torchvision ImageFolder with timm's transforms for ``model``'s input size."""
+def image_folder(root: str, split: str, model, training: bool, augment: dict | None = None):
+    """``root/split`` as a torchvision ImageFolder with timm's transforms for ``model``'s input size;
+    ``augment``: more ``timm.data.create_transform`` arguments for training (RandAugment, random erasing)."""
     import timm.data
     from torchvision.datasets import ImageFolder
 
@@ -359,7 +360,9 @@ def image_folder(root: str, split: str, model, training: bool):
         raise ValueError(f"--data {root!r} has no {split}/ folder (an ImageFolder root holds train/ and val/)")
     config = timm.data.resolve_model_data_config(model)
     config["input_size"] = tuple(model.input_size) if hasattr(model, "input_size") else (3, *model.patch_embed.img_size)
-    return ImageFolder(folder, transform=timm.data.create_transform(**config, is_training=training))
+    return ImageFolder(
+        folder, transform=timm.data.create_transform(**config, is_training=training, **((augment or {}) if training else {}))
+    )
 
 
 def segmentation_folder(root: str, split: str, model, training: bool = False):

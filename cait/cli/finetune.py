@@ -67,100 +67,235 @@ def add_parser(commands) -> None:
         metavar="DIR",
         help="classification: ImageFolder root with train/ and val/ (one folder per class in each); segmentation: see --task",
     )
-    f.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
-    f.add_argument(
-        "--anneal-epochs", type=float, metavar="E", help="epochs over which keep ratios go from 1 to the targets (default: a third)"
-    )
-    f.add_argument("--batch-size", type=int, default=64, help="images per step and process (default: 64)")
-    f.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the weights (default: 1e-4)")
-    f.add_argument("--score-lr", type=float, default=1e-2, help="AdamW learning rate of the CDCP scores (default: 1e-2)")
-    f.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the weights (default: 0.05)")
-    f.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's soft targets, 0 for labels only (default: 0.5)")
-    f.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: 1)")
+    add_recipe_arguments(f)
     f.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
     f.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: cuda when visible, else cpu)")
-    f.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: fp16 autocast there)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same arguments)")
-    f.add_argument("--out", required=True, metavar="DIR", help="writes checkpoint.pt every epoch, log.json and the final model.safetensors")
+    f.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt exactly where the last finished epoch left it (same arguments)",
+    )
+    f.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="writes recipe.json at the start, checkpoint.pt, log.json and log.csv every epoch, the final model.safetensors "
+        "(and model_ema.safetensors with an EMA)",
+    )
     f.set_defaults(run=run)
 
 
+RECIPE_FLAGS = {  # recipe field: (type, help); every flag overrides the --recipe preset's value
+    "epochs": (int, "training epochs"),
+    "batch_size": (int, "images per batch and process"),
+    "lr": ("optional float", "the weights' learning rate; none: --lr-base x global batch / --lr-base-size"),
+    "lr_base": (float, "learning rate per --lr-base-size images of global batch (batch size x accumulation x processes)"),
+    "lr_base_size": (int, "the global batch --lr-base is given for"),
+    "score_lr": (float, "learning rate of the CDCP gate scores (their own parameter group, no weight decay)"),
+    "weight_decay": (float, "AdamW weight decay (none on norms, biases, class/distillation/position tokens)"),
+    "layer_decay": ("optional float", "layer-wise learning-rate decay in (0, 1] (timm/BEiT), none: off"),
+    "sched": (("constant", "cosine"), "learning-rate schedule, stepped every optimizer update"),
+    "warmup_epochs": (float, "linear warm-up from --warmup-lr, in epochs (counted in updates; fractions allowed)"),
+    "warmup_lr": (float, "learning rate at the start of the warm-up"),
+    "min_lr": (float, "cosine: the final learning rate"),
+    "clip_grad": ("optional float", "largest total gradient norm, none: no clipping"),
+    "accumulate": (int, "batches per optimizer update (gradient accumulation)"),
+    "auto_augment": ("optional str", "timm augmentation policy for image folders, e.g. rand-m9-mstd0.5-inc1 (RandAugment); none: off"),
+    "reprob": (float, "random erasing probability"),
+    "remode": (("const", "rand", "pixel"), "random erasing fill"),
+    "recount": (int, "random erasing: boxes per image"),
+    "mixup": (float, "Mixup Beta alpha, 0: off"),
+    "cutmix": (float, "CutMix Beta alpha, 0: off"),
+    "mixup_prob": (float, "probability of mixing a batch"),
+    "mixup_switch_prob": (float, "probability of CutMix instead of Mixup when both are on"),
+    "smoothing": (float, "label smoothing"),
+    "repeated_aug": (int, "repeated augmentation: each image this many times per epoch (timm's RepeatAugSampler), 0: off"),
+    "ema_decay": (
+        "optional float",
+        "EMA of the weights with this decay per update (evaluated and saved as model_ema.safetensors), none: off",
+    ),
+    "distillation": (("soft", "hard"), "soft: KL to the teacher at --temperature; hard: cross entropy to the teacher's top-1 (DeiT)"),
+    "alpha": (float, "weight of the teacher's term, 0 for labels only"),
+    "temperature": (float, "soft distillation temperature"),
+    "anneal_epochs": ("optional float", "epochs over which CDCP keep ratios go from 1 to the targets; none: a third of --epochs"),
+    "precision": (("auto", "fp32", "bf16", "fp16"), "auto: bf16 autocast on GPUs that have it, else fp16 with a loss scaler; fp32 on CPU"),
+    "channels_last": (bool, "images and patch embedding in channels-last memory layout"),
+    "compile": (bool, "torch.compile the student"),
+}
+
+
+def _optional(kind):
+    def parse(text: str):
+        if text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or none, got {text!r}") from None
+
+    return parse
+
+
+def add_recipe_arguments(f) -> None:
+    """``--recipe`` and one flag per :class:`cait.train.recipe.Recipe` field (absent: the preset's value)."""
+    from cait.train.recipe import PRESETS, Recipe
+
+    f.add_argument(
+        "--recipe",
+        choices=tuple(PRESETS),
+        default="default",
+        help="hyperparameter preset (default: default, the constant-rate AdamW loop; deit: DeiT's recipe for 30 epochs, lr 5e-4 x "
+        "global batch / 512, cosine, RandAugment, random erasing, Mixup/CutMix, label smoothing, repeated augmentation, EMA, hard "
+        "distillation); every flag below overrides one value; the recipe is printed at the start and written to OUT/recipe.json",
+    )
+    default = Recipe()
+    for field, (kind, text) in RECIPE_FLAGS.items():
+        flag = "--" + field.replace("_", "-")
+        shown = f"{text} (default recipe: {getattr(default, field)}; deit: {PRESETS['deit'].get(field, getattr(default, field))})"
+        if kind is bool:
+            f.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=shown)
+        elif isinstance(kind, tuple):
+            f.add_argument(flag, choices=kind, default=argparse.SUPPRESS, help=shown)
+        elif isinstance(kind, str):
+            f.add_argument(
+                flag, type=_optional({"optional float": float, "optional str": str}[kind]), default=argparse.SUPPRESS, help=shown
+            )
+        else:
+            f.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=shown)
+
+
+def recipe_of(args):
+    """The :class:`Recipe` of ``--recipe`` with the flags given; ValueError names a bad or unfitting value."""
+    from cait.train.recipe import Recipe
+
+    recipe = Recipe.preset(args.recipe, **{field: getattr(args, field) for field in RECIPE_FLAGS if hasattr(args, field)})
+    if args.task == "segmentation":
+        unfitting = [flag for flag, on in (("--mixup/--cutmix", recipe.mixing), ("--auto-augment", recipe.auto_augment),
+                     ("--reprob", recipe.reprob), ("--layer-decay", recipe.layer_decay is not None)) if on]  # fmt: skip
+        if unfitting:
+            raise ValueError(f"--task segmentation takes no {', '.join(unfitting)} (image-level augmentations; recipe {recipe.name!r})")
+    return recipe
+
+
 def run(args) -> None:
+    import json
+
     import torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader
 
     import cait
-    from cait.train.finetune import Distillation, fit, resume
+    from cait.train import components
+    from cait.train.finetune import Distillation, Loop, ema_student, fit
 
-    if args.epochs < 1 or args.batch_size < 1:
-        raise ValueError("--epochs and --batch-size must be at least 1")
+    recipe = recipe_of(args)
     if args.task == "classification" and (args.teacher or args.head):
         raise ValueError("--teacher and --head are for --task segmentation")
     check_compression(args)  # a --plan also names the model
     if args.model is None and not (args.task == "segmentation" and args.teacher):
         raise ValueError("--model is required (for --task segmentation it may come from --teacher instead; with --plan, from the plan)")
-    distill = Distillation(args.alpha, args.temperature)
+    distill = Distillation(recipe.alpha, recipe.temperature, recipe.distillation)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = device_of(args.device)
+    precision = components.precision(recipe, device)
+    record_path = os.path.join(args.out, "recipe.json")
+    if args.resume:
+        _check_resumable(record_path, recipe, args.seed)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-    main_process = world == 1 or dist.get_rank() == 0
+    rank = dist.get_rank() if world > 1 else 0
+    main_process = rank == 0
     torch.manual_seed(args.seed)
     setup = _segmentation_setup if args.task == "segmentation" else _classification_setup
-    model, teacher, train_set, val_set, metrics, make = setup(args)
+    model, teacher, train_set, val_set, metrics, make = setup(args, components.transform_arguments(recipe))
     if teacher is None and distill.alpha > 0:
         distill = Distillation(0.0)
         if main_process:
             print("no --teacher: training on the labels only (--alpha ignored)")
     backbone = getattr(model, "backbone", model)
     merge, prune = compression(args, getattr(backbone, "vit", backbone), args.calibration)
-    sampler = DistributedSampler(train_set, seed=args.seed) if world > 1 else None
-    drop_last = len(train_set) > args.batch_size  # equal batches, but never an empty epoch
+    sampler = components.sampler(train_set, recipe, world, rank, args.seed)
+    per_process = len(sampler) if sampler is not None else len(train_set)
+    drop_last = per_process > recipe.batch_size  # equal batches, but never an empty epoch
+    if recipe.mixing and not drop_last and per_process % 2:
+        raise ValueError(f"--mixup/--cutmix pair images: the one batch of {per_process} training images per process must be even")
     train_loader = DataLoader(
-        train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers, drop_last=drop_last
+        train_set, recipe.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers, drop_last=drop_last
     )
-    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
-    anneal = args.anneal_epochs if args.anneal_epochs is not None else args.epochs / 3
-    student = make(model, merge, prune, warmup=round(anneal * len(train_loader))).to(device)
+    val_loader = DataLoader(val_set, recipe.batch_size, num_workers=args.workers)
+    loop = Loop(smoothing=recipe.smoothing, accumulate=recipe.accumulate, clip_grad=recipe.clip_grad, precision=precision,
+                channels_last=recipe.channels_last)  # fmt: skip
+    updates_per_epoch = loop.updates_per_epoch(len(train_loader))
+    anneal = recipe.anneal_epochs if recipe.anneal_epochs is not None else recipe.epochs / 3
+    student = make(model, merge, prune, warmup=round(anneal * updates_per_epoch)).to(device)
+    if recipe.channels_last:
+        student.to(memory_format=torch.channels_last)
     teacher = teacher.to(device) if teacher is not None else None
-    groups = [{"params": student.model.parameters(), "lr": args.lr, "weight_decay": args.weight_decay}]
-    if student.gates is not None:
-        groups.append({"params": student.gates.parameters(), "lr": args.score_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
-    os.makedirs(args.out, exist_ok=True)
-    checkpoint = os.path.join(args.out, "checkpoint.pt")
-    start = 0
-    if args.resume:
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"--resume: no {checkpoint}")
-        start = resume(student, optimizer, checkpoint)
-    amp = device.type == "cuda" and not args.no_amp
-    fit(student, teacher, train_loader, val_loader, epochs=args.epochs, optimizer=optimizer, distill=distill, out_dir=args.out,
-        start_epoch=start, amp=amp, ddp=world > 1, main_process=main_process, metrics=metrics)  # fmt: skip
+    optimizer = components.optimizer(student, recipe, world)
+    loop.scheduler = components.scheduler(optimizer, recipe, updates_per_epoch)
+    loop.ema = components.ema(student, recipe)
+    loop.mixup = components.mixup(recipe, model.num_classes) if args.task == "classification" else None
+    resolved = {"lr": recipe.learning_rate(world), "global_batch": recipe.batch_size * recipe.accumulate * world, "processes": world,
+                "updates_per_epoch": updates_per_epoch, "warmup_updates": recipe.warmup_epochs * updates_per_epoch,
+                "anneal_updates": round(anneal * updates_per_epoch), "precision": precision, "device": str(device)}  # fmt: skip
     if main_process:
-        path = os.path.join(args.out, "model.safetensors")
-        trained = student.materialize()
-        if args.plan:
-            origin = cait.Plan.load(args.plan).origin(args.plan, point=args.plan_point)
-            getattr(trained, "backbone", trained).origin = origin | {"fine-tuned": args.out}
-        cait.save(trained, path)
-        print(f"wrote {path}\n")
+        os.makedirs(args.out, exist_ok=True)
+        print(f"recipe {recipe.name}: " + ", ".join(f"{k} {v}" for k, v in recipe.as_dict().items() if k != "name"))
+        print("resolved: " + ", ".join(f"{k} {v}" for k, v in resolved.items()))
+        with open(record_path, "w") as f:
+            json.dump({"recipe": recipe.as_dict(), "resolved": resolved, "seed": args.seed}, f, indent=2)
+    fit(student, teacher, train_loader, val_loader, epochs=recipe.epochs, optimizer=optimizer, distill=distill, out_dir=args.out,
+        loop=loop, resume=args.resume, seed=args.seed, ddp=world > 1, compile=recipe.compile, main_process=main_process,
+        metrics=metrics)  # fmt: skip
+    if main_process:
+        origin = cait.Plan.load(args.plan).origin(args.plan, point=args.plan_point) | {"fine-tuned": args.out} if args.plan else None
+        outputs = [(student, "model.safetensors")]
+        if loop.ema is not None:
+            outputs.append((ema_student(loop.ema, student), "model_ema.safetensors"))
+        for trained_student, name in outputs:
+            path = os.path.join(args.out, name)
+            trained = trained_student.materialize()
+            if origin is not None:
+                getattr(trained, "backbone", trained).origin = origin
+            cait.save(trained, path)
+            print(f"wrote {path}")
+        print()
         describe(getattr(student.model, "backbone", student.model), dense=getattr(model, "backbone", model))
     if world > 1:
         dist.destroy_process_group()
 
 
-def _classification_setup(args):
-    """``(timm model, teacher, train set, val set, metrics, student maker)`` for image classification."""
+def _check_resumable(record_path: str, recipe, seed: int) -> None:
+    """Refuse ``--resume`` with another recipe or seed than the run's (``epochs`` may grow under a constant
+    schedule with ``--anneal-epochs`` given)."""
+    import json
+
+    if not os.path.exists(record_path):
+        raise FileNotFoundError(f"--resume: no {record_path} (was the run started by this version of cait finetune?)")
+    with open(record_path) as f:
+        record = json.load(f)
+    if record["seed"] != seed:
+        raise ValueError(f"--resume with --seed {seed}: the run was started with --seed {record['seed']}")
+    saved = record["recipe"]
+    # more epochs keep a constant schedule, but move a cosine one and an annealing given as a third of the epochs
+    allowed = {"name", "epochs"} if recipe.sched == "constant" and recipe.anneal_epochs is not None else {"name"}
+    changed = [k for k, v in recipe.as_dict().items() if k not in allowed and saved.get(k) != v]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(recipe, k)}" for k in changed)
+        raise ValueError(f"--resume with another recipe than the run's ({flags}): give the run's values")
+
+
+def _classification_setup(args, augment: dict):
+    """``(timm model, teacher, train set, val set, metrics, student maker)`` for image classification;
+    ``augment``: training-only ``timm.data.create_transform`` arguments."""
     from cait.train.finetune import evaluate, make_student, teacher_of
 
     model = build_model(args)
-    train_set = image_folder(args.data, "train", model, training=True)
+    train_set = image_folder(args.data, "train", model, training=True, augment=augment)
     val_set = image_folder(args.data, "val", model, training=False)
     if len(train_set.classes) != model.num_classes:
         raise ValueError(
@@ -170,9 +305,10 @@ def _classification_setup(args):
     return model, teacher_of(model), train_set, val_set, evaluate, make_student
 
 
-def _segmentation_setup(args):
+def _segmentation_setup(args, augment: dict):
     """``(segmentation model, teacher or None, train set, val set, metrics, student maker)``: the model
-    is the ``--teacher`` segmenter (trained dense) or a new head on the ``--model`` backbone."""
+    is the ``--teacher`` segmenter (trained dense) or a new head on the ``--model`` backbone (``augment`` is
+    for image folders: :func:`recipe_of` refuses image-level augmentations for segmentation)."""
     import cait
     from cait import segmentation
     from cait.train.finetune import teacher_of

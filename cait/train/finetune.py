@@ -15,6 +15,7 @@ labels ``(B, H, W)``, the KL taken per pixel; ``fit(..., metrics=cait.segmentati
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,30 +30,48 @@ from ..schedule import ATME
 
 @dataclass(frozen=True)
 class Distillation:
-    """``alpha``: weight of the teacher's soft targets in ``[0, 1]`` (0: labels only); ``temperature`` > 0."""
+    """``alpha``: weight of the teacher's term in ``[0, 1]`` (0: labels only); ``temperature`` > 0;
+    ``kind``: ``soft`` (KL between the distributions at ``temperature``) or ``hard`` (cross entropy
+    against the teacher's top-1 class, DeiT's hard distillation; ``temperature`` unused)."""
 
     alpha: float = 0.5
     temperature: float = 1.0
+    kind: str = "soft"
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"distillation alpha must lie in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
             raise ValueError(f"distillation temperature must be positive, got {self.temperature}")
+        if self.kind not in ("soft", "hard"):
+            raise ValueError(f"distillation kind must be 'soft' or 'hard', got {self.kind!r}")
 
 
-def distillation_loss(output, teacher_logits: torch.Tensor | None, labels: torch.Tensor, distill: Distillation) -> torch.Tensor:
-    """The training loss of one batch.
+def distillation_loss(
+    output, teacher_logits: torch.Tensor | None, labels: torch.Tensor, distill: Distillation, smoothing: float = 0.0
+) -> torch.Tensor:
+    """The training loss of one batch: ``(1 - alpha) * label term + alpha * teacher term``.
 
     Args:
-        output: student logits ``(B, K)`` or ``(B, K, H, W)``, or a pair ``(class logits, distillation logits)``.
-        teacher_logits: shaped like the student's, or None when ``distill.alpha == 0``.
-        labels: ``(B,)`` or ``(B, H, W)`` class indices (-100: ignored by the cross entropy).
+        output: student logits ``(B, K)`` or ``(B, K, H, W)``, or a pair ``(class logits, distillation logits)``:
+            the label term reads the first, the teacher term the second (DeiT's two heads).
+        teacher_logits: shaped like the student's, or None when ``distill.alpha == 0``; from the same
+            (possibly mixed) images as the student's.
+        labels: ``(B,)`` or ``(B, H, W)`` class indices (-100: ignored), cross entropy with
+            ``smoothing``; or ``(B, K)`` soft targets (timm's ``Mixup``, smoothing already in them),
+            timm's ``SoftTargetCrossEntropy``.
     """
     cls, dist = output if isinstance(output, tuple) else (output, output)
-    hard = F.cross_entropy(cls, labels)
+    if labels.is_floating_point():
+        from timm.loss import SoftTargetCrossEntropy
+
+        hard = SoftTargetCrossEntropy()(cls, labels)
+    else:
+        hard = F.cross_entropy(cls, labels, label_smoothing=smoothing)
     if distill.alpha == 0:
         return hard
+    if distill.kind == "hard":
+        return (1 - distill.alpha) * hard + distill.alpha * F.cross_entropy(dist, teacher_logits.argmax(1))
     t = distill.temperature
     kl = F.kl_div(F.log_softmax(dist / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="none", log_target=True)
     soft = kl.sum(1).mean()  # per image (or per pixel), averaged
@@ -94,42 +113,131 @@ def make_student(model: nn.Module, merge: ATME | None, prune: CDCP | None, warmu
     return Student(student, gates)
 
 
+def fully_shard_student(student: Student, mesh=None) -> Student:
+    """FSDP2: ``torch.distributed.fsdp.fully_shard`` on every transformer block of the student's
+    backbone, then on the student (the rest: embeddings, head, gate scores); in place, returns it.
+    Build the optimizer afterwards (the parameters become sharded DTensors); :func:`train_epoch`
+    trains it as it trains an unsharded student. ``mesh``: a 1-D device mesh (default: all processes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    backbone = getattr(student.model, "backbone", student.model)
+    for block in backbone.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    return student
+
+
 def _distilled_training(model: nn.Module, enable: bool) -> None:
     vit = getattr(model, "vit", None)  # a classifier; segmenters use the features only
     if hasattr(vit, "set_distilled_training"):
         vit.set_distilled_training(enable)
 
 
-def train_epoch(student, teacher, loader, optimizer, distill: Distillation, *, scaler=None, progress=None) -> dict:
-    """One pass over ``loader``; returns the mean ``loss`` and the training ``accuracy`` (class head;
-    for segmentation: of the labelled pixels).
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    ``student``: a :class:`Student` (possibly inside DDP); ``teacher``: the dense model in eval mode;
-    ``scaler``: a ``torch.amp.GradScaler`` for fp16 autocast on CUDA, or None; ``progress``: a tqdm bar
-    (its postfix shows loss, accuracy and the kept channels).
+
+@dataclass
+class Loop:
+    """What one optimizer update does besides ``optimizer.step()`` (every part optional; the defaults
+    are a plain fp32 step per batch). :mod:`cait.train.components` builds the timm parts from a recipe.
+
+    - ``scheduler``: a timm scheduler, ``step_update(updates)`` after every update.
+    - ``mixup``: ``timm.data.Mixup``: each batch mixed, labels become soft targets ``(B, K)``; the teacher
+      sees the same mixed images (DeiT).
+    - ``ema``: ``timm.utils.ModelEmaV3`` of the :class:`Student`, updated after every update.
+    - ``smoothing``: label smoothing of the cross entropy (without ``mixup``; with it, Mixup smooths).
+    - ``accumulate``: batches per update (the loss of each divided by the batches in its update; under
+      DDP only the last one all-reduces); ``clip_grad``: largest total gradient norm (timm's
+      ``dispatch_clip_grad``), or None.
+    - ``precision``: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast and ``scaler``, a
+      ``torch.amp.GradScaler``, made by :func:`fit` when None); ``channels_last``: images in that layout.
     """
-    inner = student.module if hasattr(student, "module") else student
+
+    scheduler: object = None
+    mixup: object = None
+    ema: object = None
+    smoothing: float = 0.0
+    accumulate: int = 1
+    clip_grad: float | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    scaler: object = None
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", *AUTOCAST):
+            raise ValueError(f"Loop precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise ValueError(f"Loop accumulate must be a whole number >= 1, got {self.accumulate!r}")
+
+    def updates_per_epoch(self, batches: int) -> int:
+        """Optimizer updates in an epoch of ``batches`` batches (a last, shorter group also updates)."""
+        return -(-batches // self.accumulate)
+
+
+def unwrap(runner: nn.Module) -> nn.Module:
+    """The :class:`Student` inside DDP and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(runner, nn.parallel.DistributedDataParallel):
+            runner = runner.module
+        elif hasattr(runner, "_orig_mod"):
+            runner = runner._orig_mod
+        else:
+            return runner
+
+
+def train_epoch(
+    student, teacher, loader, optimizer, distill: Distillation, *, progress=None, loop: Loop | None = None, updates: int = 0
+) -> dict:
+    """One pass over ``loader``. Returns the mean ``loss``, the training ``accuracy`` (class head against
+    the unmixed labels; for segmentation: of the labelled pixels), ``img_per_s`` (images per second of
+    this process, data loading included), ``memory_mib`` (peak: CUDA allocated, or the process's
+    resident memory on CPU) and ``updates``, the optimizer updates done so far (``updates`` + this epoch's).
+
+    ``student``: a :class:`Student` (possibly inside DDP or ``torch.compile``); ``teacher``: the dense
+    model in eval mode; ``loop``: see :class:`Loop` (None: one fp32 step per batch); ``progress``: a
+    tqdm bar (its postfix shows loss, accuracy, img/s, memory and the kept channels).
+    """
+    import contextlib
+
+    loop = loop or Loop()
+    if loop.precision == "fp16" and loop.scaler is None:
+        raise ValueError("fp16 training needs a loss scaler: set Loop.scaler to a torch.amp.GradScaler (fit makes one)")
+    inner = unwrap(student)
+    ddp = student if isinstance(student, nn.parallel.DistributedDataParallel) else None
     device = next(inner.parameters()).device
+    batches = len(loader)
     student.train()
     _distilled_training(inner.model, True)
+    optimizer.zero_grad(set_to_none=True)
     total, correct, seen, pixels = 0.0, 0, 0, 0
+    start = time.perf_counter()
     try:
-        for images, labels in loader:
+        for i, (images, labels) in enumerate(loader):
+            group = loop.accumulate if i < batches - batches % loop.accumulate else batches % loop.accumulate
+            last = (i + 1) % loop.accumulate == 0 or i == batches - 1
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
-                output = student(images)
-                with torch.no_grad():
-                    target = teacher(images) if distill.alpha > 0 else None
-                loss = distillation_loss(output, target, labels, distill)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            inner.step()
+            if loop.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = labels
+            if loop.mixup is not None:
+                images, targets = loop.mixup(images.clone(), labels)  # Mixup works in place
+            sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=AUTOCAST.get(loop.precision), enabled=loop.precision in AUTOCAST):
+                    output = student(images)
+                    with torch.no_grad():
+                        target = teacher(images) if distill.alpha > 0 else None
+                    loss = distillation_loss(output, target, targets, distill, loop.smoothing)
+                scaled = loss / group
+                (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
+            if last:
+                _update(inner, optimizer, loop)
+                updates += 1
+                inner.step()
+                if loop.scheduler is not None:
+                    loop.scheduler.step_update(updates)
+                if loop.ema is not None:
+                    loop.ema.update(inner, step=updates)
             logits = output[0] if isinstance(output, tuple) else output
             labelled = labels >= 0
             total += float(loss.detach()) * len(labels)
@@ -138,11 +246,42 @@ def train_epoch(student, teacher, loader, optimizer, distill: Distillation, *, s
             pixels += int(labelled.sum())
             if progress is not None:
                 kept = inner.gates.kept_summary() if inner.gates is not None else "all channels"
-                progress.set_postfix_str(f"loss {total / seen:.3f} acc {correct / max(pixels, 1):.3f} kept {kept}")
+                speed = seen / (time.perf_counter() - start)
+                progress.set_postfix_str(
+                    f"loss {total / seen:.3f} acc {correct / max(pixels, 1):.3f} {speed:.1f} img/s {memory_mib(device):.0f} MiB kept {kept}"
+                )
                 progress.update(1)
     finally:
         _distilled_training(inner.model, False)
-    return {"loss": total / max(seen, 1), "accuracy": correct / max(pixels, 1)}
+    speed = seen / max(time.perf_counter() - start, 1e-9)
+    return {"loss": total / max(seen, 1), "accuracy": correct / max(pixels, 1), "img_per_s": speed,
+            "memory_mib": memory_mib(device), "updates": updates}  # fmt: skip
+
+
+def _update(student: nn.Module, optimizer, loop: Loop) -> None:
+    """Clip (after unscaling), step, and clear the gradients."""
+    from timm.utils import dispatch_clip_grad
+
+    if loop.scaler is not None:
+        if loop.clip_grad is not None:
+            loop.scaler.unscale_(optimizer)
+            dispatch_clip_grad(student.parameters(), loop.clip_grad)
+        loop.scaler.step(optimizer)
+        loop.scaler.update()
+    else:
+        if loop.clip_grad is not None:
+            dispatch_clip_grad(student.parameters(), loop.clip_grad)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def memory_mib(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA memory allocated on ``device``, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @torch.no_grad()
@@ -175,6 +314,21 @@ def teacher_of(model: nn.Module) -> nn.Module:
     return teacher
 
 
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and ``random`` from ``(seed, epoch, rank)``. :func:`fit` calls
+    it at the start of every epoch, so every draw of an epoch (shuffling, augmentation, Mixup, drop
+    path) depends only on these three numbers: a resumed run draws what the uninterrupted run drew,
+    in every process, without storing generator states."""
+    import random
+
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    random.seed(int(state[0]))
+
+
 def fit(
     student: Student,
     teacher: nn.Module,
@@ -185,45 +339,105 @@ def fit(
     optimizer: torch.optim.Optimizer,
     distill: Distillation,
     out_dir: str,
-    start_epoch: int = 0,
-    amp: bool = False,
+    loop: Loop | None = None,
+    resume: bool = False,
+    seed: int = 0,
     ddp: bool = False,
+    compile: bool = False,
     main_process: bool = True,
     metrics=evaluate,
+    stop_after: int | None = None,
 ) -> list[dict]:
-    """Train ``epochs - start_epoch`` epochs, evaluating after each and writing ``checkpoint.pt`` (the
-    whole training state, for ``--resume``) and ``log.json`` to ``out_dir`` from the main process.
-    ``ddp``: wrap the student in ``DistributedDataParallel`` (the process group is already set up);
-    ``metrics(model, loader) -> dict``: the validation (:func:`evaluate`, or segmentation's)."""
+    """Train to ``epochs``, evaluating after each epoch (and the EMA model, ``val_ema_*``), and write
+    ``checkpoint.pt`` (the whole training state), ``log.json`` and ``log.csv`` to ``out_dir`` from the
+    main process.
+
+    ``resume``: continue from ``out_dir/checkpoint.pt`` (:func:`load_checkpoint`), else start at epoch
+    0; ``seed``: every epoch starts with :func:`seed_epoch`; ``ddp``: wrap the student in
+    ``DistributedDataParallel`` (the process group is already set up); ``compile``: ``torch.compile``
+    it; ``metrics(model, loader) -> dict``: the validation (:func:`evaluate`, or segmentation's);
+    ``stop_after``: return after that many epochs of this call (a deliberate interruption, for tests
+    and time-limited jobs). The log rows: epoch, updates, ``train_*`` of :func:`train_epoch`,
+    ``val_*``, ``lr`` (the weights' rate at the end of the epoch), ``seconds``.
+    """
     import json
     import os
 
     from tqdm.auto import tqdm
 
+    loop = loop or Loop()
     device = next(student.parameters()).device
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    if loop.precision == "fp16" and loop.scaler is None:
+        loop.scaler = torch.amp.GradScaler(device.type)
+    rank = torch.distributed.get_rank() if ddp else 0
     runner = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else student
-    log_path = os.path.join(out_dir, "log.json")
-    log = json.load(open(log_path)) if start_epoch and os.path.exists(log_path) else []
+    if compile:
+        runner = torch.compile(runner)
+    checkpoint = os.path.join(out_dir, "checkpoint.pt")
+    if main_process:
+        os.makedirs(out_dir, exist_ok=True)
+    start_epoch, updates, log = 0, 0, []
+    if resume:
+        start_epoch, updates, log = load_checkpoint(checkpoint, student, optimizer, loop)
+        per_epoch = loop.updates_per_epoch(len(train_loader))
+        if updates != start_epoch * per_epoch:
+            raise ValueError(
+                f"--resume: {checkpoint} did {updates} updates in {start_epoch} epochs, but these arguments make {per_epoch} "
+                "per epoch (batch size, data or accumulation changed)"
+            )
     for epoch in range(start_epoch, epochs):
+        if stop_after is not None and epoch - start_epoch == stop_after:
+            break
+        seed_epoch(seed, epoch, rank)
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
         with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, leave=False) as bar:
-            train = train_epoch(runner, teacher, train_loader, optimizer, distill, scaler=scaler, progress=bar)
+            train = train_epoch(runner, teacher, train_loader, optimizer, distill, progress=bar, loop=loop, updates=updates)
+        updates = train.pop("updates")
         val = metrics(student.model, val_loader)
-        log.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}})
+        row = {
+            "epoch": epoch + 1,
+            "updates": updates,
+            **{f"train_{k}": v for k, v in train.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        if loop.ema is not None:
+            ema = ema_student(loop.ema, student)
+            row.update({f"val_ema_{k}": v for k, v in metrics(ema.model, val_loader).items()})
+        row.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+        log.append(row)
         if main_process:
             kept = student.gates.kept_summary() if student.gates is not None else "all channels"
+            ema_text = f"  ema top1 {row['val_ema_top1']:.4f}" if "val_ema_top1" in row else ""
             print(
                 f"epoch {epoch + 1}/{epochs}: loss {train['loss']:.4f}  train acc {train['accuracy']:.4f}  "
-                f"{_summary(val)}  kept {kept}"
+                f"{_summary(val)}{ema_text}  {train['img_per_s']:.1f} img/s  {train['memory_mib']:.0f} MiB  kept {kept}"
             )
-            state = {"epoch": epoch + 1, "student": student.state_dict(), "optimizer": optimizer.state_dict()}
-            state["gate_steps"] = student.gates.steps if student.gates is not None else 0
-            torch.save(state, os.path.join(out_dir, "checkpoint.pt"))
-            with open(log_path, "w") as f:
+            save_checkpoint(checkpoint, student, optimizer, loop, epoch=epoch + 1, updates=updates, log=log)
+            with open(os.path.join(out_dir, "log.json"), "w") as f:
                 json.dump(log, f, indent=2)
+            _write_csv(os.path.join(out_dir, "log.csv"), log)
     return log
+
+
+def ema_student(ema, student: Student) -> Student:
+    """The EMA's :class:`Student`, its gates at the live student's annealing step (the EMA copy's own
+    step counter does not advance)."""
+    module = ema.module
+    if module.gates is not None:
+        module.gates.set_steps(student.gates.steps)
+    return module
+
+
+def _write_csv(path: str, log: list[dict]) -> None:
+    import csv
+
+    columns = list(dict.fromkeys(k for row in log for k, v in row.items() if not isinstance(v, (list, dict))))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(log)
 
 
 def _summary(val: dict) -> str:
@@ -231,11 +445,53 @@ def _summary(val: dict) -> str:
     return "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
 
 
-def resume(student: Student, optimizer: torch.optim.Optimizer, path: str) -> int:
-    """Load the training state written by :func:`fit`; returns the number of epochs already done."""
+def save_checkpoint(path: str, student: Student, optimizer, loop: Loop, *, epoch: int, updates: int, log: list[dict]) -> None:
+    """The whole training state after ``epoch`` epochs (``updates`` optimizer updates): student
+    (weights and gate scores), gate annealing step, optimizer, scheduler, EMA, loss scaler and the
+    log. Written to a temporary file and renamed, so an interrupted write leaves the previous one."""
+    import os
+
+    state = {"epoch": epoch, "updates": updates, "student": student.state_dict(), "optimizer": optimizer.state_dict(), "log": log}
+    state["gate_steps"] = student.gates.steps if student.gates is not None else 0
+    for name in ("scheduler", "scaler"):
+        if getattr(loop, name) is not None:
+            state[name] = getattr(loop, name).state_dict()
+    if loop.ema is not None:
+        state["ema"] = loop.ema.module.state_dict()
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, student: Student, optimizer, loop: Loop | None = None) -> tuple[int, int, list[dict]]:
+    """Load what :func:`save_checkpoint` wrote into ``student``, ``optimizer`` and ``loop``'s scheduler,
+    EMA and scaler; returns ``(epochs done, updates done, log)``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: the checkpoint and ``loop`` disagree on having a scheduler, an EMA or a scaler.
+    """
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no {path}")
+    loop = loop or Loop()
     state = torch.load(path, map_location=next(student.parameters()).device, weights_only=True)
+    for name, held in (("scheduler", loop.scheduler), ("ema", loop.ema), ("scaler", loop.scaler)):
+        if (name in state) != (held is not None):
+            have = "has" if name in state else "has no"
+            raise ValueError(
+                f"--resume: {path} {have} {name} state but this run {'has none' if held is None else 'has one'}: "
+                "resume with the same recipe"
+            )
     student.load_state_dict(state["student"])
     optimizer.load_state_dict(state["optimizer"])
     if student.gates is not None:
         student.gates.set_steps(state["gate_steps"])
-    return state["epoch"]
+    if loop.scheduler is not None:
+        loop.scheduler.load_state_dict(state["scheduler"])
+        loop.scheduler.step_update(state["updates"])
+    if loop.scaler is not None:
+        loop.scaler.load_state_dict(state["scaler"])
+    if loop.ema is not None:
+        loop.ema.module.load_state_dict(state["ema"])
+    return state["epoch"], state["updates"], state["log"]

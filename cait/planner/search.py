@@ -189,7 +189,7 @@ def plan(
     dense and a set of them interleaved, keeps
     the better half (those that meet the target by fidelity, the others by speed), adds untimed
     candidates predicted to meet it with higher fidelity than the best so far, and doubles the
-    repeats; it stops when the budget is spent or one candidate is left.
+    repeats; it stops when the budget is spent (less what the references will take) or one candidate is left.
 
     Returns a :class:`Plan` (``plan.chosen`` is None where nothing measured reaches the target; then
     ``plan.fastest`` names the fastest point). Raises ``ValueError`` / ``TypeError`` /
@@ -310,10 +310,13 @@ def plan(
                 p.latency_s, p.speedup, p.repeats = statistics.median(seconds[k]), speedup(k), len(seconds[k])
                 p.speedup_iqr = _spread(paired[k], seconds[k])
 
+        def reference_cost(reps: int) -> float:
+            return 2 * (max(setups) + max(evaluations)) + rung_cost(2, reps)
+
         survivors: list[str] = []
         reps, width = repeats, FIRST_RUNG
         while True:
-            left = budget_s - (clock() - start)
+            left = budget_s - (clock() - start) - (reference_cost(repeats) if references else 0.0)  # the references' share kept
             timed = [p for p in points.values() if p.speedup is not None]
             efficiency = statistics.median([p.speedup * p.flops_ratio for p in timed]) if timed else EFFICIENCY
             best = max((p.rank() for p in timed if meets(p)), default=None)
@@ -332,8 +335,9 @@ def plan(
             new = fresh[:count]
             if not new and (len(survivors) <= 1 or left < rung_cost(len(survivors), reps)):
                 break
+            ready_from = clock()
             for i, p in enumerate(new):
-                if i and budget_s - (clock() - start) < max(setups) + rung_cost(len(survivors) + i + 1, reps):
+                if i and left - (clock() - ready_from) < max(setups) + rung_cost(len(survivors) + i + 1, reps):
                     break  # setups took longer than expected: time the ones ready
                 ready = clock()
                 try:
@@ -364,10 +368,6 @@ def plan(
 
         # The references: as many runs as the most-timed point, or as many as the rest of the budget affords.
         reference_keys, runs = [], max(repeats, max((p.repeats for p in points.values() if p.key in seconds), default=repeats))
-
-        def reference_cost(reps: int) -> float:
-            return 2 * (max(setups) + max(evaluations)) + rung_cost(2, reps)
-
         while runs > repeats and reference_cost(runs) > budget_s - (clock() - start):
             runs = max(repeats, runs // 2)
         if references and reference_cost(runs) <= budget_s - (clock() - start):

@@ -505,6 +505,7 @@ def test_slow_setups_of_candidates_count_against_the_budget(tiny, images, pool, 
     plan = cait.plan(tiny, images, Speedup(1.5), budget_s=budget, candidates=pool, timer=machine.timer, clock=machine.clock, progress=False)
     assert plan.spent_s <= budget
     assert 0 < sum(p.speedup is not None for p in plan.points) < 8  # at most what the budget affords at 20 ms each
+    assert plan.references  # their share was kept, at the slowest setup seen (not dense's 1 ms)
 
 
 def test_the_timing_cache_tells_configurations_of_one_name_apart(tiny, images, tmp_path):

@@ -335,9 +335,9 @@ def plan(
             new = fresh[:count]
             if not new and (len(survivors) <= 1 or left < rung_cost(len(survivors), reps)):
                 break
-            ready_from = clock()
             for i, p in enumerate(new):
-                if i and left - (clock() - ready_from) < max(setups) + rung_cost(len(survivors) + i + 1, reps):
+                reserve = reference_cost(repeats) if references else 0.0  # grows as slower setups are seen
+                if i and budget_s - (clock() - start) - reserve < max(setups) + rung_cost(len(survivors) + i + 1, reps):
                     break  # setups took longer than expected: time the ones ready
                 ready = clock()
                 try:

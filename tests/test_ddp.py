@@ -4,9 +4,11 @@ recipe's AdamW with layer decay, schedule, EMA, accumulation and clipping; FSDP2
 trains under DDP built from the Python API (``fit(ddp=True)``) and from ``cait finetune`` (torchrun's
 environment), past the second step, where a parameter without a gradient stops DDP."""
 
+import json
 import os
 import socket
 
+import pytest
 import timm
 import torch
 import torch.distributed as dist
@@ -223,3 +225,88 @@ def test_fsdp2_shards_train_like_one_process(tmp_path):
     student, _, initial = single_process_recipe_run()
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     assert_same_weights(fsdp["student"], student.state_dict(), initial)
+
+
+def _loaders(images, labels, distributed: bool):
+    """The recipe setup's 4 batches of 4 as a loader (2 images per process under ``distributed``: the
+    processes' halves of a step are one process's batch) and a validation loader."""
+    data = TensorDataset(images.flatten(0, 1), labels.flatten(0, 1))
+    train = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, shuffle=False)) if distributed else DataLoader(data, 4)
+    return train, DataLoader(data, batch_size=8)
+
+
+def _fsdp_fit_job(rank, out):
+    """``fit(fsdp=True)`` for one of the recipe's 2 epochs, then a fresh sharded student resumed to the end."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cait.train.finetune import full_state, fully_shard_student
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for resume in (False, True):
+        student, runner, teacher, optimizer, loop, images, labels = recipe_setup(lambda s: fully_shard_student(s, mesh))
+        train, val = _loaders(images, labels, distributed=True)
+        fit(runner, teacher, train, val, epochs=RECIPE.epochs, optimizer=optimizer, distill=Distillation(alpha=0.5, temperature=2.0),
+            out_dir=out, loop=loop, resume=resume, fsdp=True, main_process=rank == 0, stop_after=None if resume else 1)  # fmt: skip
+    weights, _ = full_state(student)
+    if rank == 0:
+        torch.save(weights, os.path.join(out, "final.pt"))
+
+
+def test_fsdp2_fit_checkpoints_and_resumes_like_one_process(tmp_path):
+    """``fit(fsdp=True)`` in two processes, interrupted after an epoch and resumed from its checkpoint
+    (gathered weights and optimizer state), ends where one uninterrupted process ends; its validation
+    (on the unsharded weights) logs the same top-1; the checkpoint holds the full tensors."""
+    in_two_processes(_fsdp_fit_job, str(tmp_path / "fsdp"))
+    student, runner, teacher, optimizer, loop, images, labels = recipe_setup()
+    initial = {name: value.clone() for name, value in student.state_dict().items()}
+    train, val = _loaders(images, labels, distributed=False)
+    loop.ema = None
+    log = fit(student, teacher, train, val, epochs=RECIPE.epochs, optimizer=optimizer, distill=Distillation(alpha=0.5, temperature=2.0),
+              out_dir=str(tmp_path / "single"), loop=loop)  # fmt: skip
+    assert_same_weights(torch.load(tmp_path / "fsdp" / "final.pt", weights_only=True), student.state_dict(), initial)
+    checkpoint = torch.load(tmp_path / "fsdp" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["sharded"] and checkpoint["epoch"] == RECIPE.epochs
+    assert {k: v.shape for k, v in checkpoint["student"].items()} == {k: v.shape for k, v in initial.items()}
+    with open(tmp_path / "fsdp" / "log.json") as f:
+        sharded_log = json.load(f)
+    assert [row["val_top1"] for row in sharded_log] == [row["val_top1"] for row in log]
+
+
+def test_fsdp2_fit_refuses_what_it_does_not_support_before_work(tmp_path):
+    student, runner, teacher, optimizer, loop, images, labels = recipe_setup()
+    train, val = _loaders(images, labels, distributed=False)
+    with pytest.raises(ValueError, match="FSDP2 .* no EMA"):  # the recipe setup's loop keeps an EMA
+        fit(student, teacher, train, val, epochs=1, optimizer=optimizer, distill=Distillation(0.0), out_dir=str(tmp_path), loop=loop,
+            fsdp=True)  # fmt: skip
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_finetune_command_with_fsdp_saves_the_gathered_model(tmp_path):
+    """``torchrun --nproc-per-node 2 -m cait finetune --fsdp``: the student sharded with FSDP2, and the
+    saved model built from the gathered weights (those of the checkpoint); an EMA is refused in one line."""
+    from test_finetune import image_folder
+
+    image_folder(tmp_path / "data", per_class=4)
+    teacher = timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=2)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    argv = ["finetune", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2", "--checkpoint",
+            str(tmp_path / "teacher.pth"), "--data", str(tmp_path / "data"), "--merge-flops", "0.8", "--keep-mlp", "0.5", "--epochs",
+            "1", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--fsdp", "--out", str(tmp_path / "run")]  # fmt: skip
+    in_two_processes(_cli_job, argv, group=False)
+    saved = cait.load(tmp_path / "run" / "model.safetensors")
+    gathered = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["student"]
+    embedding = gathered["model.vit.patch_embed.proj.weight"]
+    assert torch.equal(saved.vit.patch_embed.proj.weight, embedding) and not torch.equal(embedding, teacher.patch_embed.proj.weight)
+    assert saved.blocks[0].mlp.fc1.out_features == 384 and saved(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_fsdp_with_an_ema_is_refused_in_one_line(capsys):
+    from test_cli import run
+
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        assert run(["finetune", "--recipe", "deit", "--fsdp", "--model", "deit_tiny_patch16_224", "--data", "none", "--out", "none"]) == 2
+    finally:
+        del os.environ["WORLD_SIZE"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fsdp keeps no EMA yet: give --ema-decay none" in err[0], err

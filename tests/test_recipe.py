@@ -63,7 +63,8 @@ def test_the_command_refuses_bad_recipe_values_in_one_line_before_any_work(tmp_p
     base = ["finetune", "--model", "deit_tiny_patch16_224", "--data", missing, "--out", str(tmp_path / "run")]
     for extra, words in ((["--recipe", "deit", "--cutmix", "-2"], "--cutmix must be a number >= 0"),
                          (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs CUDA"),
-                         (["--task", "segmentation", "--mixup", "0.8"], "--task segmentation takes no --mixup")):  # fmt: skip
+                         (["--task", "segmentation", "--mixup", "0.8"], "--task segmentation takes no --mixup"),
+                         (["--fsdp"], "--fsdp shards the student over processes: run under torchrun")):  # fmt: skip
         assert run(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err

@@ -22,6 +22,7 @@ FINETUNE_EXAMPLES = """examples:
   cait finetune --model deit_small_patch16_224 --checkpoint deit_s.pth --data imagenet \\
       --merge-flops 0.7 --keep-qk 0.5 --keep-v 0.75 --keep-mlp 0.75 --epochs 30 --out runs/deit_s
   torchrun --nproc-per-node 8 -m cait finetune ...          # the same on 8 GPUs
+  torchrun --nproc-per-node 8 -m cait finetune --fsdp --ema-decay none ...   # FSDP2: a backbone too large for DDP
   cait eval --data imagenet runs/deit_s/model.safetensors
 
   # segmentation: train the dense model (a head on the backbone), then compress it with distillation
@@ -41,7 +42,7 @@ def add_parser(commands) -> None:
         description="Merge tokens (ATME, on during training with the final schedule) and prune channels with dynamic CDCP "
         "gates (the kept set is re-chosen from learnable scores every step while the keep ratios anneal from 1 to the "
         "targets), training on an ImageFolder with the dense model as teacher; then save the compact model. "
-        "Multi-GPU: run under torchrun (DistributedDataParallel).",
+        "Multi-GPU: run under torchrun (DistributedDataParallel; --fsdp shards with FSDP2 instead).",
     )
     add_model_arguments(f, required=False)
     add_compression_arguments(f)
@@ -71,6 +72,13 @@ def add_parser(commands) -> None:
     f.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
     f.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: cuda when visible, else cpu)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    f.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the student over the processes with FSDP2 (fully_shard per block) instead of DDP, for "
+        "backbones too large to hold once per GPU; checkpoints and the saved model hold the gathered weights; bf16 or fp32, "
+        "no EMA yet (--ema-decay none)",
+    )
     f.add_argument(
         "--resume",
         action="store_true",
@@ -199,6 +207,8 @@ def run(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = device_of(args.device)
     precision = components.precision(recipe, device)
+    if args.fsdp:
+        _check_fsdp(world, recipe, precision)
     record_path = os.path.join(args.out, "recipe.json")
     if args.resume:
         _check_resumable(record_path, recipe, args.seed)
@@ -234,6 +244,12 @@ def run(args) -> None:
     student = make(model, merge, prune, warmup=round(anneal * updates_per_epoch)).to(device)
     if recipe.channels_last:
         student.to(memory_format=torch.channels_last)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from cait.train.finetune import fully_shard_student
+
+        fully_shard_student(student, init_device_mesh(device.type, (world,)))
     teacher = teacher.to(device) if teacher is not None else None
     optimizer = components.optimizer(student, recipe, world)
     loop.scheduler = components.scheduler(optimizer, recipe, updates_per_epoch)
@@ -249,8 +265,10 @@ def run(args) -> None:
         with open(record_path, "w") as f:
             json.dump({"recipe": recipe.as_dict(), "resolved": resolved, "seed": args.seed}, f, indent=2)
     fit(student, teacher, train_loader, val_loader, epochs=recipe.epochs, optimizer=optimizer, distill=distill, out_dir=args.out,
-        loop=loop, resume=args.resume, seed=args.seed, ddp=world > 1, compile=recipe.compile, main_process=main_process,
-        metrics=metrics)  # fmt: skip
+        loop=loop, resume=args.resume, seed=args.seed, ddp=world > 1 and not args.fsdp, fsdp=args.fsdp, compile=recipe.compile,
+        main_process=main_process, metrics=metrics)  # fmt: skip
+    if args.fsdp:  # the saved model is built from the gathered weights, on the main process
+        student = _gathered(student, lambda: make(model, merge, prune, warmup=round(anneal * updates_per_epoch)), main_process)
     if main_process:
         origin = cait.Plan.load(args.plan).origin(args.plan, point=args.plan_point) | {"fine-tuned": args.out} if args.plan else None
         outputs = [(student, "model.safetensors")]
@@ -267,6 +285,31 @@ def run(args) -> None:
         describe(getattr(student.model, "backbone", student.model), dense=getattr(model, "backbone", model))
     if world > 1:
         dist.destroy_process_group()
+
+
+def _check_fsdp(world: int, recipe, precision: str) -> None:
+    """Refuse ``--fsdp`` where it cannot run as asked (one process, an EMA, fp16), in one line."""
+    if world < 2:
+        raise ValueError("--fsdp shards the student over processes: run under torchrun with --nproc-per-node 2 or more")
+    if recipe.ema_decay is not None:
+        raise ValueError(f"--fsdp keeps no EMA yet: give --ema-decay none (recipe {recipe.name!r} has {recipe.ema_decay})")
+    if precision == "fp16":
+        raise ValueError("--fsdp trains in bf16 or fp32 (no fp16 loss scaling with FSDP2 yet): give --precision bf16 or fp32")
+
+
+def _gathered(student, blank, main_process: bool):
+    """The FSDP2-sharded ``student``'s full weights in a new unsharded student from ``blank()`` on the
+    main process (None elsewhere); every process takes part in the gathering."""
+    from cait.train.finetune import full_state
+
+    weights, _ = full_state(student)
+    if not main_process:
+        return None
+    full = blank()
+    full.load_state_dict(weights)
+    if full.gates is not None:
+        full.gates.set_steps(student.gates.steps)
+    return full
 
 
 def _check_resumable(record_path: str, recipe, seed: int) -> None:

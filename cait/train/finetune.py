@@ -343,6 +343,7 @@ def fit(
     resume: bool = False,
     seed: int = 0,
     ddp: bool = False,
+    fsdp: bool = False,
     compile: bool = False,
     main_process: bool = True,
     metrics=evaluate,
@@ -354,11 +355,18 @@ def fit(
 
     ``resume``: continue from ``out_dir/checkpoint.pt`` (:func:`load_checkpoint`), else start at epoch
     0; ``seed``: every epoch starts with :func:`seed_epoch`; ``ddp``: wrap the student in
-    ``DistributedDataParallel`` (the process group is already set up); ``compile``: ``torch.compile``
-    it; ``metrics(model, loader) -> dict``: the validation (:func:`evaluate`, or segmentation's);
+    ``DistributedDataParallel`` (the process group is already set up); ``fsdp``: the student was
+    sharded with :func:`fully_shard_student` (FSDP2) before ``optimizer`` was built: checkpoints hold
+    the gathered weights and optimizer state (every process takes part, the main one writes), and
+    validation runs on the unsharded weights in every process; ``compile``: ``torch.compile`` it;
+    ``metrics(model, loader) -> dict``: the validation (:func:`evaluate`, or segmentation's);
     ``stop_after``: return after that many epochs of this call (a deliberate interruption, for tests
     and time-limited jobs). The log rows: epoch, updates, ``train_*`` of :func:`train_epoch`,
     ``val_*``, ``lr`` (the weights' rate at the end of the epoch), ``seconds``.
+
+    Raises:
+        ValueError: ``ddp`` and ``fsdp`` together, or ``fsdp`` with an EMA or fp16 (not supported with
+            FSDP2 yet: bf16 or fp32, no EMA), before any work.
     """
     import json
     import os
@@ -366,10 +374,12 @@ def fit(
     from tqdm.auto import tqdm
 
     loop = loop or Loop()
+    if fsdp and (ddp or loop.ema is not None or loop.precision == "fp16"):
+        raise ValueError("FSDP2 (fsdp=True) takes no DDP, no EMA and no fp16 yet: bf16 or fp32, no EMA")
     device = next(student.parameters()).device
     if loop.precision == "fp16" and loop.scaler is None:
         loop.scaler = torch.amp.GradScaler(device.type)
-    rank = torch.distributed.get_rank() if ddp else 0
+    rank = torch.distributed.get_rank() if ddp or fsdp else 0
     runner = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else student
     if compile:
         runner = torch.compile(runner)
@@ -378,7 +388,7 @@ def fit(
         os.makedirs(out_dir, exist_ok=True)
     start_epoch, updates, log = 0, 0, []
     if resume:
-        start_epoch, updates, log = load_checkpoint(checkpoint, student, optimizer, loop)
+        start_epoch, updates, log = load_checkpoint(checkpoint, student, optimizer, loop, sharded=fsdp)
         per_epoch = loop.updates_per_epoch(len(train_loader))
         if updates != start_epoch * per_epoch:
             raise ValueError(
@@ -395,7 +405,7 @@ def fit(
         with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process, leave=False) as bar:
             train = train_epoch(runner, teacher, train_loader, optimizer, distill, progress=bar, loop=loop, updates=updates)
         updates = train.pop("updates")
-        val = metrics(student.model, val_loader)
+        val = _validate(student, val_loader, metrics, fsdp)
         row = {
             "epoch": epoch + 1,
             "updates": updates,
@@ -414,11 +424,36 @@ def fit(
                 f"epoch {epoch + 1}/{epochs}: loss {train['loss']:.4f}  train acc {train['accuracy']:.4f}  "
                 f"{_summary(val)}{ema_text}  {train['img_per_s']:.1f} img/s  {train['memory_mib']:.0f} MiB  kept {kept}"
             )
-            save_checkpoint(checkpoint, student, optimizer, loop, epoch=epoch + 1, updates=updates, log=log)
+        save_checkpoint(checkpoint, student, optimizer, loop, epoch=epoch + 1, updates=updates, log=log, sharded=fsdp, write=main_process)
+        if main_process:
             with open(os.path.join(out_dir, "log.json"), "w") as f:
                 json.dump(log, f, indent=2)
             _write_csv(os.path.join(out_dir, "log.csv"), log)
     return log
+
+
+def _validate(student: Student, loader, metrics, sharded: bool) -> dict:
+    """``metrics(student.model, loader)``; under FSDP2 on the unsharded weights (the root's own parameters
+    are gathered only by a forward through the root, so they are gathered here around the validation)."""
+    if not sharded:
+        return metrics(student.model, loader)
+    student.unshard()
+    try:
+        return metrics(student.model, loader)
+    finally:
+        student.reshard()
+
+
+def full_state(student: Student, optimizer=None) -> tuple[dict, dict]:
+    """``(student state, optimizer state)`` of an FSDP2-sharded student as full CPU tensors keyed by
+    parameter name, on the main process (empty dicts on the others); a collective: every process calls it.
+    ``optimizer=None``: the student's state only (the second dict empty)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(student, options=options), {}
+    return get_state_dict(student, optimizer, options=options)
 
 
 def ema_student(ema, student: Student) -> Student:
@@ -445,13 +480,24 @@ def _summary(val: dict) -> str:
     return "  ".join(f"val {k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
 
 
-def save_checkpoint(path: str, student: Student, optimizer, loop: Loop, *, epoch: int, updates: int, log: list[dict]) -> None:
+def save_checkpoint(
+    path: str, student: Student, optimizer, loop: Loop, *, epoch: int, updates: int, log: list[dict], sharded: bool = False,
+    write: bool = True,
+) -> None:  # fmt: skip
     """The whole training state after ``epoch`` epochs (``updates`` optimizer updates): student
     (weights and gate scores), gate annealing step, optimizer, scheduler, EMA, loss scaler and the
-    log. Written to a temporary file and renamed, so an interrupted write leaves the previous one."""
+    log. Written to a temporary file and renamed, so an interrupted write leaves the previous one.
+    ``sharded``: an FSDP2 student, gathered by :func:`full_state` (every process calls this; those with
+    ``write=False`` only take part in the gathering)."""
     import os
 
-    state = {"epoch": epoch, "updates": updates, "student": student.state_dict(), "optimizer": optimizer.state_dict(), "log": log}
+    if sharded:
+        weights, optimizer_state = full_state(student, optimizer)
+    else:
+        weights, optimizer_state = student.state_dict(), optimizer.state_dict()
+    if not write:
+        return
+    state = {"epoch": epoch, "updates": updates, "student": weights, "optimizer": optimizer_state, "log": log, "sharded": sharded}
     state["gate_steps"] = student.gates.steps if student.gates is not None else 0
     for name in ("scheduler", "scaler"):
         if getattr(loop, name) is not None:
@@ -462,13 +508,17 @@ def save_checkpoint(path: str, student: Student, optimizer, loop: Loop, *, epoch
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path: str, student: Student, optimizer, loop: Loop | None = None) -> tuple[int, int, list[dict]]:
+def load_checkpoint(
+    path: str, student: Student, optimizer, loop: Loop | None = None, sharded: bool = False
+) -> tuple[int, int, list[dict]]:  # fmt: skip
     """Load what :func:`save_checkpoint` wrote into ``student``, ``optimizer`` and ``loop``'s scheduler,
-    EMA and scaler; returns ``(epochs done, updates done, log)``.
+    EMA and scaler; returns ``(epochs done, updates done, log)``. ``sharded``: an FSDP2 student (every
+    process reads the file and keeps its shards).
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ValueError: the checkpoint and ``loop`` disagree on having a scheduler, an EMA or a scaler.
+        ValueError: the checkpoint and ``loop`` disagree on having a scheduler, an EMA or a scaler, or the
+            checkpoint was written with FSDP2 and this run has none (or the other way round).
     """
     import os
 
@@ -483,8 +533,17 @@ def load_checkpoint(path: str, student: Student, optimizer, loop: Loop | None = 
                 f"--resume: {path} {have} {name} state but this run {'has none' if held is None else 'has one'}: "
                 "resume with the same recipe"
             )
-    student.load_state_dict(state["student"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded", False) != sharded:
+        written, now = ("with", "without") if state.get("sharded", False) else ("without", "with")
+        raise ValueError(f"--resume: {path} was written {written} FSDP2 and this run is {now} it: resume it the way it was started")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(student, optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))  # fmt: skip
+    else:
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
     if student.gates is not None:
         student.gates.set_steps(state["gate_steps"])
     if loop.scheduler is not None:

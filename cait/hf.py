@@ -272,7 +272,8 @@ def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
         if family == "dinov2_reg":  # HF adds pos_0 to the class token before the registers join: the same sum, folded
             out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
             out["pos_embed"] = out["pos_embed"][:, 1:].clone()
-            out["reg_token"] = t(emb.register_tokens)
+            if emb.register_tokens.shape[1]:  # no registers: timm has no reg_token at all
+                out["reg_token"] = t(emb.register_tokens)
         proj = emb.patch_embeddings.projection
         out["patch_embed.proj.weight"] = t(proj.weight)
         if proj.bias is not None:

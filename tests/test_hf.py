@@ -32,6 +32,7 @@ CASES = {  # id -> (class, config)
     "deit_teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", dict(intermediate_size=128, num_labels=4)),
     "dinov2_reg": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", dict(num_register_tokens=2)),
     "dinov2_reg_cls": ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", dict(num_labels=3)),
+    "dinov2_reg0_cls": ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", dict(num_register_tokens=0)),
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(intermediate_size=128)),
     "siglip_nohead": ("SiglipVisionModel", "SiglipVisionConfig", dict(intermediate_size=96, vision_use_head=False)),
     "dinov3": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(intermediate_size=128, num_register_tokens=2, layerscale_value=0.5)),

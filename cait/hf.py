@@ -612,7 +612,8 @@ def is_folder(entry) -> bool:
 def from_folder(folder: str) -> nn.Module:
     """The Hugging Face model saved in ``folder`` (``save_pretrained``: ``config.json`` and weights) in eval mode,
     as the one class its ``config.json`` names (``architectures``). FileNotFoundError / ValueError / ImportError
-    (transformers not installed) name what is wrong in one line; :class:`Unsupported` for a class cait does not map."""
+    (transformers not installed) name what is wrong in one line (ValueError also for weights transformers cannot
+    load: missing, damaged, or not the config's shapes); :class:`Unsupported` for a class cait does not map."""
     import json
 
     config_path = os.path.join(folder, "config.json")
@@ -631,7 +632,20 @@ def from_folder(folder: str) -> nn.Module:
         raise ValueError(f"{config_path} names {architectures[0]}, which transformers {transformers.__version__} does not have")
     check_hf_name(architectures[0])
     transformers.utils.logging.disable_progress_bar()  # refusals and results stay one line each on stderr
-    return cls.from_pretrained(folder).eval()
+    try:
+        return cls.from_pretrained(folder).eval()
+    except (OSError, RuntimeError, ValueError, KeyError) as error:  # no weights, damaged or mismatched weights
+        raise ValueError(f"{folder}: transformers cannot load its {architectures[0]}: {_first_line(error)}") from error
+    except Exception as error:  # safetensors' own error type (a damaged file), not importable by a stable name
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{folder}: transformers cannot load its {architectures[0]}: damaged weights ({_first_line(error)})") from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of ``error``'s message (transformers' load errors run to many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynamic_img_size: bool = False) -> HFCompressed:

@@ -334,13 +334,15 @@ def test_cli_compresses_a_save_pretrained_folder(tmp_path, capsys):
     [
         (["--checkpoint", "x.pth"], "holds its weights and settings: drop --checkpoint"),
         (["--calibration", "imgs"], "--calibration is not supported with a Hugging Face folder"),
+        (["--model", "{tmp}/no_such_folder"], "no_such_folder: no such folder"),
     ],
 )
 def test_cli_folder_refusals_are_one_line(tmp_path, capsys, extra, message):
     from cait.cli import main
 
     hf_model("vit").save_pretrained(tmp_path / "vit")
-    with pytest.raises(SystemExit):
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    with pytest.raises(SystemExit):  # a second --model replaces the first
         main(["compress", "--model", str(tmp_path / "vit"), "--merge-r", "2", *extra, "--out", str(tmp_path / "o.safetensors")])
     assert message in capsys.readouterr().err
 
@@ -354,6 +356,25 @@ def test_cli_refuses_an_unsupported_folder_by_name(tmp_path, capsys):
         main(["compress", "--model", str(tmp_path / "mae"), "--merge-r", "2", "--out", str(tmp_path / "o.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ViTMAEModel is not supported yet" in err[0]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: (folder / "model.safetensors").unlink(), "cannot load its ViTModel: Error no file named model.safetensors"),
+        (lambda folder: (folder / "model.safetensors").write_bytes(b"garbage" * 10), "cannot load its ViTModel: damaged weights"),
+    ],
+)
+def test_cli_folders_transformers_cannot_load_are_one_line(tmp_path, capsys, damage, message):
+    from cait.cli import main
+
+    hf_model("vit").save_pretrained(tmp_path / "vit")
+    damage(tmp_path / "vit")
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", str(tmp_path / "vit"), "--merge-r", "2", "--out", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
 
 
 @pytest.mark.parametrize("format", ["pt2", "onnx"])

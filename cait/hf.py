@@ -68,6 +68,8 @@ REFUSED = {
     "Dinov2WithRegistersBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet"),
     "DINOv3ViTBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet (use DINOv3ViTModel)"),
     "SiglipForImageClassification": ("classifier on the mean of patch tokens", "not mapped yet (SiglipVisionModel is)"),
+    "CLIPModel": ("text tower", "it holds the text tower too: compress CLIPVisionModelWithProjection.from_pretrained(FOLDER)"),
+    "SiglipModel": ("text tower", "it holds the text tower too: compress SiglipVisionModel.from_pretrained(FOLDER)"),
     "Siglip2VisionModel": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
     "Siglip2ForImageClassification": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
     "BeitModel": ("relative position bias", "BEiT adds a relative position bias inside attention"),

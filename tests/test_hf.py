@@ -281,6 +281,10 @@ def test_unsupported_classes_are_refused_by_name():
     with pytest.raises(Unsupported, match="ConvNextModel is not supported: cait takes ViTModel") as error:
         cait.compress(transformers.ConvNextModel(config))
     assert error.value.feature == "Hugging Face model class"
+    towers = dict(vision_config=dict(SMALL, intermediate_size=128), text_config=dict(SMALL, intermediate_size=128))
+    with pytest.raises(Unsupported, match=r"CLIPModel is not supported yet: .* CLIPVisionModelWithProjection.from_pretrained") as error:
+        cait.compress(transformers.CLIPModel(transformers.CLIPConfig(**towers)))  # the usual CLIP checkpoint's class
+    assert error.value.feature == "text tower"
 
 
 def test_sweep_over_installed_vision_classes():

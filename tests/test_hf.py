@@ -110,6 +110,16 @@ def test_unmerged_unpruned_equals_hf(case, batch):
             assert_outputs_close(fast(x, interpolate_pos_encoding=True), fast(x), 0)
 
 
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast", "gelu_accurate", "gelu_python"])
+def test_hfs_other_gelu_spellings_equal_hf(act):
+    """HF's tanh-approximate GELUs written out by hand (and its erf GELU in Python) are timm's GELUs up to rounding."""
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(**SMALL, intermediate_size=128, hidden_act=act)).eval()
+    x = images(2)
+    with torch.no_grad():
+        assert_outputs_close(cait.compress(model).eval()(x, output_hidden_states=True), model(x, output_hidden_states=True), 1e-5)
+
+
 def tile_constant(model, x: torch.Tensor, tile: int = 2) -> torch.Tensor:
     """Copy each 2x2 tile's first patch over the tile, in the images and in the position embedding."""
     config = model.config

@@ -22,12 +22,12 @@ HF's own (tested).
 
 Refused (:class:`cait.support.Unsupported`, naming the missing feature): other classes (:data:`REFUSED`
 names known ones and why), ``output_attentions`` (attention maps between merged tokens are not HF's),
-``bool_masked_pos``, ``attention_mask``, and position-embedding interpolation at sizes other than the
-model's own: HF interpolates with bicubic ``align_corners=False`` and no antialiasing, timm with
-antialiasing (they differ by ~0.3 on unit-scale embeddings), so another size would be silently another
-function (DINOv3 has no such embedding: its RoPE is computed per grid, and it takes any size). This
-module imports ``transformers`` only when a Hugging Face model is compressed or loaded
-(``pip install 'cait[hf]'``).
+``bool_masked_pos``, ``attention_mask``, and position-embedding interpolation to patch grids other than the
+model's own (sizes with a remainder are cropped to whole patches, as HF's patch convolution does): HF
+interpolates with bicubic ``align_corners=False`` and no antialiasing, timm with antialiasing (they differ
+by ~0.3 on unit-scale embeddings), so another grid would be silently another function (DINOv3 has no such
+embedding: its RoPE is computed per grid, and it takes any size). This module imports ``transformers`` only
+when a Hugging Face model is compressed or loaded (``pip install 'cait[hf]'``).
 """
 
 from __future__ import annotations
@@ -463,16 +463,29 @@ class HFCompressed(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.vit.patch_embed.proj.weight.device
 
-    def _check_size(self, pixel_values: torch.Tensor, interpolate_pos_encoding) -> None:
+    def _fit(self, pixel_values: torch.Tensor, interpolate_pos_encoding) -> torch.Tensor:
+        """pixel_values ``(B, C, H, W)`` -> ``(B, C, H', W')`` cropped to whole patches, as HF's patch convolution
+        (stride = patch, no padding) drops the last rows and columns. ValueError where HF refuses the size (ViT, DeiT,
+        CLIP without ``interpolate_pos_encoding``) or the shape is not an image's; :class:`Unsupported` where HF would
+        interpolate the position embedding to another patch grid."""
         fast = self.backbone
         chans, height, width = fast.input_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != chans:
             raise ValueError(f"pixel_values must have shape (B, {chans}, H, W), got {tuple(pixel_values.shape)}")
         size = tuple(pixel_values.shape[2:])
-        if size == (height, width) or self.family == "dinov3":  # DINOv3: RoPE at any grid, as HF (no interpolation)
-            return
+        patch = fast.vit.patch_embed.patch_size
+        whole = (size[0] // patch[0] * patch[0], size[1] // patch[1] * patch[1])
+        if min(whole) == 0:
+            raise ValueError(f"images of {size[0]}x{size[1]} px are smaller than one {patch[0]}x{patch[1]} px patch")
+        pixel_values = pixel_values[:, :, : whole[0], : whole[1]]
+        if self.family == "dinov3":  # RoPE at any grid, as HF (no interpolation)
+            return pixel_values
         # ViT/DeiT/CLIP without interpolate_pos_encoding refuse other sizes (as HF does); DINOv2 always interpolates
-        if not interpolate_pos_encoding and not self.family.startswith("dinov2"):
+        if size != (height, width) and not interpolate_pos_encoding and self.family in ("vit", "deit", "clip"):
+            raise ValueError(f"Input image size ({size[0]}*{size[1]}) doesn't match model ({height}*{width}).")
+        if whole == (height, width):  # the model's own grid: HF's embedding as it is (or resampled to its own size)
+            return pixel_values
+        if not interpolate_pos_encoding and self.family == "siglip":  # HF: a position embedding of another length
             raise ValueError(f"Input image size ({size[0]}*{size[1]}) doesn't match model ({height}*{width}).")
         raise Unsupported(
             "position-embedding interpolation",
@@ -520,8 +533,7 @@ class HFCompressed(nn.Module):
             raise ValueError("DeiTForImageClassificationWithTeacher is inference-only (as in HF): it takes no labels")
         hidden = output_hidden_states if output_hidden_states is not None else bool(getattr(config, "output_hidden_states", False))
         as_dict = return_dict if return_dict is not None else bool(getattr(config, "return_dict", True))
-        self._check_size(pixel_values, interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.dtype)
+        pixel_values = self._fit(pixel_values, interpolate_pos_encoding).to(self.dtype)
 
         fast = self.backbone
         state = fast.embed(pixel_values)
@@ -576,8 +588,7 @@ class HFCompressed(nn.Module):
         """pixel_values ``(B, C, H, W)`` -> the final features ``(B, hidden_size, H/p, W/p)`` on the patch grid
         (``last_hidden_state``'s patch tokens as a feature map, each cell its token's feature), as
         :meth:`cait.CompressedViT.forward_dense`."""
-        self._check_size(pixel_values, None)
-        return self.backbone.forward_dense(pixel_values.to(self.dtype))
+        return self.backbone.forward_dense(self._fit(pixel_values, None).to(self.dtype))
 
     def first_field(self) -> nn.Module:
         """A module ``pixel_values -> `` the first field of this model's output (HF's ``to_tuple()[0]``: the

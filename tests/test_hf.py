@@ -272,6 +272,24 @@ def test_dinov3_takes_any_size_as_hf():
         assert merged(images(2, (40, 56))).last_hidden_state.shape == (2, 1 + 2 + 35, 64)
 
 
+@pytest.mark.parametrize(
+    "case, size, interpolate",
+    [("vit", (39, 33), True), ("clip", (36, 36), True), ("dinov2_reg", (36, 38), None), ("siglip", (39, 39), None)]
+    + [("dinov3", (44, 52), None)],
+)
+def test_sizes_with_a_remainder_are_cropped_as_hfs_patch_convolution(case, size, interpolate):
+    """HF's stride-patch convolution drops the pixels after the last whole patch: on the model's own grid (or any
+    grid for DINOv3) nothing is interpolated, and every field equals HF's."""
+    model = hf_model(case)
+    fast = cait.compress(model).eval()
+    x = images(2, size)
+    kwargs = dict(output_hidden_states=True, **({"interpolate_pos_encoding": True} if interpolate else {}))
+    with torch.no_grad():
+        assert_outputs_close(fast(x, **kwargs), model(x, **kwargs), 1e-5)
+    with pytest.raises(ValueError, match="smaller than one 8x8 px patch"):
+        fast(images(1, 7), interpolate_pos_encoding=True)
+
+
 def test_other_sizes():
     vit, dino = cait.compress(hf_model("vit")), cait.compress(hf_model("dinov2"))
     with pytest.raises(ValueError, match=r"doesn't match model \(32\*32\)"):  # HF's own refusal without interpolation

@@ -30,7 +30,7 @@ def add_parser(commands) -> None:
         c,
         required=False,
         model_help="timm model name, e.g. deit_small_patch16_224 (default with --plan: the plan's), or a Hugging Face "
-        "save_pretrained folder (ViT, DeiT, DINOv2, CLIP vision; needs pip install 'cait[hf]')",
+        "save_pretrained folder (ViT, DeiT, DINOv2, DINOv3, CLIP and SigLIP vision; needs pip install 'cait[hf]')",
     )
     add_compression_arguments(c)
     c.add_argument(

@@ -411,10 +411,11 @@ class HFCompressed(nn.Module):
     :class:`cait.CompressedViT` (``backbone``) plus HF's heads (``heads``, run as HF runs them).
 
     ``forward(pixel_values, output_hidden_states=None, return_dict=None, interpolate_pos_encoding=None,
-    labels=None)`` returns the HF class's output (``BaseModelOutputWithPooling``, ``ImageClassifierOutput``,
-    ...), or its tuple with ``return_dict=False``. ``last_hidden_state`` and ``hidden_states`` hold HF's
-    shapes (merged tokens put back on the patch grid). ``config``: the HF config, with ``config.cait``
-    recording the compression (tile, schedule, FLOPs target, kept channels per block).
+    labels=None)`` (arguments after ``pixel_values`` given by position in the HF class's own order) returns
+    the HF class's output (``BaseModelOutputWithPooling``, ``ImageClassifierOutput``, ...), or its tuple
+    with ``return_dict=False``. ``last_hidden_state`` and ``hidden_states`` hold HF's shapes (merged tokens
+    put back on the patch grid). ``config``: the HF config, with ``config.cait`` recording the compression
+    (tile, schedule, FLOPs target, kept channels per block).
     :meth:`forward_dense` gives the final features on the patch grid ``(B, C, H/p, W/p)``.
     """
 
@@ -503,9 +504,29 @@ class HFCompressed(nn.Module):
             return x
         return torch.cat([x[:, :prefix], unmerge(x, state.owner, prefix=prefix)], dim=1)
 
+    def _positional(self, args: tuple, given: dict) -> dict:
+        """HF's positional arguments after ``pixel_values`` by the names the HF class's own ``forward`` gives them
+        (``ViTForImageClassification``: labels, interpolate_pos_encoding, ...). TypeError as Python's: too many, or
+        one also given by name."""
+        import inspect
+
+        import transformers
+
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        signature = inspect.signature(getattr(transformers, self.class_name).forward)
+        names = [p.name for p in signature.parameters.values() if p.kind in kinds][2:]  # self, pixel_values
+        if len(args) > len(names):
+            order = ", ".join(["pixel_values", *names])
+            raise TypeError(f"{self.class_name} (compressed) takes {len(names) + 1} positional arguments ({order}), got {len(args) + 1}")
+        for name, value in zip(names, args):
+            if given.get(name) is not None:
+                raise TypeError(f"{self.class_name} (compressed) got multiple values for argument '{name}'")
+        return dict(zip(names, args))
+
     def forward(
         self,
         pixel_values: torch.Tensor,
+        *args,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
@@ -515,8 +536,16 @@ class HFCompressed(nn.Module):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ):
+        """HF's ``forward``: positional arguments after ``pixel_values`` mean what they mean for the HF class (its
+        own order, e.g. ``labels`` second for a classifier); see the class docstring for the rest."""
         from transformers import modeling_outputs as outputs
 
+        if args:
+            named = dict(interpolate_pos_encoding=interpolate_pos_encoding, labels=labels, bool_masked_pos=bool_masked_pos,
+                         attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=return_dict,
+                         output_attentions=output_attentions, **kwargs)  # fmt: skip
+            named.update(self._positional(args, named))
+            return self.forward(pixel_values, **named)
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a tensor (B, C, H, W), got {type(pixel_values).__name__}")
         config = self.hf_config

@@ -237,6 +237,22 @@ def test_labels_give_hfs_loss():
         cait.compress(hf_model("vit"))(x, labels=labels)
 
 
+def test_positional_arguments_mean_what_they_mean_for_the_hf_class():
+    """HF's forward takes ``labels`` second for a classifier, ``interpolate_pos_encoding`` third for ViTModel."""
+    model = hf_model("vit_cls")
+    fast = cait.compress(model).eval()
+    x, labels = images(3), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        assert_outputs_close(fast(x, labels), model(x, labels), 1e-5)
+        backbone = hf_model("vit")
+        x = images(2, 36)  # HF's own grid at a size with a remainder: taken with interpolate_pos_encoding only
+        assert_outputs_close(cait.compress(backbone).eval()(x, None, True), backbone(x, None, True), 1e-5)
+    with pytest.raises(TypeError, match="multiple values for argument 'labels'"):
+        fast(x, labels, labels=labels)
+    with pytest.raises(TypeError, match=r"takes 4 positional arguments \(pixel_values, labels, interpolate_pos_encoding"):
+        fast(x, labels, None, None, None)
+
+
 def test_training_flows_through_the_wrapper():
     fast = cait.compress(hf_model("dinov2_cls_swiglu"), merge=cait.ATME(r=[4, 2, 0])).train()
     loss = fast(images(2), labels=torch.tensor([0, 2])).loss

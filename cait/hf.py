@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy as copying
 import functools
+import math
 import os
 
 import torch
@@ -154,6 +155,17 @@ def _layers(family: str, inner: nn.Module):
     return inner.encoder.layer if family.startswith("dinov2") else inner.encoder.layers
 
 
+def mlp_ratio(width: int, hidden: int) -> float:
+    """The ``mlp_ratio`` for which timm's ``int(width * mlp_ratio)`` is ``hidden`` (``hidden / width``, one float
+    step up where its product rounds just below ``hidden``, e.g. 488 units on width 56)."""
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    if int(width * ratio) != hidden:
+        raise Unsupported("MLP width", f"an MLP of {hidden} units on width {width} is not timm's int(width * mlp_ratio)")
+    return ratio
+
+
 def timm_settings(family: str, config) -> dict:
     """The timm ``VisionTransformer`` constructor arguments that compute what the HF ``config`` computes."""
     from timm.layers import SwiGLU
@@ -179,10 +191,7 @@ def timm_settings(family: str, config) -> dict:
     else:
         hidden = config.intermediate_size
         settings.update(act_layer=_activation(config))
-    ratio = hidden / width
-    if int(width * ratio) != hidden:
-        raise Unsupported("MLP width", f"an MLP of {hidden} units on width {width} is not timm's int(width * mlp_ratio)")
-    settings["mlp_ratio"] = ratio
+    settings["mlp_ratio"] = mlp_ratio(width, hidden)
     if family == "dinov2_reg":  # [cls + pos_0, registers, patches + pos]: timm's no_embed_class, pos_0 folded into cls
         settings.update(reg_tokens=config.num_register_tokens, no_embed_class=True)
     if family == "deit":
@@ -210,9 +219,7 @@ def dinov3_settings(config) -> dict:
     if act != ("silu" if config.use_gated_mlp else "gelu"):  # timm's Eva: GELU MLPs, SiLU-gated (SwiGLU) ones
         kind = "gated MLP" if config.use_gated_mlp else "MLP"
         raise Unsupported("activation", f"DINOv3 with a {kind} of hidden_act={config.hidden_act!r}: timm's Eva has GELU MLPs and SwiGLU")
-    ratio = config.intermediate_size / width
-    if int(width * ratio) != config.intermediate_size:
-        raise Unsupported("MLP width", f"an MLP of {config.intermediate_size} units on width {width} is not timm's int(width * mlp_ratio)")
+    ratio = mlp_ratio(width, config.intermediate_size)
     return dict(
         img_size=_pair(config.image_size), patch_size=_pair(config.patch_size), in_chans=config.num_channels, num_classes=0,
         global_pool="token", embed_dim=width, depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
@@ -348,7 +355,7 @@ def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
         from timm.layers import AttentionPoolLatent, get_act_layer
 
         out["head"] = AttentionPoolLatent(
-            width, num_heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / width, qkv_bias=True,
+            width, num_heads=vision.num_attention_heads, mlp_ratio=mlp_ratio(width, vision.intermediate_size), qkv_bias=True,
             norm_layer=functools.partial(nn.LayerNorm, eps=vision.layer_norm_eps), act_layer=get_act_layer(_activation(vision)),
         )  # fmt: skip
         if out["head"].mlp.fc1.out_features != vision.intermediate_size:

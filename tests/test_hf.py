@@ -120,6 +120,29 @@ def test_hfs_other_gelu_spellings_equal_hf(act):
         assert_outputs_close(cait.compress(model).eval()(x, output_hidden_states=True), model(x, output_hidden_states=True), 1e-5)
 
 
+@pytest.mark.parametrize(
+    "class_name, config_name, extra",
+    [
+        ("ViTModel", "ViTConfig", dict(hidden_size=56, intermediate_size=488)),
+        ("SiglipVisionModel", "SiglipVisionConfig", dict(hidden_size=56, intermediate_size=488)),  # and its pooling head's MLP
+        ("Dinov2Model", "Dinov2Config", dict(hidden_size=44, use_swiglu_ffn=True)),  # 120 SwiGLU units on width 44
+        ("DINOv3ViTModel", "DINOv3ViTConfig", dict(hidden_size=56, intermediate_size=488)),
+    ],
+)
+def test_mlp_widths_whose_ratio_rounds_down_equal_hf(class_name, config_name, extra, tmp_path):
+    """488 / 56 * 56 is 487.99...: timm's int(width * mlp_ratio) needs the ratio one float step up."""
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**dict(SMALL, num_attention_heads=2, **extra))
+    model = getattr(transformers, class_name)(config).eval()
+    fast = cait.compress(model).eval()
+    x = images(2)
+    with torch.no_grad():
+        assert_outputs_close(fast(x, output_hidden_states=True), model(x, output_hidden_states=True), 1e-5)
+    cait.save(fast, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(cait.load(tmp_path / "m.safetensors")(x).last_hidden_state, fast(x).last_hidden_state)
+
+
 def tile_constant(model, x: torch.Tensor, tile: int = 2) -> torch.Tensor:
     """Copy each 2x2 tile's first patch over the tile, in the images and in the position embedding."""
     config = model.config

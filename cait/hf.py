@@ -711,6 +711,7 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
             "dynamic_img_size=True: HF interpolates position embeddings with bicubic without antialiasing, timm with it; "
             "a compressed HF model takes its own input size only",
         )
+    _check_calibration(model, prune)
     pooler = has_pooler(model)
     head_modules = heads(class_name, model.config, pooler)
     head_modules.load_state_dict(_head_weights(class_name, model, head_modules), strict=True, assign=True)
@@ -726,6 +727,20 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
         )
     wrapper = HFCompressed(fast, class_name, copying.deepcopy(model.config), head_modules, pooler)
     return wrapper.train(model.training)
+
+
+def _check_calibration(model: nn.Module, prune) -> None:
+    """ValueError, before any work, for CDCP calibration images ``(B, C, H, W)`` not at the HF model's image size
+    (timm's message would suggest ``dynamic_img_size=True``, which HF models refuse; DINOv3 takes any size)."""
+    images = getattr(prune, "calibration", None)
+    if not isinstance(images, torch.Tensor) or check_hf(model) == "dinov3":
+        return
+    chans, height, width = input_size(model)
+    if images.dim() != 4 or tuple(images.shape[1:]) != (chans, height, width):
+        raise ValueError(
+            f"CDCP calibration images must have shape (B, {chans}, {height}, {width}) (the Hugging Face model's image size), "
+            f"got {tuple(images.shape)}: resize them to {height}x{width}"
+        )
 
 
 def from_record(backbone: nn.Module, record: dict) -> HFCompressed:

@@ -330,6 +330,8 @@ def test_sizes_with_a_remainder_are_cropped_as_hfs_patch_convolution(case, size,
 
 
 def test_other_sizes():
+    with pytest.raises(ValueError, match=r"calibration images must have shape \(B, 3, 32, 32\) .*got \(4, 3, 48, 48\): resize"):
+        cait.compress(hf_model("vit"), prune=cait.CDCP(mlp=0.5, method="activation", calibration=images(4, 48)))
     vit, dino = cait.compress(hf_model("vit")), cait.compress(hf_model("dinov2"))
     with pytest.raises(ValueError, match=r"doesn't match model \(32\*32\)"):  # HF's own refusal without interpolation
         vit(images(1, 48))

@@ -626,6 +626,14 @@ class HFCompressed(nn.Module):
         :meth:`cait.CompressedViT.forward_dense`."""
         return self.backbone.forward_dense(self._fit(pixel_values, None).to(self.dtype))
 
+    def save_pretrained(self, *args, **kwargs):
+        """Not HF's: :class:`Unsupported` pointing to :func:`cait.save` (transformers cannot rebuild a compressed model)."""
+        raise Unsupported(
+            "save_pretrained",
+            "a compressed Hugging Face model is one file: cait.save(model, 'name.safetensors'), read back with cait.load "
+            "(transformers' from_pretrained cannot rebuild merged tokens and pruned channels)",
+        )
+
     def first_field(self) -> nn.Module:
         """A module ``pixel_values -> `` the first field of this model's output (HF's ``to_tuple()[0]``: the
         logits of a classifier, ``last_hidden_state`` of a backbone, ``image_embeds`` of CLIP with projection),

@@ -66,7 +66,10 @@ def run(args) -> None:
             raise ValueError(f"{flag} is not supported with a Hugging Face folder yet (--model {args.model})")
         model = build_hf_model(args)
     elif "/" in args.model and ":" not in args.model:  # a path, not a timm name (timm's own error suggests its local-dir: prefix)
-        raise FileNotFoundError(f"--model {args.model}: no such folder (give a timm name or a Hugging Face save_pretrained folder)")
+        raise FileNotFoundError(
+            f"--model {args.model}: no such folder (give a Hugging Face save_pretrained folder, a timm name, or hf-hub:{args.model} "
+            f"for a timm model on the Hub)"
+        )
     else:
         model = build_model(args)
     merge, prune = compression(args, model, args.calibration)

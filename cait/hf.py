@@ -233,7 +233,8 @@ DINOV3_NAME = "vit_small_patch16_dinov3"  # the timm name whose architecture the
 
 
 def _dinov3_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """An HF DINOv3's tensors under timm ``Eva``'s names (q, k, v packed into ``qkv``; q and v biases apart)."""
+    """An HF DINOv3's tensors under timm ``Eva``'s names (q, k, v packed into ``qkv``; q and v biases apart), not
+    detached (:func:`_load` copies them)."""
     emb, out = model.embeddings, {}
     out["cls_token"], out["reg_token"] = emb.cls_token, emb.register_tokens
     out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = emb.patch_embeddings.weight, emb.patch_embeddings.bias
@@ -256,13 +257,14 @@ def _dinov3_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     out["norm.weight"], out["norm.bias"] = model.norm.weight, model.norm.bias
     if out["reg_token"].shape[1] == 0:
         del out["reg_token"]
-    return {name: t.detach().clone() for name, t in out.items()}
+    return out
 
 
 def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
-    """The HF trunk's tensors under timm's ``VisionTransformer`` names (q, k, v packed into ``qkv``)."""
+    """The HF trunk's tensors under timm's ``VisionTransformer`` names (q, k, v packed into ``qkv``), not detached
+    (:func:`_load` copies them)."""
     def t(tensor):
-        return tensor.detach().clone()
+        return tensor
 
     emb, out = inner.embeddings, {}
     if family == "siglip":
@@ -330,13 +332,24 @@ def to_timm(model: nn.Module) -> nn.Module:
                               "does not have: upgrade timm")  # fmt: skip
         with torch.device(inner.embeddings.cls_token.device):  # where the HF weights are (meta too: cait compresses there)
             vit = timm.create_model(DINOV3_NAME, pretrained=False, **dinov3_settings(inner.config))
-        vit.load_state_dict(_dinov3_weights(inner), strict=True, assign=True)
+        with torch.enable_grad():
+            _load(vit, _dinov3_weights(inner))
         return vit.train(model.training)
     with torch.device("meta"):
         vit = VisionTransformer(**timm_settings(family, inner.config))
-    weights = _timm_weights(family, inner)
-    vit.load_state_dict(weights, strict=True, assign=True)
+    with torch.enable_grad():  # requires_grad of tensors computed from HF's (q, k, v packed) says which are frozen
+        _load(vit, _timm_weights(family, inner))
     return vit.train(model.training)
+
+
+def _load(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copies of ``weights`` (HF's tensors by ``module``'s names, or tensors computed from them) into ``module``
+    (strict), each parameter trainable only where its HF source is: a frozen (``requires_grad=False``) HF tensor
+    stays frozen."""
+    trainable = {name: bool(w.requires_grad) for name, w in weights.items()}
+    module.load_state_dict({name: w.detach().clone() for name, w in weights.items()}, strict=True, assign=True)
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(trainable[name])
 
 
 def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
@@ -393,7 +406,7 @@ def _head_weights(class_name: str, model: nn.Module, built: nn.ModuleDict) -> di
             out[name] = getattr(head.layernorm, name.split(".")[1])
         for name in ("fc1", "fc2"):
             out[f"mlp.{name}.weight"], out[f"mlp.{name}.bias"] = getattr(head.mlp, name).weight, getattr(head.mlp, name).bias
-        return {f"head.{k}": v.detach().clone() for k, v in out.items()}
+        return {f"head.{k}": v for k, v in out.items()}
     if "pooler" in built:
         sources["pooler.0"] = inner.pooler.dense
     for name in ("classifier", "cls_classifier", "distillation_classifier", "visual_projection"):
@@ -401,7 +414,7 @@ def _head_weights(class_name: str, model: nn.Module, built: nn.ModuleDict) -> di
             sources[name] = getattr(model, name)
     if "post_layernorm" in built:
         sources["post_layernorm"] = inner.post_layernorm
-    return {f"{prefix}.{k}": v.detach().clone() for prefix, module in sources.items() for k, v in module.state_dict().items()}
+    return {f"{prefix}.{k}": v for prefix, module in sources.items() for k, v in module.named_parameters()}
 
 
 def has_pooler(model: nn.Module) -> bool:
@@ -722,7 +735,8 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
     _check_calibration(model, prune)
     pooler = has_pooler(model)
     head_modules = heads(class_name, model.config, pooler)
-    head_modules.load_state_dict(_head_weights(class_name, model, head_modules), strict=True, assign=True)
+    with torch.enable_grad():
+        _load(head_modules, _head_weights(class_name, model, head_modules))
     vit = to_timm(model)
     fast = compress_timm(vit, merge=merge, prune=prune, copy=False)
     if SUPPORTED[class_name] == "dinov3":  # timm's record of a name-built Eva keeps only sizes: the rest of the HF config

@@ -285,6 +285,31 @@ def test_training_flows_through_the_wrapper():
     assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
 
 
+HF_HEADS = {  # case -> the HF modules that are cait's heads
+    "vit_cls": ["classifier"],
+    "deit_teacher": ["cls_classifier", "distillation_classifier"],
+    "dinov2_reg_cls": ["classifier"],
+    "siglip": ["head"],
+    "clip_proj": ["vision_model.post_layernorm", "visual_projection"],
+    "dinov3_gated": [],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_HEADS))
+def test_frozen_hf_tensors_stay_frozen(case):
+    """requires_grad carries over: HF's layer 0 and heads frozen -> cait's block 0 and heads frozen, the rest trainable
+    (a linear probe on a frozen HF backbone must not train the compressed backbone)."""
+    model = hf_model(case)
+    cait.hf._layers(cait.hf.SUPPORTED[type(model).__name__], cait.hf.trunk(model))[0].requires_grad_(False)
+    for name in HF_HEADS[case]:
+        model.get_submodule(name).requires_grad_(False)
+    fast = cait.compress(model, merge=cait.ATME(r=[2, 2, 0]), prune=cait.CDCP(qk=0.5, v=0.5, mlp=0.5, align=4))
+    for name, parameter in fast.named_parameters():
+        frozen = name.startswith(("backbone.blocks.0.", "heads."))
+        assert parameter.requires_grad is not frozen, name
+    assert sum(p.requires_grad for p in model.parameters()) and all(p.requires_grad for p in cait.compress(hf_model(case)).parameters())
+
+
 @pytest.mark.parametrize(
     "call, feature",
     [

@@ -378,9 +378,14 @@ def test_unsupported_classes_are_refused_by_name():
         cait.compress(transformers.ConvNextModel(config))
     assert error.value.feature == "Hugging Face model class"
     towers = dict(vision_config=dict(SMALL, intermediate_size=128), text_config=dict(SMALL, intermediate_size=128))
-    with pytest.raises(Unsupported, match=r"CLIPModel is not supported yet: .* CLIPVisionModelWithProjection.from_pretrained") as error:
-        cait.compress(transformers.CLIPModel(transformers.CLIPConfig(**towers)))  # the usual CLIP checkpoint's class
+    clip = transformers.CLIPModel(transformers.CLIPConfig(**towers)).eval()  # the usual CLIP checkpoint's class
+    with pytest.raises(Unsupported, match=r"CLIPModel is not supported yet: .* compress model.vision_model or CLIPVisionModelW") as error:
+        cait.compress(clip)
     assert error.value.feature == "text tower"
+    x = images(2)
+    with torch.no_grad():  # the tower the message points to: CLIP's own image features through its projection
+        pooled = cait.compress(clip.vision_model).eval()(x).pooler_output
+        assert rel_err(clip.visual_projection(pooled), clip.get_image_features(x).pooler_output) < 1e-5
 
 
 def test_sweep_over_installed_vision_classes():

@@ -482,6 +482,26 @@ def test_cli_folders_transformers_cannot_load_are_one_line(tmp_path, capsys, dam
     assert len(err) == 1 and message in err[0]
 
 
+def test_cli_commands_without_hf_support_refuse_in_one_line(tmp_path, capsys):
+    from cait.cli import main
+
+    folder, saved = tmp_path / "vit", tmp_path / "vit.safetensors"
+    hf_model("vit_cls").save_pretrained(folder)
+    cait.save(cait.compress(hf_model("vit_cls"), merge=cait.ATME(r=[2, 0, 0])), saved)
+    for argv, message in [
+        (["finetune", "--model", str(folder), "--data", str(tmp_path), "--merge-r", "2", "--out", str(tmp_path / "o.safetensors")],
+         "is a Hugging Face folder, which cait finetune does not take yet"),
+        (["plan", "--model", str(folder), "--target-flops", "0.7", "--out", str(tmp_path / "p.json")],
+         "is a Hugging Face folder, which cait plan does not take yet"),
+        (["eval", str(saved), "--data", str(tmp_path)], "is a compressed Hugging Face model, which cait eval does not take yet"),
+    ]:  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], argv[0]
+
+
 @pytest.mark.parametrize("format", ["pt2", "onnx"])
 def test_export_writes_hfs_first_field(format, tmp_path):
     """cait.export of a compressed HF classifier: the file maps pixel_values to the logits (export checks the

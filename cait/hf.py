@@ -721,7 +721,8 @@ def _first_line(error: BaseException) -> str:
 
 def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynamic_img_size: bool = False) -> HFCompressed:
     """:func:`cait.compress` for a Hugging Face model (see the module docstring). ``copy`` has no effect
-    (the HF weights are always copied into timm's layout; ``model`` stays usable)."""
+    (the HF weights are always copied into timm's layout; ``model`` stays usable). The training mode, frozen
+    tensors and HF's activation (gradient) checkpointing carry over."""
     from .model import compress as compress_timm
 
     class_name = type(model).__name__
@@ -738,6 +739,8 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
     with torch.enable_grad():
         _load(head_modules, _head_weights(class_name, model, head_modules))
     vit = to_timm(model)
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):  # HF's activation checkpointing
+        vit.set_grad_checkpointing(True)  # carried over as timm's (cait.compress)
     fast = compress_timm(vit, merge=merge, prune=prune, copy=False)
     if SUPPORTED[class_name] == "dinov3":  # timm's record of a name-built Eva keeps only sizes: the rest of the HF config
         from .architecture import norm_spec

@@ -283,6 +283,21 @@ def test_training_flows_through_the_wrapper():
     loss = fast(images(2), labels=torch.tensor([0, 2])).loss
     loss.backward()
     assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+    assert not fast.backbone.grad_checkpointing
+
+
+@pytest.mark.parametrize("case", ["dinov2_cls_swiglu", "dinov3"])
+def test_hfs_activation_checkpointing_carries_over(case):
+    """HF's gradient (activation) checkpointing becomes cait's: the same loss and gradients, blocks recomputed."""
+    model = hf_model(case).train()
+    model.activation_checkpointing_enable()
+    fast = cait.compress(model, merge=cait.ATME(r=[4, 2, 0])).train()
+    assert fast.backbone.grad_checkpointing
+    plain = cait.compress(hf_model(case), merge=cait.ATME(r=[4, 2, 0])).train()
+    for net in (fast, plain):
+        net(images(2)).to_tuple()[0].square().mean().backward()  # logits, or last_hidden_state
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
 
 
 HF_HEADS = {  # case -> the HF modules that are cait's heads

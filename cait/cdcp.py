@@ -232,7 +232,8 @@ def check_prunable(model, prune: CDCP) -> None:
 
 
 def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A smaller ``nn.Linear`` keeping output ``rows`` and input ``cols`` of ``linear`` (None keeps all)."""
+    """A smaller ``nn.Linear`` keeping output ``rows`` and input ``cols`` of ``linear`` (None keeps all); a frozen
+    (``requires_grad=False``) weight or bias stays frozen."""
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     if rows is not None:
         weight, bias = weight[rows], None if bias is None else bias[rows]
@@ -243,6 +244,9 @@ def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: tor
         out.weight.copy_(weight)
         if bias is not None:
             out.bias.copy_(bias)
+    out.weight.requires_grad_(linear.weight.requires_grad)
+    if bias is not None:
+        out.bias.requires_grad_(linear.bias.requires_grad)
     return out
 
 

@@ -103,6 +103,10 @@ def packed_qkv(attn: nn.Module) -> nn.Linear:
         if has_bias:
             width = weight.shape[0] // 3
             out.bias.copy_(torch.cat([weight.new_zeros(width) if b is None else b.detach() for b in biases]))
+    # frozen stays frozen: the packed weight is trainable if its source is, the bias if any of q/k/v's biases is
+    out.weight.requires_grad_(weight.requires_grad)
+    if has_bias:
+        out.bias.requires_grad_(any(b is not None and b.requires_grad for b in biases))
     out.train(attn.training)
     return out
 

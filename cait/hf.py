@@ -22,18 +22,19 @@ HF's own (tested).
 
 Refused (:class:`cait.support.Unsupported`, naming the missing feature): other classes (:data:`REFUSED`
 names known ones and why), ``output_attentions`` (attention maps between merged tokens are not HF's),
-``bool_masked_pos``, ``attention_mask``, and position-embedding interpolation at sizes other than the
-model's own: HF interpolates with bicubic ``align_corners=False`` and no antialiasing, timm with
-antialiasing (they differ by ~0.3 on unit-scale embeddings), so another size would be silently another
-function (DINOv3 has no such embedding: its RoPE is computed per grid, and it takes any size). This
-module imports ``transformers`` only when a Hugging Face model is compressed or loaded
-(``pip install 'cait[hf]'``).
+``bool_masked_pos``, ``attention_mask``, and position-embedding interpolation to patch grids other than the
+model's own (sizes with a remainder are cropped to whole patches, as HF's patch convolution does): HF
+interpolates with bicubic ``align_corners=False`` and no antialiasing, timm with antialiasing (they differ
+by ~0.3 on unit-scale embeddings), so another grid would be silently another function (DINOv3 has no such
+embedding: its RoPE is computed per grid, and it takes any size). This module imports ``transformers`` only
+when a Hugging Face model is compressed or loaded (``pip install 'cait[hf]'``).
 """
 
 from __future__ import annotations
 
 import copy as copying
 import functools
+import math
 import os
 
 import torch
@@ -68,6 +69,8 @@ REFUSED = {
     "Dinov2WithRegistersBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet"),
     "DINOv3ViTBackbone": ("HF backbone API", "the BackboneMixin feature-map API is not wrapped yet (use DINOv3ViTModel)"),
     "SiglipForImageClassification": ("classifier on the mean of patch tokens", "not mapped yet (SiglipVisionModel is)"),
+    "CLIPModel": ("text tower", "it has a text tower: compress model.vision_model or CLIPVisionModelWithProjection.from_pretrained(DIR)"),
+    "SiglipModel": ("text tower", "it has a text tower: compress model.vision_model or SiglipVisionModel.from_pretrained(DIR)"),
     "Siglip2VisionModel": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
     "Siglip2ForImageClassification": ("variable patch count (NaFlex)", "SigLIP 2 takes a variable number of patches per image"),
     "BeitModel": ("relative position bias", "BEiT adds a relative position bias inside attention"),
@@ -85,6 +88,7 @@ REFUSED = {
 
 ACTIVATIONS = {
     "gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu",
+    "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh",  # HF's other spellings
 }  # fmt: skip
 POOLER_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -151,6 +155,17 @@ def _layers(family: str, inner: nn.Module):
     return inner.encoder.layer if family.startswith("dinov2") else inner.encoder.layers
 
 
+def mlp_ratio(width: int, hidden: int) -> float:
+    """The ``mlp_ratio`` for which timm's ``int(width * mlp_ratio)`` is ``hidden`` (``hidden / width``, one float
+    step up where its product rounds just below ``hidden``, e.g. 488 units on width 56)."""
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    if int(width * ratio) != hidden:
+        raise Unsupported("MLP width", f"an MLP of {hidden} units on width {width} is not timm's int(width * mlp_ratio)")
+    return ratio
+
+
 def timm_settings(family: str, config) -> dict:
     """The timm ``VisionTransformer`` constructor arguments that compute what the HF ``config`` computes."""
     from timm.layers import SwiGLU
@@ -176,10 +191,7 @@ def timm_settings(family: str, config) -> dict:
     else:
         hidden = config.intermediate_size
         settings.update(act_layer=_activation(config))
-    ratio = hidden / width
-    if int(width * ratio) != hidden:
-        raise Unsupported("MLP width", f"an MLP of {hidden} units on width {width} is not timm's int(width * mlp_ratio)")
-    settings["mlp_ratio"] = ratio
+    settings["mlp_ratio"] = mlp_ratio(width, hidden)
     if family == "dinov2_reg":  # [cls + pos_0, registers, patches + pos]: timm's no_embed_class, pos_0 folded into cls
         settings.update(reg_tokens=config.num_register_tokens, no_embed_class=True)
     if family == "deit":
@@ -207,9 +219,7 @@ def dinov3_settings(config) -> dict:
     if act != ("silu" if config.use_gated_mlp else "gelu"):  # timm's Eva: GELU MLPs, SiLU-gated (SwiGLU) ones
         kind = "gated MLP" if config.use_gated_mlp else "MLP"
         raise Unsupported("activation", f"DINOv3 with a {kind} of hidden_act={config.hidden_act!r}: timm's Eva has GELU MLPs and SwiGLU")
-    ratio = config.intermediate_size / width
-    if int(width * ratio) != config.intermediate_size:
-        raise Unsupported("MLP width", f"an MLP of {config.intermediate_size} units on width {width} is not timm's int(width * mlp_ratio)")
+    ratio = mlp_ratio(width, config.intermediate_size)
     return dict(
         img_size=_pair(config.image_size), patch_size=_pair(config.patch_size), in_chans=config.num_channels, num_classes=0,
         global_pool="token", embed_dim=width, depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
@@ -223,7 +233,8 @@ DINOV3_NAME = "vit_small_patch16_dinov3"  # the timm name whose architecture the
 
 
 def _dinov3_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """An HF DINOv3's tensors under timm ``Eva``'s names (q, k, v packed into ``qkv``; q and v biases apart)."""
+    """An HF DINOv3's tensors under timm ``Eva``'s names (q, k, v packed into ``qkv``; q and v biases apart), not
+    detached (:func:`_load` copies them)."""
     emb, out = model.embeddings, {}
     out["cls_token"], out["reg_token"] = emb.cls_token, emb.register_tokens
     out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = emb.patch_embeddings.weight, emb.patch_embeddings.bias
@@ -246,13 +257,14 @@ def _dinov3_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     out["norm.weight"], out["norm.bias"] = model.norm.weight, model.norm.bias
     if out["reg_token"].shape[1] == 0:
         del out["reg_token"]
-    return {name: t.detach().clone() for name, t in out.items()}
+    return out
 
 
 def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
-    """The HF trunk's tensors under timm's ``VisionTransformer`` names (q, k, v packed into ``qkv``)."""
+    """The HF trunk's tensors under timm's ``VisionTransformer`` names (q, k, v packed into ``qkv``), not detached
+    (:func:`_load` copies them)."""
     def t(tensor):
-        return tensor.detach().clone()
+        return tensor
 
     emb, out = inner.embeddings, {}
     if family == "siglip":
@@ -272,7 +284,8 @@ def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
         if family == "dinov2_reg":  # HF adds pos_0 to the class token before the registers join: the same sum, folded
             out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
             out["pos_embed"] = out["pos_embed"][:, 1:].clone()
-            out["reg_token"] = t(emb.register_tokens)
+            if emb.register_tokens.shape[1]:  # no registers: timm has no reg_token at all
+                out["reg_token"] = t(emb.register_tokens)
         proj = emb.patch_embeddings.projection
         out["patch_embed.proj.weight"] = t(proj.weight)
         if proj.bias is not None:
@@ -319,13 +332,24 @@ def to_timm(model: nn.Module) -> nn.Module:
                               "does not have: upgrade timm")  # fmt: skip
         with torch.device(inner.embeddings.cls_token.device):  # where the HF weights are (meta too: cait compresses there)
             vit = timm.create_model(DINOV3_NAME, pretrained=False, **dinov3_settings(inner.config))
-        vit.load_state_dict(_dinov3_weights(inner), strict=True, assign=True)
+        with torch.enable_grad():
+            _load(vit, _dinov3_weights(inner))
         return vit.train(model.training)
     with torch.device("meta"):
         vit = VisionTransformer(**timm_settings(family, inner.config))
-    weights = _timm_weights(family, inner)
-    vit.load_state_dict(weights, strict=True, assign=True)
+    with torch.enable_grad():  # requires_grad of tensors computed from HF's (q, k, v packed) says which are frozen
+        _load(vit, _timm_weights(family, inner))
     return vit.train(model.training)
+
+
+def _load(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copies of ``weights`` (HF's tensors by ``module``'s names, or tensors computed from them) into ``module``
+    (strict), each parameter trainable only where its HF source is: a frozen (``requires_grad=False``) HF tensor
+    stays frozen."""
+    trainable = {name: bool(w.requires_grad) for name, w in weights.items()}
+    module.load_state_dict({name: w.detach().clone() for name, w in weights.items()}, strict=True, assign=True)
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(trainable[name])
 
 
 def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
@@ -344,7 +368,7 @@ def heads(class_name: str, config, pooler: bool) -> nn.ModuleDict:
         from timm.layers import AttentionPoolLatent, get_act_layer
 
         out["head"] = AttentionPoolLatent(
-            width, num_heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / width, qkv_bias=True,
+            width, num_heads=vision.num_attention_heads, mlp_ratio=mlp_ratio(width, vision.intermediate_size), qkv_bias=True,
             norm_layer=functools.partial(nn.LayerNorm, eps=vision.layer_norm_eps), act_layer=get_act_layer(_activation(vision)),
         )  # fmt: skip
         if out["head"].mlp.fc1.out_features != vision.intermediate_size:
@@ -382,7 +406,7 @@ def _head_weights(class_name: str, model: nn.Module, built: nn.ModuleDict) -> di
             out[name] = getattr(head.layernorm, name.split(".")[1])
         for name in ("fc1", "fc2"):
             out[f"mlp.{name}.weight"], out[f"mlp.{name}.bias"] = getattr(head.mlp, name).weight, getattr(head.mlp, name).bias
-        return {f"head.{k}": v.detach().clone() for k, v in out.items()}
+        return {f"head.{k}": v for k, v in out.items()}
     if "pooler" in built:
         sources["pooler.0"] = inner.pooler.dense
     for name in ("classifier", "cls_classifier", "distillation_classifier", "visual_projection"):
@@ -390,7 +414,7 @@ def _head_weights(class_name: str, model: nn.Module, built: nn.ModuleDict) -> di
             sources[name] = getattr(model, name)
     if "post_layernorm" in built:
         sources["post_layernorm"] = inner.post_layernorm
-    return {f"{prefix}.{k}": v.detach().clone() for prefix, module in sources.items() for k, v in module.state_dict().items()}
+    return {f"{prefix}.{k}": v for prefix, module in sources.items() for k, v in module.named_parameters()}
 
 
 def has_pooler(model: nn.Module) -> bool:
@@ -407,10 +431,11 @@ class HFCompressed(nn.Module):
     :class:`cait.CompressedViT` (``backbone``) plus HF's heads (``heads``, run as HF runs them).
 
     ``forward(pixel_values, output_hidden_states=None, return_dict=None, interpolate_pos_encoding=None,
-    labels=None)`` returns the HF class's output (``BaseModelOutputWithPooling``, ``ImageClassifierOutput``,
-    ...), or its tuple with ``return_dict=False``. ``last_hidden_state`` and ``hidden_states`` hold HF's
-    shapes (merged tokens put back on the patch grid). ``config``: the HF config, with ``config.cait``
-    recording the compression (tile, schedule, FLOPs target, kept channels per block).
+    labels=None)`` (arguments after ``pixel_values`` given by position in the HF class's own order) returns
+    the HF class's output (``BaseModelOutputWithPooling``, ``ImageClassifierOutput``, ...), or its tuple
+    with ``return_dict=False``. ``last_hidden_state`` and ``hidden_states`` hold HF's shapes (merged tokens
+    put back on the patch grid). ``config``: the HF config, with ``config.cait`` recording the compression
+    (tile, schedule, FLOPs target, kept channels per block).
     :meth:`forward_dense` gives the final features on the patch grid ``(B, C, H/p, W/p)``.
     """
 
@@ -459,16 +484,29 @@ class HFCompressed(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.vit.patch_embed.proj.weight.device
 
-    def _check_size(self, pixel_values: torch.Tensor, interpolate_pos_encoding) -> None:
+    def _fit(self, pixel_values: torch.Tensor, interpolate_pos_encoding) -> torch.Tensor:
+        """pixel_values ``(B, C, H, W)`` -> ``(B, C, H', W')`` cropped to whole patches, as HF's patch convolution
+        (stride = patch, no padding) drops the last rows and columns. ValueError where HF refuses the size (ViT, DeiT,
+        CLIP without ``interpolate_pos_encoding``) or the shape is not an image's; :class:`Unsupported` where HF would
+        interpolate the position embedding to another patch grid."""
         fast = self.backbone
         chans, height, width = fast.input_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != chans:
             raise ValueError(f"pixel_values must have shape (B, {chans}, H, W), got {tuple(pixel_values.shape)}")
         size = tuple(pixel_values.shape[2:])
-        if size == (height, width) or self.family == "dinov3":  # DINOv3: RoPE at any grid, as HF (no interpolation)
-            return
+        patch = fast.vit.patch_embed.patch_size
+        whole = (size[0] // patch[0] * patch[0], size[1] // patch[1] * patch[1])
+        if min(whole) == 0:
+            raise ValueError(f"images of {size[0]}x{size[1]} px are smaller than one {patch[0]}x{patch[1]} px patch")
+        pixel_values = pixel_values[:, :, : whole[0], : whole[1]]
+        if self.family == "dinov3":  # RoPE at any grid, as HF (no interpolation)
+            return pixel_values
         # ViT/DeiT/CLIP without interpolate_pos_encoding refuse other sizes (as HF does); DINOv2 always interpolates
-        if not interpolate_pos_encoding and not self.family.startswith("dinov2"):
+        if size != (height, width) and not interpolate_pos_encoding and self.family in ("vit", "deit", "clip"):
+            raise ValueError(f"Input image size ({size[0]}*{size[1]}) doesn't match model ({height}*{width}).")
+        if whole == (height, width):  # the model's own grid: HF's embedding as it is (or resampled to its own size)
+            return pixel_values
+        if not interpolate_pos_encoding and self.family == "siglip":  # HF: a position embedding of another length
             raise ValueError(f"Input image size ({size[0]}*{size[1]}) doesn't match model ({height}*{width}).")
         raise Unsupported(
             "position-embedding interpolation",
@@ -486,9 +524,29 @@ class HFCompressed(nn.Module):
             return x
         return torch.cat([x[:, :prefix], unmerge(x, state.owner, prefix=prefix)], dim=1)
 
+    def _positional(self, args: tuple, given: dict) -> dict:
+        """HF's positional arguments after ``pixel_values`` by the names the HF class's own ``forward`` gives them
+        (``ViTForImageClassification``: labels, interpolate_pos_encoding, ...). TypeError as Python's: too many, or
+        one also given by name."""
+        import inspect
+
+        import transformers
+
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        signature = inspect.signature(getattr(transformers, self.class_name).forward)
+        names = [p.name for p in signature.parameters.values() if p.kind in kinds][2:]  # self, pixel_values
+        if len(args) > len(names):
+            order = ", ".join(["pixel_values", *names])
+            raise TypeError(f"{self.class_name} (compressed) takes {len(names) + 1} positional arguments ({order}), got {len(args) + 1}")
+        for name, value in zip(names, args):
+            if given.get(name) is not None:
+                raise TypeError(f"{self.class_name} (compressed) got multiple values for argument '{name}'")
+        return dict(zip(names, args))
+
     def forward(
         self,
         pixel_values: torch.Tensor,
+        *args,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
@@ -498,8 +556,16 @@ class HFCompressed(nn.Module):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ):
+        """HF's ``forward``: positional arguments after ``pixel_values`` mean what they mean for the HF class (its
+        own order, e.g. ``labels`` second for a classifier); see the class docstring for the rest."""
         from transformers import modeling_outputs as outputs
 
+        if args:
+            named = dict(interpolate_pos_encoding=interpolate_pos_encoding, labels=labels, bool_masked_pos=bool_masked_pos,
+                         attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=return_dict,
+                         output_attentions=output_attentions, **kwargs)  # fmt: skip
+            named.update(self._positional(args, named))
+            return self.forward(pixel_values, **named)
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a tensor (B, C, H, W), got {type(pixel_values).__name__}")
         config = self.hf_config
@@ -516,8 +582,7 @@ class HFCompressed(nn.Module):
             raise ValueError("DeiTForImageClassificationWithTeacher is inference-only (as in HF): it takes no labels")
         hidden = output_hidden_states if output_hidden_states is not None else bool(getattr(config, "output_hidden_states", False))
         as_dict = return_dict if return_dict is not None else bool(getattr(config, "return_dict", True))
-        self._check_size(pixel_values, interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.dtype)
+        pixel_values = self._fit(pixel_values, interpolate_pos_encoding).to(self.dtype)
 
         fast = self.backbone
         state = fast.embed(pixel_values)
@@ -572,8 +637,15 @@ class HFCompressed(nn.Module):
         """pixel_values ``(B, C, H, W)`` -> the final features ``(B, hidden_size, H/p, W/p)`` on the patch grid
         (``last_hidden_state``'s patch tokens as a feature map, each cell its token's feature), as
         :meth:`cait.CompressedViT.forward_dense`."""
-        self._check_size(pixel_values, None)
-        return self.backbone.forward_dense(pixel_values.to(self.dtype))
+        return self.backbone.forward_dense(self._fit(pixel_values, None).to(self.dtype))
+
+    def save_pretrained(self, *args, **kwargs):
+        """Not HF's: :class:`Unsupported` pointing to :func:`cait.save` (transformers cannot rebuild a compressed model)."""
+        raise Unsupported(
+            "save_pretrained",
+            "a compressed Hugging Face model is one file: cait.save(model, 'name.safetensors'), read back with cait.load "
+            "(transformers' from_pretrained cannot rebuild merged tokens and pruned channels)",
+        )
 
     def first_field(self) -> nn.Module:
         """A module ``pixel_values -> `` the first field of this model's output (HF's ``to_tuple()[0]``: the
@@ -611,7 +683,8 @@ def is_folder(entry) -> bool:
 def from_folder(folder: str) -> nn.Module:
     """The Hugging Face model saved in ``folder`` (``save_pretrained``: ``config.json`` and weights) in eval mode,
     as the one class its ``config.json`` names (``architectures``). FileNotFoundError / ValueError / ImportError
-    (transformers not installed) name what is wrong in one line; :class:`Unsupported` for a class cait does not map."""
+    (transformers not installed) name what is wrong in one line (ValueError also for weights transformers cannot
+    load: missing, damaged, or not the config's shapes); :class:`Unsupported` for a class cait does not map."""
     import json
 
     config_path = os.path.join(folder, "config.json")
@@ -630,12 +703,26 @@ def from_folder(folder: str) -> nn.Module:
         raise ValueError(f"{config_path} names {architectures[0]}, which transformers {transformers.__version__} does not have")
     check_hf_name(architectures[0])
     transformers.utils.logging.disable_progress_bar()  # refusals and results stay one line each on stderr
-    return cls.from_pretrained(folder).eval()
+    try:
+        return cls.from_pretrained(folder).eval()
+    except (OSError, RuntimeError, ValueError, KeyError) as error:  # no weights, damaged or mismatched weights
+        raise ValueError(f"{folder}: transformers cannot load its {architectures[0]}: {_first_line(error)}") from error
+    except Exception as error:  # safetensors' own error type (a damaged file), not importable by a stable name
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{folder}: transformers cannot load its {architectures[0]}: damaged weights ({_first_line(error)})") from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of ``error``'s message (transformers' load errors run to many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynamic_img_size: bool = False) -> HFCompressed:
     """:func:`cait.compress` for a Hugging Face model (see the module docstring). ``copy`` has no effect
-    (the HF weights are always copied into timm's layout; ``model`` stays usable)."""
+    (the HF weights are always copied into timm's layout; ``model`` stays usable). The training mode, frozen
+    tensors and HF's activation (gradient) checkpointing carry over."""
     from .model import compress as compress_timm
 
     class_name = type(model).__name__
@@ -646,10 +733,14 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
             "dynamic_img_size=True: HF interpolates position embeddings with bicubic without antialiasing, timm with it; "
             "a compressed HF model takes its own input size only",
         )
+    _check_calibration(model, prune)
     pooler = has_pooler(model)
     head_modules = heads(class_name, model.config, pooler)
-    head_modules.load_state_dict(_head_weights(class_name, model, head_modules), strict=True, assign=True)
+    with torch.enable_grad():
+        _load(head_modules, _head_weights(class_name, model, head_modules))
     vit = to_timm(model)
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):  # HF's activation checkpointing
+        vit.set_grad_checkpointing(True)  # carried over as timm's (cait.compress)
     fast = compress_timm(vit, merge=merge, prune=prune, copy=False)
     if SUPPORTED[class_name] == "dinov3":  # timm's record of a name-built Eva keeps only sizes: the rest of the HF config
         from .architecture import norm_spec
@@ -661,6 +752,20 @@ def compress(model: nn.Module, merge=None, prune=None, copy: bool = True, dynami
         )
     wrapper = HFCompressed(fast, class_name, copying.deepcopy(model.config), head_modules, pooler)
     return wrapper.train(model.training)
+
+
+def _check_calibration(model: nn.Module, prune) -> None:
+    """ValueError, before any work, for CDCP calibration images ``(B, C, H, W)`` not at the HF model's image size
+    (timm's message would suggest ``dynamic_img_size=True``, which HF models refuse; DINOv3 takes any size)."""
+    images = getattr(prune, "calibration", None)
+    if not isinstance(images, torch.Tensor) or check_hf(model) == "dinov3":
+        return
+    chans, height, width = input_size(model)
+    if images.dim() != 4 or tuple(images.shape[1:]) != (chans, height, width):
+        raise ValueError(
+            f"CDCP calibration images must have shape (B, {chans}, {height}, {width}) (the Hugging Face model's image size), "
+            f"got {tuple(images.shape)}: resize them to {height}x{width}"
+        )
 
 
 def from_record(backbone: nn.Module, record: dict) -> HFCompressed:

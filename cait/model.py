@@ -462,9 +462,9 @@ def compress(
             size: capture one CUDA graph per size.
 
     The source's training mode and ``grad_checkpointing`` carry over. A Hugging Face ``transformers``
-    model (ViT, DeiT, DINOv2, CLIP vision; :mod:`cait.hf`) is compressed through the timm architecture
-    that computes the same function and comes back as a :class:`cait.hf.HFCompressed` with HF's calling
-    convention, outputs and ``config``.
+    model (ViT, DeiT, DINOv2, DINOv3, CLIP and SigLIP vision; :mod:`cait.hf`) is compressed through the
+    timm architecture that computes the same function and comes back as a :class:`cait.hf.HFCompressed`
+    with HF's calling convention, outputs and ``config``.
     """
     from .hf import is_hf_model
 

@@ -32,6 +32,7 @@ CASES = {  # id -> (class, config)
     "deit_teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", dict(intermediate_size=128, num_labels=4)),
     "dinov2_reg": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", dict(num_register_tokens=2)),
     "dinov2_reg_cls": ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", dict(num_labels=3)),
+    "dinov2_reg0_cls": ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", dict(num_register_tokens=0)),
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(intermediate_size=128)),
     "siglip_nohead": ("SiglipVisionModel", "SiglipVisionConfig", dict(intermediate_size=96, vision_use_head=False)),
     "dinov3": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(intermediate_size=128, num_register_tokens=2, layerscale_value=0.5)),
@@ -107,6 +108,39 @@ def test_unmerged_unpruned_equals_hf(case, batch):
     if case.startswith(("vit", "deit", "clip", "siglip")):
         with torch.no_grad():
             assert_outputs_close(fast(x, interpolate_pos_encoding=True), fast(x), 0)
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast", "gelu_accurate", "gelu_python"])
+def test_hfs_other_gelu_spellings_equal_hf(act):
+    """HF's tanh-approximate GELUs written out by hand (and its erf GELU in Python) are timm's GELUs up to rounding."""
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(**SMALL, intermediate_size=128, hidden_act=act)).eval()
+    x = images(2)
+    with torch.no_grad():
+        assert_outputs_close(cait.compress(model).eval()(x, output_hidden_states=True), model(x, output_hidden_states=True), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "class_name, config_name, extra",
+    [
+        ("ViTModel", "ViTConfig", dict(hidden_size=56, intermediate_size=488)),
+        ("SiglipVisionModel", "SiglipVisionConfig", dict(hidden_size=56, intermediate_size=488)),  # and its pooling head's MLP
+        ("Dinov2Model", "Dinov2Config", dict(hidden_size=44, use_swiglu_ffn=True)),  # 120 SwiGLU units on width 44
+        ("DINOv3ViTModel", "DINOv3ViTConfig", dict(hidden_size=56, intermediate_size=488)),
+    ],
+)
+def test_mlp_widths_whose_ratio_rounds_down_equal_hf(class_name, config_name, extra, tmp_path):
+    """488 / 56 * 56 is 487.99...: timm's int(width * mlp_ratio) needs the ratio one float step up."""
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**dict(SMALL, num_attention_heads=2, **extra))
+    model = getattr(transformers, class_name)(config).eval()
+    fast = cait.compress(model).eval()
+    x = images(2)
+    with torch.no_grad():
+        assert_outputs_close(fast(x, output_hidden_states=True), model(x, output_hidden_states=True), 1e-5)
+    cait.save(fast, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(cait.load(tmp_path / "m.safetensors")(x).last_hidden_state, fast(x).last_hidden_state)
 
 
 def tile_constant(model, x: torch.Tensor, tile: int = 2) -> torch.Tensor:
@@ -191,6 +225,8 @@ def test_save_load_round_trip_is_bit_exact(case, tmp_path):
         for p, q in zip(*((v if isinstance(v, tuple) else (v,)) for v in (a[key], b[key]))):
             assert torch.equal(p, q), key
     assert set(back.state_dict()) == set(fast.state_dict())
+    with pytest.raises(Unsupported, match=r"cait.save\(model, 'name.safetensors'\)"):  # HF's habit, pointed to cait.save
+        fast.save_pretrained(tmp_path / "folder")
 
 
 @pytest.mark.parametrize("case", ["vit", "dinov2_reg", "siglip"])
@@ -226,11 +262,67 @@ def test_labels_give_hfs_loss():
         cait.compress(hf_model("vit"))(x, labels=labels)
 
 
+def test_positional_arguments_mean_what_they_mean_for_the_hf_class():
+    """HF's forward takes ``labels`` second for a classifier, ``interpolate_pos_encoding`` third for ViTModel."""
+    model = hf_model("vit_cls")
+    fast = cait.compress(model).eval()
+    x, labels = images(3), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        assert_outputs_close(fast(x, labels), model(x, labels), 1e-5)
+        backbone = hf_model("vit")
+        x = images(2, 36)  # HF's own grid at a size with a remainder: taken with interpolate_pos_encoding only
+        assert_outputs_close(cait.compress(backbone).eval()(x, None, True), backbone(x, None, True), 1e-5)
+    with pytest.raises(TypeError, match="multiple values for argument 'labels'"):
+        fast(x, labels, labels=labels)
+    with pytest.raises(TypeError, match=r"takes 4 positional arguments \(pixel_values, labels, interpolate_pos_encoding"):
+        fast(x, labels, None, None, None)
+
+
 def test_training_flows_through_the_wrapper():
     fast = cait.compress(hf_model("dinov2_cls_swiglu"), merge=cait.ATME(r=[4, 2, 0])).train()
     loss = fast(images(2), labels=torch.tensor([0, 2])).loss
     loss.backward()
     assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+    assert not fast.backbone.grad_checkpointing
+
+
+@pytest.mark.parametrize("case", ["dinov2_cls_swiglu", "dinov3"])
+def test_hfs_activation_checkpointing_carries_over(case):
+    """HF's gradient (activation) checkpointing becomes cait's: the same loss and gradients, blocks recomputed."""
+    model = hf_model(case).train()
+    model.activation_checkpointing_enable()
+    fast = cait.compress(model, merge=cait.ATME(r=[4, 2, 0])).train()
+    assert fast.backbone.grad_checkpointing
+    plain = cait.compress(hf_model(case), merge=cait.ATME(r=[4, 2, 0])).train()
+    for net in (fast, plain):
+        net(images(2)).to_tuple()[0].square().mean().backward()  # logits, or last_hidden_state
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+HF_HEADS = {  # case -> the HF modules that are cait's heads
+    "vit_cls": ["classifier"],
+    "deit_teacher": ["cls_classifier", "distillation_classifier"],
+    "dinov2_reg_cls": ["classifier"],
+    "siglip": ["head"],
+    "clip_proj": ["vision_model.post_layernorm", "visual_projection"],
+    "dinov3_gated": [],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_HEADS))
+def test_frozen_hf_tensors_stay_frozen(case):
+    """requires_grad carries over: HF's layer 0 and heads frozen -> cait's block 0 and heads frozen, the rest trainable
+    (a linear probe on a frozen HF backbone must not train the compressed backbone)."""
+    model = hf_model(case)
+    cait.hf._layers(cait.hf.SUPPORTED[type(model).__name__], cait.hf.trunk(model))[0].requires_grad_(False)
+    for name in HF_HEADS[case]:
+        model.get_submodule(name).requires_grad_(False)
+    fast = cait.compress(model, merge=cait.ATME(r=[2, 2, 0]), prune=cait.CDCP(qk=0.5, v=0.5, mlp=0.5, align=4))
+    for name, parameter in fast.named_parameters():
+        frozen = name.startswith(("backbone.blocks.0.", "heads."))
+        assert parameter.requires_grad is not frozen, name
+    assert sum(p.requires_grad for p in model.parameters()) and all(p.requires_grad for p in cait.compress(hf_model(case)).parameters())
 
 
 @pytest.mark.parametrize(
@@ -261,7 +353,27 @@ def test_dinov3_takes_any_size_as_hf():
         assert merged(images(2, (40, 56))).last_hidden_state.shape == (2, 1 + 2 + 35, 64)
 
 
+@pytest.mark.parametrize(
+    "case, size, interpolate",
+    [("vit", (39, 33), True), ("clip", (36, 36), True), ("dinov2_reg", (36, 38), None), ("siglip", (39, 39), None)]
+    + [("dinov3", (44, 52), None)],
+)
+def test_sizes_with_a_remainder_are_cropped_as_hfs_patch_convolution(case, size, interpolate):
+    """HF's stride-patch convolution drops the pixels after the last whole patch: on the model's own grid (or any
+    grid for DINOv3) nothing is interpolated, and every field equals HF's."""
+    model = hf_model(case)
+    fast = cait.compress(model).eval()
+    x = images(2, size)
+    kwargs = dict(output_hidden_states=True, **({"interpolate_pos_encoding": True} if interpolate else {}))
+    with torch.no_grad():
+        assert_outputs_close(fast(x, **kwargs), model(x, **kwargs), 1e-5)
+    with pytest.raises(ValueError, match="smaller than one 8x8 px patch"):
+        fast(images(1, 7), interpolate_pos_encoding=True)
+
+
 def test_other_sizes():
+    with pytest.raises(ValueError, match=r"calibration images must have shape \(B, 3, 32, 32\) .*got \(4, 3, 48, 48\): resize"):
+        cait.compress(hf_model("vit"), prune=cait.CDCP(mlp=0.5, method="activation", calibration=images(4, 48)))
     vit, dino = cait.compress(hf_model("vit")), cait.compress(hf_model("dinov2"))
     with pytest.raises(ValueError, match=r"doesn't match model \(32\*32\)"):  # HF's own refusal without interpolation
         vit(images(1, 48))
@@ -280,6 +392,15 @@ def test_unsupported_classes_are_refused_by_name():
     with pytest.raises(Unsupported, match="ConvNextModel is not supported: cait takes ViTModel") as error:
         cait.compress(transformers.ConvNextModel(config))
     assert error.value.feature == "Hugging Face model class"
+    towers = dict(vision_config=dict(SMALL, intermediate_size=128), text_config=dict(SMALL, intermediate_size=128))
+    clip = transformers.CLIPModel(transformers.CLIPConfig(**towers)).eval()  # the usual CLIP checkpoint's class
+    with pytest.raises(Unsupported, match=r"CLIPModel is not supported yet: .* compress model.vision_model or CLIPVisionModelW") as error:
+        cait.compress(clip)
+    assert error.value.feature == "text tower"
+    x = images(2)
+    with torch.no_grad():  # the tower the message points to: CLIP's own image features through its projection
+        pooled = cait.compress(clip.vision_model).eval()(x).pooler_output
+        assert rel_err(clip.visual_projection(pooled), clip.get_image_features(x).pooler_output) < 1e-5
 
 
 def test_sweep_over_installed_vision_classes():
@@ -333,13 +454,15 @@ def test_cli_compresses_a_save_pretrained_folder(tmp_path, capsys):
     [
         (["--checkpoint", "x.pth"], "holds its weights and settings: drop --checkpoint"),
         (["--calibration", "imgs"], "--calibration is not supported with a Hugging Face folder"),
+        (["--model", "{tmp}/no_such_folder"], "no_such_folder: no such folder"),
     ],
 )
 def test_cli_folder_refusals_are_one_line(tmp_path, capsys, extra, message):
     from cait.cli import main
 
     hf_model("vit").save_pretrained(tmp_path / "vit")
-    with pytest.raises(SystemExit):
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    with pytest.raises(SystemExit):  # a second --model replaces the first
         main(["compress", "--model", str(tmp_path / "vit"), "--merge-r", "2", *extra, "--out", str(tmp_path / "o.safetensors")])
     assert message in capsys.readouterr().err
 
@@ -353,6 +476,45 @@ def test_cli_refuses_an_unsupported_folder_by_name(tmp_path, capsys):
         main(["compress", "--model", str(tmp_path / "mae"), "--merge-r", "2", "--out", str(tmp_path / "o.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ViTMAEModel is not supported yet" in err[0]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: (folder / "model.safetensors").unlink(), "cannot load its ViTModel: Error no file named model.safetensors"),
+        (lambda folder: (folder / "model.safetensors").write_bytes(b"garbage" * 10), "cannot load its ViTModel: damaged weights"),
+    ],
+)
+def test_cli_folders_transformers_cannot_load_are_one_line(tmp_path, capsys, damage, message):
+    from cait.cli import main
+
+    hf_model("vit").save_pretrained(tmp_path / "vit")
+    damage(tmp_path / "vit")
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", str(tmp_path / "vit"), "--merge-r", "2", "--out", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_cli_commands_without_hf_support_refuse_in_one_line(tmp_path, capsys):
+    from cait.cli import main
+
+    folder, saved = tmp_path / "vit", tmp_path / "vit.safetensors"
+    hf_model("vit_cls").save_pretrained(folder)
+    cait.save(cait.compress(hf_model("vit_cls"), merge=cait.ATME(r=[2, 0, 0])), saved)
+    for argv, message in [
+        (["finetune", "--model", str(folder), "--data", str(tmp_path), "--merge-r", "2", "--out", str(tmp_path / "o.safetensors")],
+         "is a Hugging Face folder, which cait finetune does not take yet"),
+        (["plan", "--model", str(folder), "--target-flops", "0.7", "--out", str(tmp_path / "p.json")],
+         "is a Hugging Face folder, which cait plan does not take yet"),
+        (["eval", str(saved), "--data", str(tmp_path)], "is a compressed Hugging Face model, which cait eval does not take yet"),
+    ]:  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], argv[0]
 
 
 @pytest.mark.parametrize("format", ["pt2", "onnx"])

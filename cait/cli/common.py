@@ -166,8 +166,17 @@ def _checkpoint_error(path: str, model: str, error: Exception) -> ValueError:
 
 
 def build_model(args):
-    """The timm model the arguments name, in eval mode (``--checkpoint`` checked first)."""
+    """The timm model the arguments name, in eval mode (``--checkpoint`` checked first). NotImplementedError for a
+    Hugging Face folder (only ``cait compress`` and ``cait bench`` take those: :func:`build_hf_model`)."""
     import timm
+
+    from cait.hf import is_folder
+
+    if is_folder(args.model):
+        raise NotImplementedError(
+            f"--model {args.model} is a Hugging Face folder, which cait {args.command} does not take yet "
+            f"(cait compress and cait bench do; or use the Python API)"
+        )
 
     if args.img_size and len(args.img_size) > 2:
         raise ValueError("--img-size takes one number or two (H W)")

@@ -30,7 +30,7 @@ def add_parser(commands) -> None:
         c,
         required=False,
         model_help="timm model name, e.g. deit_small_patch16_224 (default with --plan: the plan's), or a Hugging Face "
-        "save_pretrained folder (ViT, DeiT, DINOv2, CLIP vision; needs pip install 'cait[hf]')",
+        "save_pretrained folder (ViT, DeiT, DINOv2, DINOv3, CLIP and SigLIP vision; needs pip install 'cait[hf]')",
     )
     add_compression_arguments(c)
     c.add_argument(
@@ -65,6 +65,11 @@ def run(args) -> None:
             flag = "--plan" if args.plan else "--calibration" if args.calibration else "--dynamic-img-size"
             raise ValueError(f"{flag} is not supported with a Hugging Face folder yet (--model {args.model})")
         model = build_hf_model(args)
+    elif "/" in args.model and ":" not in args.model:  # a path, not a timm name (timm's own error suggests its local-dir: prefix)
+        raise FileNotFoundError(
+            f"--model {args.model}: no such folder (give a Hugging Face save_pretrained folder, a timm name, or hf-hub:{args.model} "
+            f"for a timm model on the Hub)"
+        )
     else:
         model = build_model(args)
     merge, prune = compression(args, model, args.calibration)

@@ -33,6 +33,11 @@ def run(args) -> None:
     from cait.train import finetune
 
     model = cait.load(args.file, device=device_of(args.device))
+    if type(model).__name__ == "HFCompressed":  # cait.hf's wrapper (not imported: it would import transformers)
+        raise NotImplementedError(
+            f"{args.file} is a compressed Hugging Face model, which cait eval does not take yet (its image preprocessing is "
+            f"the HF image processor's, not in the file): evaluate it with the Python API"
+        )
     segmenting = isinstance(model, segmentation.Segmenter)
     data = segmentation_folder(args.data, args.split, model) if segmenting else image_folder(args.data, args.split, model, training=False)
     if not segmenting and len(data.classes) != model.num_classes:

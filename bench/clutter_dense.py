@@ -12,13 +12,16 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from cait.benchmarks.clutter import EPOCHS, TRAIN  # noqa: E402
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="data and model seed (default: 0)")
-    parser.add_argument("--train", type=int, default=4000, help="training canvases (default: 4000)")
+    parser.add_argument("--train", type=int, default=TRAIN, help=f"fresh training canvases per epoch (default: {TRAIN})")
     parser.add_argument("--test", type=int, default=1000, help="test canvases (default: 1000)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default: {EPOCHS})")
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--weights", help="also save the trained model's state dict to this file")
     args = parser.parse_args()
 
     import timm
@@ -28,7 +31,9 @@ if __name__ == "__main__":
     from cait.benchmarks.clutter import dense_run
 
     with tqdm(total=args.epochs, desc="epochs") as bar:
-        result = dense_run(args.seed, args.train, args.test, args.epochs, progress=bar)
+        result, model = dense_run(args.seed, args.train, args.test, args.epochs, progress=bar)
+    if args.weights:
+        torch.save(model.state_dict(), args.weights)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "timm": timm.__version__}  # fmt: skip
     print(json.dumps(result, indent=2))

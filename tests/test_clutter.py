@@ -53,6 +53,7 @@ def test_the_proxy_vit_has_deit_tiny_shape_with_64_patches():
     model = deit_tiny_patch8(0)
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_embed.num_patches) == (192, 12, 3, 64)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 10)
+    assert len(deit_tiny_patch8(0, depth=6).blocks) == 6  # the CPU setting: DeiT-Tiny's width, half its depth
 
 
 def test_one_shot_scores_every_method_at_each_flops_target():

@@ -102,17 +102,17 @@ def cluttered_digits(seed: int, train: int = 4000, test: int = 1000, size: int =
     return (train_x - mean) / std, train_y, (test_x - mean) / std, test_y, fresh
 
 
-def deit_tiny_patch8(seed: int, size: int = SIZE):
-    """A ViT of DeiT-Tiny's shape (width 192, 12 blocks, 3 heads) with 8-pixel patches on ``size`` px
-    grey images, 10 classes, random weights from ``seed``."""
+def deit_tiny_patch8(seed: int, size: int = SIZE, depth: int = 12):
+    """A ViT of DeiT-Tiny's shape (width 192, ``depth`` blocks: 12 as DeiT-Tiny, 3 heads) with 8-pixel
+    patches on ``size`` px grey images, 10 classes, random weights from ``seed``."""
     import timm
 
     torch.manual_seed(seed)
-    return timm.create_model("deit_tiny_patch16_224", img_size=size, patch_size=8, in_chans=1, num_classes=10)
+    return timm.create_model("deit_tiny_patch16_224", img_size=size, patch_size=8, in_chans=1, num_classes=10, depth=depth)
 
 
-def dense_run(seed: int, train: int = TRAIN, test: int = 1000, epochs: int = EPOCHS, progress=None):
-    """Train :func:`deit_tiny_patch8` from scratch on :func:`cluttered_digits`, ``train`` fresh canvases
+def dense_run(seed: int, train: int = TRAIN, test: int = 1000, epochs: int = EPOCHS, depth: int = 12, progress=None):
+    """Train :func:`deit_tiny_patch8` (``depth`` blocks) from scratch on :func:`cluttered_digits`, ``train`` fresh canvases
     every epoch (the digits benchmark's :func:`~cait.benchmarks.accuracy.train_dense`: AdamW, one-cycle
     to 1e-3, batch 64), and score it on the held-out canvases. Returns ``(result, model)``: ``result``
     holds ``top1`` (fraction), ``train_top1`` (on the first epoch's canvases), ``seconds`` of training
@@ -125,11 +125,11 @@ def dense_run(seed: int, train: int = TRAIN, test: int = 1000, epochs: int = EPO
 
     train_x, train_y, test_x, test_y, fresh = cluttered_digits(seed, train, test)
     start = time.perf_counter()
-    model = train_dense(deit_tiny_patch8(seed), train_x, train_y, epochs, seed, progress, resample=fresh)
+    model = train_dense(deit_tiny_patch8(seed, depth=depth), train_x, train_y, epochs, seed, progress, resample=fresh)
     seconds = time.perf_counter() - start
     top1 = evaluate(model, list(zip(test_x.split(100), test_y.split(100))))["top1"]
     train_top1 = evaluate(model, list(zip(train_x.split(100), train_y.split(100))))["top1"]
-    settings = {"seed": seed, "train": train, "test": test, "epochs": epochs, "steps": epochs * (train // 64)}
+    settings = {"seed": seed, "train": train, "test": test, "epochs": epochs, "steps": epochs * (train // 64), "depth": depth}
     task = {"size": SIZE, "clutter": CLUTTER, "digit": DIGIT, "texture": TEXTURE}
     return {**settings, **task, "top1": top1, "train_top1": train_top1, "seconds": seconds}, model
 

@@ -1,8 +1,8 @@
 """The cluttered-digits proxy (cait/benchmarks/clutter.py): dense top-1 of a ViT of DeiT-Tiny's width
-with 8-pixel patches (12 blocks, or --depth) trained from scratch on fresh canvases every epoch, one
-seed. CPU (2 cores, nothing else running): about 0.65 s per step of 64 with 12 blocks, 0.33 s with 6.
+with 8-pixel patches (6 blocks; --depth 12 for DeiT-Tiny's 12) trained from scratch on fresh canvases
+every epoch, one seed. CPU (2 cores): about 0.65 s per step of 64 with 12 blocks, 0.36 s with 6.
 
-    python bench/clutter_dense.py --seed 0 --depth 6 --epochs 32 --out bench/results/clutter-dense-p8-d6-seed0-cpu.json --weights W.pt
+    python bench/clutter_dense.py --seed 0 --out bench/results/clutter-dense-p8-d6-seed0-cpu.json --weights W.pt
 """
 
 import argparse
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cait.benchmarks.clutter import EPOCHS, TRAIN  # noqa: E402
+from cait.benchmarks.clutter import DEPTH, EPOCHS, TRAIN  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,7 +21,7 @@ if __name__ == "__main__":
     parser.add_argument("--train", type=int, default=TRAIN, help=f"fresh training canvases per epoch (default: {TRAIN})")
     parser.add_argument("--test", type=int, default=1000, help="test canvases (default: 1000)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default: {EPOCHS})")
-    parser.add_argument("--depth", type=int, default=12, help="blocks (default: 12, DeiT-Tiny's)")
+    parser.add_argument("--depth", type=int, default=DEPTH, help=f"blocks (default: {DEPTH}; DeiT-Tiny has 12)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--weights", help="also save the trained model's state dict to this file")
     args = parser.parse_args()

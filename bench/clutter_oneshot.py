@@ -2,7 +2,7 @@
 by ``bench/clutter_dense.py --weights``, merged by ATME, ToMe and EViT-style pruning at the same
 FLOPs, no training, top-1 on the seed's test canvases.
 
-    python bench/clutter_oneshot.py --seed 0 --weights W.pt --out bench/results/clutter-oneshot-p8-d12-seed0-cpu.json
+    python bench/clutter_oneshot.py --seed 0 --weights W.pt --out bench/results/clutter-oneshot-p8-d6-seed0-cpu.json
 """
 
 import argparse
@@ -12,11 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from cait.benchmarks.clutter import DEPTH  # noqa: E402
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="the dense run's seed (default: 0)")
     parser.add_argument("--weights", required=True, help="state dict from bench/clutter_dense.py --weights")
-    parser.add_argument("--depth", type=int, default=12, help="the dense run's blocks (default: 12)")
+    parser.add_argument("--depth", type=int, default=DEPTH, help=f"the dense run's blocks (default: {DEPTH})")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 

@@ -14,7 +14,7 @@ Smaller digits (20-32 px), six distractors and the full background contrast left
 for hundreds of steps: from scratch, a ViT first reads the image as a bag of patches, and strong
 stripes drown a small digit's patches (see the README, "A harder proxy"). The proxy's ViT
 (:func:`dense_run`) has DeiT-Tiny's width, heads and 8-pixel patches but 6 blocks: 1,280 steps reach
-87% top-1 in ~8 minutes on 2 CPU cores, where 12 blocks were at 38% after 800 steps.
+81-89% top-1 (3 seeds) in 8-14 minutes on 2 CPU cores, where 12 blocks were at 38% after 800 steps.
 """
 
 from __future__ import annotations

@@ -3,17 +3,25 @@
 import pytest
 import torch
 
-from cait.benchmarks.clutter import cluttered_canvases, cluttered_digits, deit_tiny_patch8
+from cait.benchmarks.clutter import cluttered_canvases, cluttered_digits, deit_tiny_patch8, one_shot
 
 
 def test_cluttered_digits_are_deterministic_per_seed():
     first, again, other = (cluttered_digits(seed, train=12, test=6) for seed in (3, 3, 4))
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], again[:4]))
     assert not torch.equal(first[0], other[0])
-    train_x, train_y, test_x, test_y = first
+    train_x, train_y, test_x, test_y, fresh = first
     assert train_x.shape == (12, 1, 64, 64) and test_x.shape == (6, 1, 64, 64) and train_y.dtype == torch.int64
     assert train_x.mean().abs() < 1e-5 and abs(float(train_x.std()) - 1) < 1e-5  # normalized by the training canvases
     assert 0 <= int(train_y.min()) and int(train_y.max()) <= 9
+
+
+def test_fresh_training_canvases_are_new_every_epoch_and_deterministic():
+    train_x, train_y, _, _, fresh = cluttered_digits(3, train=12, test=6)
+    assert all(torch.equal(a, b) for a, b in zip(fresh(0), (train_x, train_y)))  # epoch 0: the training set
+    epoch_1, epoch_2 = fresh(1), fresh(2)
+    assert all(torch.equal(a, b) for a, b in zip(epoch_1, cluttered_digits(3, train=12, test=6)[4](1)))
+    assert epoch_1[0].shape == train_x.shape and not torch.equal(epoch_1[0], train_x) and not torch.equal(epoch_1[0], epoch_2[0])
 
 
 def test_the_label_is_the_pasted_digit_and_clutter_is_dimmer():
@@ -27,7 +35,29 @@ def test_the_label_is_the_pasted_digit_and_clutter_is_dimmer():
         cluttered_canvases(glyph, torch.tensor([7]), count=1, seed=0, size=16)
 
 
+def test_the_digit_side_and_the_background_contrast_follow_the_settings():
+    square = torch.ones(1, 8, 8)  # the pasted digit: a bright square of the drawn side, on a flat canvas
+    images, _ = cluttered_canvases(square, torch.tensor([1]), count=20, seed=0, clutter=0, digit=(0.5, 0.75), texture=0)
+    sides = (images[:, 0] >= 0.8).any(1).sum(1)
+    assert 32 <= int(sides.min()) and int(sides.max()) <= 48
+    assert bool(((images >= 0.8) | (images == 0.3)).all())  # texture 0: a flat background
+    striped, _ = cluttered_canvases(square, torch.tensor([1]), count=20, seed=0, clutter=0, texture=1)
+    dimmer, _ = cluttered_canvases(square, torch.tensor([1]), count=20, seed=0, clutter=0, texture=0.5)
+    assert torch.allclose(dimmer[striped < 0.8] - 0.3, 0.5 * (striped[striped < 0.8] - 0.3), atol=1e-6)
+    for bad in (dict(digit=(0.6, 0.5)), dict(digit=(0.0, 0.5)), dict(texture=-1)):
+        with pytest.raises(ValueError, match="0 < digit"):
+            cluttered_canvases(square, torch.tensor([1]), count=1, seed=0, **bad)
+
+
 def test_the_proxy_vit_has_deit_tiny_shape_with_64_patches():
     model = deit_tiny_patch8(0)
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_embed.num_patches) == (192, 12, 3, 64)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 10)
+    assert len(deit_tiny_patch8(0, depth=6).blocks) == 6  # the CPU setting: DeiT-Tiny's width, half its depth
+
+
+def test_one_shot_scores_every_method_at_each_flops_target():
+    rows = one_shot(deit_tiny_patch8(0), 0, targets=(0.5,), train=64, test=20)
+    assert [(r["method"], r["target"]) for r in rows] == [("dense", 1.0), ("ATME", 0.5), ("tome", 0.5), ("evit", 0.5)]
+    assert rows[0]["flops_ratio"] == 1.0 and all(abs(r["flops_ratio"] - 0.5) < 0.05 for r in rows[1:])
+    assert all(0 <= r["top1"] <= 1 for r in rows)

@@ -75,14 +75,18 @@ def batches(x, y, size: int, seed: int):
     return [(x[order[i : i + size]], y[order[i : i + size]]) for i in range(0, len(y) - size + 1, size)]
 
 
-def train_dense(model, x, y, epochs: int, seed: int, progress=None, lr: float = 1e-3):
+def train_dense(model, x, y, epochs: int, seed: int, progress=None, lr: float = 1e-3, resample=None):
     """Training from scratch: AdamW, one-cycle schedule peaking at ``lr``, batch 64, cross entropy
-    (per image or per pixel). Random shifts slowed learning on the digits, so there are none."""
+    (per image or per pixel). Random shifts slowed learning on the digits, so there are none.
+    ``resample``: ``epoch -> (x, y)``, a fresh training set of ``len(y)`` examples for every epoch
+    after the first (generated data); None: ``x, y`` every epoch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * (len(y) // 64)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     for epoch in range(epochs):
+        if resample is not None and epoch > 0:
+            x, y = resample(epoch)
         for images, labels in batches(x, y, 64, seed * 1000 + epoch):
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)

@@ -139,7 +139,7 @@ def dense_run(seed: int, train: int = TRAIN, test: int = 1000, epochs: int = EPO
 
 def one_shot(dense, seed: int, targets=(0.7, 0.5), train: int = TRAIN, test: int = 1000) -> list[dict]:
     """The trained ``dense`` model of :func:`dense_run` (same ``seed`` and ``train``, which fix the
-    normalization) compressed without training by ATME, ToMe and EViT-style pruning
+    normalization) compressed without training by ATME (2x2 and 4x4 tiles), ToMe and EViT-style pruning
     (:func:`cait.baselines.compress_baseline`, ATME's per-block token counts) at each FLOPs ratio in
     ``targets``, and scored on the seed's test canvases: ``{"method", "target", "flops_ratio", "top1"}``
     rows, dense first."""
@@ -153,7 +153,8 @@ def one_shot(dense, seed: int, targets=(0.7, 0.5), train: int = TRAIN, test: int
     batches, base = list(zip(test_x.split(100), test_y.split(100))), flops(dense)
     models = [("dense", 1.0, dense)]
     for target in targets:
-        models += [("ATME", target, compress(dense, merge=ATME(flops=target)))]
+        models += [("ATME", target, compress(dense, merge=ATME(flops=target))),
+                   ("ATME 4x4", target, compress(dense, merge=ATME(flops=target, block=4)))]  # fmt: skip
         models += [(method, target, compress_baseline(dense, method, target)) for method in ("tome", "evit")]
     return [
         {"method": name, "target": target, "flops_ratio": flops(model) / base, "top1": evaluate(model, batches)["top1"]}

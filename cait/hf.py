@@ -263,57 +263,54 @@ def _dinov3_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def _timm_weights(family: str, inner: nn.Module) -> dict[str, torch.Tensor]:
     """The HF trunk's tensors under timm's ``VisionTransformer`` names (q, k, v packed into ``qkv``), not detached
     (:func:`_load` copies them)."""
-    def t(tensor):
-        return tensor
-
     emb, out = inner.embeddings, {}
     if family == "siglip":
-        out["pos_embed"] = t(emb.position_embedding.weight)[None]
-        out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = t(emb.patch_embedding.weight), t(emb.patch_embedding.bias)
-        out["norm.weight"], out["norm.bias"] = t(inner.post_layernorm.weight), t(inner.post_layernorm.bias)
+        out["pos_embed"] = emb.position_embedding.weight[None]
+        out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = emb.patch_embedding.weight, emb.patch_embedding.bias
+        out["norm.weight"], out["norm.bias"] = inner.post_layernorm.weight, inner.post_layernorm.bias
     elif family == "clip":
-        out["cls_token"] = t(emb.class_embedding).reshape(1, 1, -1)
-        out["pos_embed"] = t(emb.position_embedding.weight)[None]
-        out["patch_embed.proj.weight"] = t(emb.patch_embedding.weight)
-        out["norm_pre.weight"], out["norm_pre.bias"] = t(inner.pre_layrnorm.weight), t(inner.pre_layrnorm.bias)
+        out["cls_token"] = emb.class_embedding.reshape(1, 1, -1)
+        out["pos_embed"] = emb.position_embedding.weight[None]
+        out["patch_embed.proj.weight"] = emb.patch_embedding.weight
+        out["norm_pre.weight"], out["norm_pre.bias"] = inner.pre_layrnorm.weight, inner.pre_layrnorm.bias
     else:
-        out["cls_token"] = t(emb.cls_token)
-        out["pos_embed"] = t(emb.position_embeddings)
+        out["cls_token"] = emb.cls_token
+        out["pos_embed"] = emb.position_embeddings
         if family == "deit":
-            out["reg_token"] = t(emb.distillation_token)
+            out["reg_token"] = emb.distillation_token
         if family == "dinov2_reg":  # HF adds pos_0 to the class token before the registers join: the same sum, folded
             out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
             out["pos_embed"] = out["pos_embed"][:, 1:].clone()
             if emb.register_tokens.shape[1]:  # no registers: timm has no reg_token at all
-                out["reg_token"] = t(emb.register_tokens)
+                out["reg_token"] = emb.register_tokens
         proj = emb.patch_embeddings.projection
-        out["patch_embed.proj.weight"] = t(proj.weight)
+        out["patch_embed.proj.weight"] = proj.weight
         if proj.bias is not None:
-            out["patch_embed.proj.bias"] = t(proj.bias)
-        out["norm.weight"], out["norm.bias"] = t(inner.layernorm.weight), t(inner.layernorm.bias)
+            out["patch_embed.proj.bias"] = proj.bias
+        out["norm.weight"], out["norm.bias"] = inner.layernorm.weight, inner.layernorm.bias
     for i, layer in enumerate(_layers(family, inner)):
         p = f"blocks.{i}."
         if family in ("clip", "siglip"):
             attn, norms, o = layer.self_attn, (layer.layer_norm1, layer.layer_norm2), layer.self_attn.out_proj
         elif family.startswith("dinov2"):
             attn, norms, o = layer.attention, (layer.norm1, layer.norm2), layer.attention.o_proj
-            out[p + "ls1.gamma"], out[p + "ls2.gamma"] = t(layer.layer_scale1.lambda1), t(layer.layer_scale2.lambda1)
+            out[p + "ls1.gamma"], out[p + "ls2.gamma"] = layer.layer_scale1.lambda1, layer.layer_scale2.lambda1
         else:
             attn, norms, o = layer.attention, (layer.layernorm_before, layer.layernorm_after), layer.attention.o_proj
         qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-        out[p + "attn.qkv.weight"] = torch.cat([t(m.weight) for m in qkv])
+        out[p + "attn.qkv.weight"] = torch.cat([m.weight for m in qkv])
         if attn.q_proj.bias is not None:
-            out[p + "attn.qkv.bias"] = torch.cat([t(m.bias) for m in qkv])
-        out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = t(o.weight), t(o.bias)
+            out[p + "attn.qkv.bias"] = torch.cat([m.bias for m in qkv])
+        out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = o.weight, o.bias
         for k, norm in enumerate(norms, 1):
-            out[f"{p}norm{k}.weight"], out[f"{p}norm{k}.bias"] = t(norm.weight), t(norm.bias)
+            out[f"{p}norm{k}.weight"], out[f"{p}norm{k}.bias"] = norm.weight, norm.bias
         mlp = layer.mlp
         if hasattr(mlp, "gate_proj"):  # Dinov2SwiGLUFFN: down(silu(gate(x)) * up(x)) = timm SwiGLU fc2(act(fc1_g) * fc1_x)
             pairs = (("fc1_g", mlp.gate_proj), ("fc1_x", mlp.up_proj), ("fc2", mlp.down_proj))
         else:
             pairs = (("fc1", mlp.fc1), ("fc2", mlp.fc2))
         for name, linear in pairs:
-            out[f"{p}mlp.{name}.weight"], out[f"{p}mlp.{name}.bias"] = t(linear.weight), t(linear.bias)
+            out[f"{p}mlp.{name}.weight"], out[f"{p}mlp.{name}.bias"] = linear.weight, linear.bias
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .common import (
     EXAMPLES,
@@ -66,8 +67,9 @@ def run(args) -> None:
             raise ValueError(f"{flag} is not supported with a Hugging Face folder yet (--model {args.model})")
         model = build_hf_model(args)
     elif "/" in args.model and ":" not in args.model:  # a path, not a timm name (timm's own error suggests its local-dir: prefix)
+        what = "a file, not a folder (weights go to --checkpoint)" if os.path.exists(args.model) else "no such folder"
         raise FileNotFoundError(
-            f"--model {args.model}: no such folder (give a Hugging Face save_pretrained folder, a timm name, or hf-hub:{args.model} "
+            f"--model {args.model}: {what} (give a Hugging Face save_pretrained folder, a timm name, or hf-hub:{args.model} "
             f"for a timm model on the Hub)"
         )
     else:

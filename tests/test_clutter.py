@@ -1,9 +1,16 @@
-"""The cluttered-digits proxy: a function of its seed, classes from the pasted digit, held-out glyphs."""
+"""The cluttered-digits proxy: a function of its seed, classes from the pasted digit, held-out glyphs;
+its accuracy curve (the recipe sized to the proxy, a quick run through the CLI)."""
+
+import json
 
 import pytest
 import torch
 
-from cait.benchmarks.clutter import cluttered_canvases, cluttered_digits, deit_tiny_patch8, one_shot
+from cait.benchmarks import clutter_curve
+from cait.benchmarks.clutter import DEPTH, cluttered_canvases, cluttered_digits, deit_tiny_patch8, one_shot
+from cait.benchmarks.runs import RunFolder
+from cait.train.recipe import Recipe
+from test_cli import run
 
 
 def test_cluttered_digits_are_deterministic_per_seed():
@@ -61,3 +68,46 @@ def test_one_shot_scores_every_method_at_each_flops_target():
     assert [(r["method"], r["target"]) for r in rows] == [("dense", 1.0), ("ATME", 0.5), ("ATME 4x4", 0.5), ("tome", 0.5), ("evit", 0.5)]
     assert rows[0]["flops_ratio"] == 1.0 and all(abs(r["flops_ratio"] - 0.5) < 0.05 for r in rows[1:])
     assert all(0 <= r["top1"] <= 1 for r in rows)
+
+
+def test_the_proxy_recipe_keeps_deit_ema_half_life_as_a_share_of_the_run():
+    # DeiT: 30 epochs of 2,500 updates (ImageNet at batch 512) with EMA decay 0.99996
+    assert clutter_curve.proxy_recipe("deit", 30, 2500).ema_decay == pytest.approx(0.99996, abs=1e-9)
+    short = clutter_curve.proxy_recipe("deit", 6, 40)
+    assert short.ema_decay ** (0.23 * 240) == pytest.approx(0.5, rel=0.02)  # half-life about 23% of the run, as in DeiT
+    assert (short.sched, short.warmup_epochs, short.mixup, short.cutmix, short.distillation) == ("cosine", 1.0, 0.8, 1.0, "hard")
+    assert short.auto_augment is None and short.repeated_aug == 0
+    assert clutter_curve.proxy_recipe("default", 6, 40) == Recipe.preset("default", epochs=6)
+
+
+def small_clutter(seed, train):
+    """The proxy's canvases, cut to 128 fresh training and 100 test canvases."""
+    return cluttered_digits(seed, 128, 100)
+
+
+def test_clutter_curve_quick_run_through_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(clutter_curve, "cluttered_digits", small_clutter)
+    monkeypatch.setattr(clutter_curve, "RATIOS", (0.5,))
+    weights, work, out = tmp_path / "dense", tmp_path / "work", tmp_path / "curve.json"
+    weights.mkdir()
+    torch.save(deit_tiny_patch8(0, depth=DEPTH).state_dict(), weights / "seed0.pt")
+    argv = ["bench", "--accuracy", "--curve", "--clutter", "--seeds", "1", "--finetune-epochs", "1", "--repeats", "1",
+            "--weights", str(weights), "--work", str(work), "--out", str(out)]  # fmt: skip
+    assert run(argv) == 0
+    data = json.loads(out.read_text())
+    methods = [(r["method"], r["target"]) for r in data["rows"]]
+    assert methods == [("dense", 1.0)] + [(m, 0.5) for m in clutter_curve.ONE_SHOT + clutter_curve.FINE_TUNED + ("CAIT (old loop)",)]
+    assert all(abs(r["flops_ratio"] - r["target"]) < 0.03 and r["img_per_s"] > 0 for r in data["rows"])
+    scores = RunFolder(work).scores(0)
+    assert scores["CAIT (fine-tuned) @0.5"]["recipe"] == "deit" and "val_ema_top1" in scores["CAIT (fine-tuned) @0.5"]
+    assert scores["CAIT (old loop) @0.5"]["recipe"] == "default" and "val_ema_top1" not in scores["CAIT (old loop) @0.5"]
+    gain = scores["CAIT (fine-tuned) @0.5"]["top1"] - scores["CAIT (old loop) @0.5"]["top1"]
+    assert data["recipe_gain"]["per_seed"] == [pytest.approx(gain)]
+    dense = RunFolder(work).load(0, "dense")
+    assert torch.equal(dense.state_dict()["head.weight"], torch.load(weights / "seed0.pt")["head.weight"])  # the given weights
+    assert "the deit recipe against the default one" in capsys.readouterr().out
+
+
+def test_clutter_needs_the_accuracy_curve(capsys):
+    assert run(["bench", "--accuracy", "--clutter"]) == 2
+    assert "--clutter is an accuracy curve" in capsys.readouterr().err

@@ -165,10 +165,11 @@ def planned(ratios) -> list[str]:
     return [DENSE] + [name_of(method, ratio) for ratio in ratios for method in ONE_SHOT + FINE_TUNED]
 
 
-def collect(store: RunFolder, seeds, ratios) -> tuple[list[CurveRow], list[dict]]:
-    """The rows (reached points, dense first) and the points out of reach (``method``, ``target``, ``reason``)."""
+def collect(store: RunFolder, seeds, names: list[str]) -> tuple[list[CurveRow], list[dict]]:
+    """The rows of the models ``names`` (reached points, in that order) and the points out of reach
+    (``method``, ``target``, ``reason``)."""
     rows, unreachable = [], []
-    for name in planned(ratios):
+    for name in names:
         missing = [seed for seed in seeds if not store.has(seed, name)]
         if missing:
             raise ValueError(f"{name!r} is not trained for seeds {missing} in {store.folder}: run without --time-only first")
@@ -198,7 +199,7 @@ def run(seeds=(0, 1, 2), ratios=RATIOS, epochs: int = 40, finetune_epochs: int =
     for seed in seeds:
         scores = store.scores(seed)
         time_seed(seed, store, [n for n in planned(ratios) if n in scores and "unreachable" not in scores[n]], repeats)
-    return collect(store, seeds, ratios)
+    return collect(store, seeds, planned(ratios))
 
 
 def tune(folder: str, ratios=RATIOS, options=KEEP_OPTIONS, epochs: int = 40, finetune_epochs: int = 3, seed: int = 0,

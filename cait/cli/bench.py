@@ -137,7 +137,10 @@ def add_parser(commands) -> None:
         "--budget", type=float, metavar="S", help="--plan: seconds each plan may take (default: 300; with --accuracy/--segmentation 120)"
     )
     b.add_argument(
-        "--weights", metavar="DIR", help="--rope-rule: keep the trained dense models in DIR and reuse them on the next run"
+        "--weights",
+        metavar="DIR",
+        help="--rope-rule: keep the trained dense models in DIR and reuse them on the next run; --clutter: read the dense "
+        "models from DIR/seed<k>.pt",
     )
     b.add_argument("--seeds", type=int, default=3, help="--accuracy/--segmentation/--rope-rule: seeds (default: 3)")
     b.add_argument("--epochs", type=int, help="--accuracy/--segmentation/--rope-rule: epochs of dense training (default: 40 / 30 / 30)")
@@ -149,6 +152,15 @@ def add_parser(commands) -> None:
         help="--accuracy: the whole curve instead of one point: dense, ATME / ToMe / EViT-style one-shot and CAIT / ToMe / "
         "EViT-style fine-tuned alike at FLOPs ratios 0.9, 0.75, 0.6, 0.5, 0.4, 0.33 (as far as each reaches), top-1 over "
         "--seeds and CPU img/s (batch 64); hours on 2 cores, resumable through --work",
+    )
+    b.add_argument(
+        "--clutter",
+        action="store_true",
+        help="--accuracy --curve: on the cluttered-digits proxy (64x64 canvases, 64 tokens; cait.benchmarks.clutter_curve) "
+        "instead of the digits: dense, ATME (2x2 and 4x4 tiles) / ToMe / EViT-style one-shot and CAIT / ToMe / EViT-style "
+        "fine-tuned with the deit recipe at 0.75, 0.6, 0.5, 0.4x FLOPs, and CAIT with the default recipe at 0.5 (the recipe's "
+        "gain); --weights DIR: dense models DIR/seed<k>.pt from bench/clutter_dense.py (else trained, about 10 minutes per "
+        "seed); about 25 minutes of fine-tuning per seed on 2 cores",
     )
     b.add_argument(
         "--tune",
@@ -196,6 +208,8 @@ def run(args) -> None:
     if not args.all:
         check_output(args.out)
     check_output(args.picture, "--picture")
+    if args.clutter and not (args.accuracy and args.curve):
+        raise ValueError("--clutter is an accuracy curve: give --accuracy --curve --clutter")
     if args.deploy:
         return bench_deploy(args)
     if args.plan:
@@ -209,7 +223,7 @@ def run(args) -> None:
     if args.kernels:
         return bench_kernels(args)
     if args.accuracy:
-        return bench_curve(args) if args.curve else bench_accuracy(args)
+        return (bench_clutter_curve if args.clutter else bench_curve)(args) if args.curve else bench_accuracy(args)
     if args.segmentation:
         return bench_segmentation(args)
     if args.rope_rule:
@@ -508,6 +522,40 @@ def bench_segmentation(args) -> None:
         print(f"wrote {args.picture}")
     if args.plot:
         pareto.plot(rows, "miou", args.plot, f"digit canvases, {len(seeds)} seeds ({info['cpu']}, {info['threads']} threads)")
+        print(f"wrote {args.plot}")
+
+
+def bench_clutter_curve(args) -> None:
+    """``cait bench --accuracy --curve --clutter``: :mod:`cait.benchmarks.clutter_curve`."""
+    from tqdm.auto import tqdm
+
+    from cait.benchmarks import clutter_curve, curve, pareto
+    from cait.benchmarks.latency import machine
+    from cait.benchmarks.runs import RunFolder
+
+    if args.tune or args.epochs is not None:
+        raise ValueError("--clutter takes no --tune or --epochs (the dense proxy trains as bench/clutter_dense.py does)")
+    seeds, _, finetune_epochs = _training_settings(args, epochs=1, finetune_epochs=clutter_curve.FINETUNE_EPOCHS)
+    work = args.work or os.path.join("bench", "runs", "clutter-curve")
+    per_seed = len(clutter_curve.RATIOS) * len(clutter_curve.FINE_TUNED) * finetune_epochs + finetune_epochs
+    with tqdm(total=0 if args.time_only else len(seeds) * per_seed, desc="fine-tuning") as bar:
+        rows, unreachable = clutter_curve.run(seeds, clutter_curve.RATIOS, finetune_epochs, work, args.repeats or 20, args.time_only,
+                                              args.weights, bar)  # fmt: skip
+    gain = clutter_curve.recipe_gain(RunFolder(work), seeds)
+    print(curve.table(rows, unreachable, len(seeds)))
+    print("\nCAIT (fine-tuned) against every other point at the same speed:\n")
+    print(pareto.equal_speed_table(curve.as_json(rows), "CAIT (fine-tuned)", "top1"))
+    print(f"\nthe deit recipe against the default one (CAIT at {gain['ratio']}, same epochs): {100 * gain['mean']:+.2f} ± "
+          f"{100 * gain['std']:.2f} top-1 points (per seed: {', '.join(f'{100 * g:+.1f}' for g in gain['per_seed'])})")  # fmt: skip
+    info = machine()
+    print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    settings = {"seeds": seeds, "finetune_epochs": finetune_epochs, "ratios": list(clutter_curve.RATIOS), "keep": curve.KEEP,
+                "repeats": args.repeats or 20}  # fmt: skip
+    write_json(args.out, {"machine": info, "settings": settings, "rows": curve.as_json(rows), "unreachable": unreachable,
+                          "recipe_gain": gain})  # fmt: skip
+    if args.plot:
+        title = f"cluttered digits, {len(seeds)} seeds ({info['cpu']}, {info['threads']} threads)"
+        pareto.plot(curve.as_json(rows), "top1", args.plot, title)
         print(f"wrote {args.plot}")
 
 

@@ -23,8 +23,13 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default: {EPOCHS})")
     parser.add_argument("--depth", type=int, default=DEPTH, help=f"blocks (default: {DEPTH}; DeiT-Tiny has 12)")
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--weights", help="also save the trained model's state dict to this file")
+    parser.add_argument("--weights", help="also save the trained model's state dict to this file (cait bench --accuracy --curve "
+                        "--clutter and bench/clutter_oneshot.py read it: keep the default --train and --depth, which fix the "
+                        "normalization and the model)")  # fmt: skip
     args = parser.parse_args()
+    for flag, path in (("--out", args.out), ("--weights", args.weights)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{flag} {path}: the folder does not exist")
 
     import timm
     import torch

@@ -26,8 +26,13 @@ if __name__ == "__main__":
 
     from cait.benchmarks.clutter import deit_tiny_patch8, one_shot
 
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out {args.out}: the folder does not exist")
     dense = deit_tiny_patch8(args.seed, depth=args.depth)
-    dense.load_state_dict(torch.load(args.weights))
+    try:
+        dense.load_state_dict(torch.load(args.weights))
+    except (OSError, RuntimeError) as error:
+        parser.error(f"--weights {args.weights}: not a state dict of the {args.depth}-block proxy ViT ({str(error).splitlines()[0]})")
     rows = one_shot(dense.eval(), args.seed)
     for row in rows:
         print(f"{row['method']:>6} target {row['target']:.2f} FLOPs {row['flops_ratio']:.3f} top-1 {100 * row['top1']:.1f}%")

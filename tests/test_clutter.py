@@ -111,3 +111,29 @@ def test_clutter_curve_quick_run_through_the_cli(tmp_path, monkeypatch, capsys):
 def test_clutter_needs_the_accuracy_curve(capsys):
     assert run(["bench", "--accuracy", "--clutter"]) == 2
     assert "--clutter is an accuracy curve" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weights", "/no/such/folder"], "--weights /no/such/folder: no such folder"),
+        (["--device", "cpu"], "drop --device"),
+        (["--models", "deit_tiny_patch16_224", "--batch", "8"], "drop --models, --batch"),
+        (["--plot", "/no/such/folder/x.png"], "--plot /no/such/folder/x.png: the folder"),
+        (["--time-only"], "'dense' (and 29 more) is not trained for seed 0"),  # 1 + 4 ratios x 7 + the old loop
+    ],
+)
+def test_clutter_curve_refuses_before_any_work(tmp_path, extra, message, capsys):
+    argv = ["bench", "--accuracy", "--curve", "--clutter", "--seeds", "1", "--work", str(tmp_path / "work"), *extra]
+    assert run(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing written
+
+
+def test_clutter_curve_refuses_dense_weights_of_another_model(tmp_path, capsys):
+    (tmp_path / "text").mkdir(), (tmp_path / "shallow").mkdir()
+    (tmp_path / "text" / "seed0.pt").write_text("not a state dict")
+    torch.save(deit_tiny_patch8(1, depth=2).state_dict(), tmp_path / "shallow" / "seed1.pt")  # seed 0 missing: it would train
+    for folder, message in (("text", "is not a state dict saved by torch"), ("shallow", "is not the proxy ViT's state dict")):
+        assert run(["bench", "--accuracy", "--curve", "--clutter", "--seeds", "2", "--weights", str(tmp_path / folder)]) == 2
+        assert message in capsys.readouterr().err

@@ -64,12 +64,13 @@ def fine_tune(student: Student, teacher, fresh, recipe: Recipe, seed: int, val, 
     """Train ``student`` with ``recipe`` (timm's components, as ``cait finetune`` builds them) on
     ``fresh(FINETUNE_EPOCH0 + e)`` for epoch ``e``; random erasing per image (timm's ``RandomErasing``).
     Returns ``(model, info)``: the materialized model, or its EMA where that scores higher on ``val``
-    (a list of batches); ``info`` holds ``val_top1`` and ``val_ema_top1``."""
+    (a list of batches); ``info`` holds ``val_top1``, and with an EMA ``val_ema_top1`` and ``ema``
+    (whether the EMA was chosen)."""
     import torch
     from timm.data.random_erasing import RandomErasing
 
-    x, _ = fresh(FINETUNE_EPOCH0)
-    updates_per_epoch = len(x) // recipe.batch_size
+    x, y = fresh(FINETUNE_EPOCH0)
+    updates_per_epoch = len(y) // recipe.batch_size
     optimizer = components.optimizer(student, recipe)
     loop = Loop(smoothing=recipe.smoothing, clip_grad=recipe.clip_grad)
     loop.scheduler = components.scheduler(optimizer, recipe, updates_per_epoch)
@@ -80,7 +81,8 @@ def fine_tune(student: Student, teacher, fresh, recipe: Recipe, seed: int, val, 
     updates = 0
     for epoch in range(recipe.epochs):
         torch.manual_seed(seed * 1000 + epoch)  # Mixup's and the erasing's draws
-        x, y = fresh(FINETUNE_EPOCH0 + epoch)
+        if epoch > 0:
+            x, y = fresh(FINETUNE_EPOCH0 + epoch)
         if erase is not None:
             x = torch.stack([erase(image) for image in x])
         updates = train_epoch(student, teacher, batches(x, y, recipe.batch_size, seed * 1000 + 700 + epoch), optimizer, distill,
@@ -97,20 +99,21 @@ def fine_tune(student: Student, teacher, fresh, recipe: Recipe, seed: int, val, 
 
 
 def cait_plan(dense, ratio: float, val) -> tuple[ATME, CDCP | None]:
-    """CAIT at ``ratio``: :data:`curve.KEEP` of the channels, merging to the rest with the tile whose
-    one-shot merging (at the same token schedule's FLOPs) scores best on ``val``."""
+    """CAIT at ``ratio``: :data:`curve.KEEP` of the channels, merging to the rest (:func:`.curve.cait_plan`)
+    with the tile, 2x2 or 4x4, whose merging alone at that ATME target scores best one-shot on ``val``
+    (the pruned model's one-shot score says little before its channels are fine-tuned), among the tiles
+    that reach ``ratio`` with the pruning. ValueError where neither does."""
     keep = curve.KEEP.get(ratio, 1.0)
     merge, prune = curve.cait_plan(dense, ratio, keep)
-    best = None
+    scored = []
     for block in (2, 4):
         tiled = ATME(flops=merge.flops, block=block)
         try:
-            top1 = evaluate(compress(dense, merge=tiled), val)["top1"]
+            compress(dense, merge=tiled, prune=prune)
+            scored.append((evaluate(compress(dense, merge=tiled), val)["top1"], -block, tiled))
         except ValueError:
             continue
-        if best is None or top1 > best[0]:
-            best = (top1, tiled)
-    return best[1], prune
+    return max(scored, key=lambda s: s[:2])[2], prune  # curve.cait_plan reached ratio with one tile: scored is not empty
 
 
 def construct(method: str, dense, ratio: float, val, warmup: int):
@@ -197,10 +200,51 @@ def run(seeds=(0, 1, 2), ratios=RATIOS, finetune_epochs: int = FINETUNE_EPOCHS, 
     return curve.collect(store, seeds, names)
 
 
-def recipe_gain(store: RunFolder, seeds) -> dict:
+def recipe_gain(store: RunFolder, seeds) -> dict | None:
     """CAIT fine-tuned with the ``deit`` recipe minus the ``default`` recipe (the old loop), same student
-    and epochs, at :data:`OLD_LOOP_RATIO`: ``per_seed`` top-1 differences (fractions), ``mean``, ``std``."""
+    and epochs, at :data:`OLD_LOOP_RATIO`: ``per_seed`` top-1 differences (fractions), ``mean``, ``std``;
+    None where a seed lacks either score (the ratio not in the run, or out of reach)."""
     new, old = curve.name_of("CAIT (fine-tuned)", OLD_LOOP_RATIO), curve.name_of(OLD_LOOP, OLD_LOOP_RATIO)
-    gains = [store.scores(seed)[new]["top1"] - store.scores(seed)[old]["top1"] for seed in seeds]
+    pairs = [(store.scores(seed).get(new, {}), store.scores(seed).get(old, {})) for seed in seeds]
+    if not all("top1" in a and "top1" in b for a, b in pairs):
+        return None
+    gains = [a["top1"] - b["top1"] for a, b in pairs]
     return {"ratio": OLD_LOOP_RATIO, "per_seed": gains, "mean": statistics.mean(gains),
             "std": statistics.stdev(gains) if len(gains) > 1 else 0.0}  # fmt: skip
+
+
+def check_weights(folder: str, seeds) -> None:
+    """Refuse, before any work, a ``--weights`` folder that is missing, or a ``seed<k>.pt`` in it that
+    is not a state dict of the proxy ViT (:func:`.clutter.deit_tiny_patch8` with :data:`.clutter.DEPTH`
+    blocks, as ``bench/clutter_dense.py --weights`` writes with its default settings). A missing file
+    is no error: that seed's dense model is trained."""
+    import os
+
+    import torch
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"--weights {folder}: no such folder (it holds seed<k>.pt from bench/clutter_dense.py --weights)")
+    expected = {k: v.shape for k, v in deit_tiny_patch8(0, depth=DEPTH).state_dict().items()}
+    for seed in seeds:
+        path = os.path.join(folder, f"seed{seed}.pt")
+        if not os.path.isfile(path):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu")
+            shapes = {k: v.shape for k, v in state.items()}
+        except Exception as error:  # any unreadable file: torch raises several kinds
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            raise ValueError(f"--weights: {path} is not a state dict saved by torch ({reason})") from None
+        if shapes != expected:
+            raise ValueError(f"--weights: {path} is not the proxy ViT's state dict ({DEPTH} blocks, width 192, patch 8, 64 px, "
+                             "10 classes: bench/clutter_dense.py with its default --depth)")  # fmt: skip
+
+
+def check_trained(folder: str, seeds, ratios=RATIOS) -> None:
+    """Refuse a timing-only run over ``folder`` where some model of :func:`planned` was not trained."""
+    store = RunFolder(folder)
+    for seed in seeds:
+        missing = [name for name in planned(ratios) if not store.has(seed, name)]
+        if missing:
+            raise ValueError(f"{missing[0]!r} (and {len(missing) - 1} more) is not trained for seed {seed} in {folder}: "
+                             "run without --time-only first")  # fmt: skip

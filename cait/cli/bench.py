@@ -51,7 +51,9 @@ def add_parser(commands) -> None:
         "prune=0.5/0.75/0.75 and merge=0.7,prune=0.5/0.75/0.75)",
     )
     b.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 1 8)")
-    b.add_argument("--repeats", type=int, help="timed repeats per model after 2 warm-up runs (default: 15; --accuracy --curve: 30)")
+    b.add_argument(
+        "--repeats", type=int, help="timed repeats per model after 2 warm-up runs (default: 15; --accuracy --curve: 30; --clutter: 20)"
+    )
     b.add_argument("--checkpoint", metavar="FILE", help="weights for the (single) model in --models")
     b.add_argument(
         "--threads",
@@ -223,6 +225,7 @@ def run(args) -> None:
     if args.kernels:
         return bench_kernels(args)
     if args.accuracy:
+        _refuse_model_table_flags(args, "--accuracy")
         return (bench_clutter_curve if args.clutter else bench_curve)(args) if args.curve else bench_accuracy(args)
     if args.segmentation:
         return bench_segmentation(args)
@@ -469,6 +472,19 @@ def bench_rope_rule(args) -> None:
     write_json(args.out, {"machine": info, "settings": {"seeds": seeds, "epochs": epochs}, "rows": rope_rule.as_json(rows)})
 
 
+def _refuse_model_table_flags(args, mode: str) -> None:
+    """Refuse, before any training, the model table's flags in a training benchmark (they would be ignored)."""
+    given = [flag for flag, on in (("--all", args.all), ("--segmentation", args.segmentation), ("--rope-rule", args.rope_rule),
+             ("--models", args.models), ("--variant", args.variant), ("--batch", args.batch), ("--checkpoint", args.checkpoint),
+             ("--device", args.device), ("--dtype", args.dtype), ("--img-size", args.img_size), ("--picture", args.picture),
+             ("--kernels", args.kernels), ("--tiny", args.tiny)) if on]  # fmt: skip
+    if given:
+        raise ValueError(f"{mode} trains small ViTs on the CPU with fixed settings: drop {', '.join(given)}")
+    if args.plot and not args.curve:
+        raise ValueError("--plot draws a curve: give --accuracy --curve")
+    check_output(args.plot, "--plot")
+
+
 def _training_settings(args, epochs: int, finetune_epochs: int):
     """``(seeds, epochs, finetune_epochs)`` of a training benchmark, the defaults where not given."""
     epochs = args.epochs if args.epochs is not None else epochs
@@ -536,7 +552,11 @@ def bench_clutter_curve(args) -> None:
     if args.tune or args.epochs is not None:
         raise ValueError("--clutter takes no --tune or --epochs (the dense proxy trains as bench/clutter_dense.py does)")
     seeds, _, finetune_epochs = _training_settings(args, epochs=1, finetune_epochs=clutter_curve.FINETUNE_EPOCHS)
+    if args.weights:
+        clutter_curve.check_weights(args.weights, seeds)
     work = args.work or os.path.join("bench", "runs", "clutter-curve")
+    if args.time_only:
+        clutter_curve.check_trained(work, seeds)
     per_seed = len(clutter_curve.RATIOS) * len(clutter_curve.FINE_TUNED) * finetune_epochs + finetune_epochs
     with tqdm(total=0 if args.time_only else len(seeds) * per_seed, desc="fine-tuning") as bar:
         rows, unreachable = clutter_curve.run(seeds, clutter_curve.RATIOS, finetune_epochs, work, args.repeats or 20, args.time_only,
@@ -545,8 +565,9 @@ def bench_clutter_curve(args) -> None:
     print(curve.table(rows, unreachable, len(seeds)))
     print("\nCAIT (fine-tuned) against every other point at the same speed:\n")
     print(pareto.equal_speed_table(curve.as_json(rows), "CAIT (fine-tuned)", "top1"))
-    print(f"\nthe deit recipe against the default one (CAIT at {gain['ratio']}, same epochs): {100 * gain['mean']:+.2f} ± "
-          f"{100 * gain['std']:.2f} top-1 points (per seed: {', '.join(f'{100 * g:+.1f}' for g in gain['per_seed'])})")  # fmt: skip
+    if gain is not None:
+        print(f"\nthe deit recipe against the default one (CAIT at {gain['ratio']}, same epochs): {100 * gain['mean']:+.2f} ± "
+              f"{100 * gain['std']:.2f} top-1 points (per seed: {', '.join(f'{100 * g:+.1f}' for g in gain['per_seed'])})")  # fmt: skip
     info = machine()
     print(f"\nmachine: {', '.join(f'{k} {v}' for k, v in info.items())}")
     settings = {"seeds": seeds, "finetune_epochs": finetune_epochs, "ratios": list(clutter_curve.RATIOS), "keep": curve.KEEP,

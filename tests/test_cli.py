@@ -236,3 +236,25 @@ def test_an_unreadable_calibration_image_is_named(tmp_path, capsys):
             str(tmp_path / "images"), "--out", str(tmp_path / "m.safetensors")]  # fmt: skip
     assert run(argv) == 2
     assert f"cannot read {tmp_path / 'images' / 'broken.jpg'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-5"], "--seed must be >= 0, got -5"),
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+    ],
+)
+def test_finetune_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, extra, message, capsys):
+    """Before the model is built (no random-weights warning) and before anything is written."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "checkpoint.pt").write_text("")
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "recipe.json").write_text("{}")
+    argv = ["finetune", "--model", "deit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--keep-v", "0.5",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert run(argv + [a.format(dir=tmp_path) for a in extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(dir=tmp_path) in err[0], err
+    assert not (tmp_path / "run").exists() and (tmp_path / "started" / "recipe.json").read_text() == "{}"

@@ -69,9 +69,9 @@ def add_parser(commands) -> None:
         help="classification: ImageFolder root with train/ and val/ (one folder per class in each); segmentation: see --task",
     )
     add_recipe_arguments(f)
-    f.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    f.add_argument("--workers", type=int, default=2, help="data loading processes, 0: in the main process (default: 2)")
     f.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: cuda when visible, else cpu)")
-    f.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    f.add_argument("--seed", type=int, default=0, help="random seed, 0 or more (default: 0)")
     f.add_argument(
         "--fsdp",
         action="store_true",
@@ -198,6 +198,9 @@ def run(args) -> None:
     from cait.train.finetune import Distillation, Loop, ema_student, fit
 
     recipe = recipe_of(args)
+    for flag, value in (("--seed", args.seed), ("--workers", args.workers)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
     if args.task == "classification" and (args.teacher or args.head):
         raise ValueError("--teacher and --head are for --task segmentation")
     check_compression(args)  # a --plan also names the model

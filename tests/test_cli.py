@@ -243,6 +243,11 @@ def test_an_unreadable_calibration_image_is_named(tmp_path, capsys):
     [
         (["--seed", "-5"], "--seed must be >= 0, got -5"),
         (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--out", "{dir}/file"], "--out {dir}/file: {dir}/file is a file, not a folder"),
+        (["--out", "{dir}/file/run"], "--out {dir}/file/run: {dir}/file is a file, not a folder"),
+        (["--out", "{dir}/started", "--resume"], "--resume: no {dir}/started/checkpoint.pt"),
+        (["--resume"], "--resume: no {dir}/run/checkpoint.pt"),
+        (["--out", "{dir}/done"], "--out {dir}/done holds a run: give --resume to continue it, or another --out"),
     ],
 )
 def test_finetune_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, extra, message, capsys):

@@ -82,13 +82,14 @@ def add_parser(commands) -> None:
     f.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.pt exactly where the last finished epoch left it (same arguments)",
+        help="continue from OUT/checkpoint.pt exactly where the last finished epoch left it (same arguments); without it, "
+        "an --out that holds a checkpoint.pt is refused",
     )
     f.add_argument(
         "--out",
         required=True,
         metavar="DIR",
-        help="writes recipe.json at the start, checkpoint.pt, log.json and log.csv every epoch, the final model.safetensors "
+        help="a folder: writes recipe.json at the start, checkpoint.pt, log.json and log.csv every epoch, the final model.safetensors "
         "(and model_ema.safetensors with an EMA)",
     )
     f.set_defaults(run=run)
@@ -201,6 +202,7 @@ def run(args) -> None:
     for flag, value in (("--seed", args.seed), ("--workers", args.workers)):
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
+    _check_out(args.out, args.resume)
     if args.task == "classification" and (args.teacher or args.head):
         raise ValueError("--teacher and --head are for --task segmentation")
     check_compression(args)  # a --plan also names the model
@@ -313,6 +315,21 @@ def _gathered(student, blank, main_process: bool):
     if full.gates is not None:
         full.gates.set_steps(student.gates.steps)
     return full
+
+
+def _check_out(out: str, resume: bool) -> None:
+    """Refuse, before any work, an ``--out`` that cannot be a folder, ``--resume`` where no epoch was saved,
+    and a new run over a saved one."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    if resume and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--resume: no {checkpoint} (no epoch of a run in --out {out} was saved)")
+    if not resume and os.path.exists(checkpoint):
+        raise ValueError(f"--out {out} holds a run: give --resume to continue it, or another --out")
 
 
 def _check_resumable(record_path: str, recipe, seed: int) -> None:

@@ -248,6 +248,10 @@ def test_an_unreadable_calibration_image_is_named(tmp_path, capsys):
         (["--out", "{dir}/started", "--resume"], "--resume: no {dir}/started/checkpoint.pt"),
         (["--resume"], "--resume: no {dir}/run/checkpoint.pt"),
         (["--out", "{dir}/done"], "--out {dir}/done holds a run: give --resume to continue it, or another --out"),
+        (["--recipe", "deit", "--batch-size", "4"],
+         "--min-lr 1e-05 is above the learning rate 3.91e-06 (--lr-base 0.0005 x global batch 4 / 512): give a larger --lr or"),
+        (["--warmup-epochs", "1", "--warmup-lr", "1e-3"],
+         "--warmup-lr 0.001 is above the learning rate 0.0001 (--lr): give a larger --lr or a smaller --warmup-lr"),
     ],
 )
 def test_finetune_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, extra, message, capsys):

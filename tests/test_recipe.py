@@ -286,7 +286,7 @@ def test_deit_recipe_from_the_command_line_prints_stores_and_refuses_another_on_
     torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=2).state_dict(), tmp_path / "teacher.pth")
     argv = ["finetune", "--recipe", "deit", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2",
             "--checkpoint", str(tmp_path / "teacher.pth"), "--data", str(tmp_path / "data"), "--merge-flops", "0.8", "--keep-mlp",
-            "0.5", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--workers", "0",
+            "0.5", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--min-lr", "1e-6", "--workers", "0",
             "--out", str(tmp_path / "run")]  # fmt: skip
     assert run(argv) == 0
     printed = capsys.readouterr().out

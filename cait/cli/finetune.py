@@ -106,8 +106,8 @@ RECIPE_FLAGS = {  # recipe field: (type, help); every flag overrides the --recip
     "layer_decay": ("optional float", "layer-wise learning-rate decay in (0, 1] (timm/BEiT), none: off"),
     "sched": (("constant", "cosine"), "learning-rate schedule, stepped every optimizer update"),
     "warmup_epochs": (float, "linear warm-up from --warmup-lr, in epochs (counted in updates; fractions allowed)"),
-    "warmup_lr": (float, "learning rate at the start of the warm-up"),
-    "min_lr": (float, "cosine: the final learning rate"),
+    "warmup_lr": (float, "learning rate at the start of the warm-up, at most the weights' (--lr, or as --lr-base resolves it)"),
+    "min_lr": (float, "cosine: the final learning rate, at most the weights' (--lr, or as --lr-base resolves it)"),
     "clip_grad": ("optional float", "largest total gradient norm, none: no clipping"),
     "accumulate": (int, "batches per optimizer update (gradient accumulation)"),
     "auto_augment": ("optional str", "timm augmentation policy for image folders, e.g. rand-m9-mstd0.5-inc1 (RandAugment); none: off"),
@@ -210,6 +210,7 @@ def run(args) -> None:
         raise ValueError("--model is required (for --task segmentation it may come from --teacher instead; with --plan, from the plan)")
     distill = Distillation(recipe.alpha, recipe.temperature, recipe.distillation)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_rates(recipe, world)
     device = device_of(args.device)
     precision = components.precision(recipe, device)
     if args.fsdp:
@@ -290,6 +291,18 @@ def run(args) -> None:
         describe(getattr(student.model, "backbone", student.model), dense=getattr(model, "backbone", model))
     if world > 1:
         dist.destroy_process_group()
+
+
+def _check_rates(recipe, world: int) -> None:
+    """Refuse a schedule that would rise: a cosine ``--min-lr`` or a warm-up's ``--warmup-lr`` above the
+    weights' learning rate as resolved for ``world`` processes."""
+    lr = recipe.learning_rate(world)
+    ends = (("--min-lr", recipe.min_lr, recipe.sched == "cosine"), ("--warmup-lr", recipe.warmup_lr, recipe.warmup_epochs > 0))
+    for flag, rate, used in ends:
+        if used and rate > lr:
+            global_batch = recipe.batch_size * recipe.accumulate * world
+            how = "--lr" if recipe.lr is not None else f"--lr-base {recipe.lr_base:g} x global batch {global_batch} / {recipe.lr_base_size}"
+            raise ValueError(f"{flag} {rate:g} is above the learning rate {lr:.3g} ({how}): give a larger --lr or a smaller {flag}")
 
 
 def _check_fsdp(world: int, recipe, precision: str) -> None:

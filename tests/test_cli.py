@@ -267,3 +267,18 @@ def test_finetune_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, ex
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(dir=tmp_path) in err[0], err
     assert not (tmp_path / "run").exists() and (tmp_path / "started" / "recipe.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("val, message", [(("cat",), "lacks ['dog'], has none besides"), (("cat", "cow", "dog"), "has ['cow'] besides")])
+def test_finetune_refuses_val_classes_other_than_train_ones(tmp_path, val, message, capsys):
+    """torchvision's ImageFolder numbers the classes of each folder on its own: other classes in val/ mislabel it."""
+    for split, labels in (("train", ("cat", "dog")), ("val", val)):
+        for label in labels:
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            Image.fromarray((np.random.rand(64, 64, 3) * 255).astype("uint8")).save(tmp_path / "data" / split / label / "0.png")
+    argv = ["finetune", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2", "--data", str(tmp_path / "data"),
+            "--keep-v", "0.5", "--workers", "0", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "val/ and train/ must hold the same class folders" in err.strip().splitlines()[-1] and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

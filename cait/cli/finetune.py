@@ -373,6 +373,12 @@ def _classification_setup(args, augment: dict):
     model = build_model(args)
     train_set = image_folder(args.data, "train", model, training=True, augment=augment)
     val_set = image_folder(args.data, "val", model, training=False)
+    if val_set.classes != train_set.classes:
+        missing, extra = sorted(set(train_set.classes) - set(val_set.classes)), sorted(set(val_set.classes) - set(train_set.classes))
+        raise ValueError(
+            f"--data {args.data}: val/ and train/ must hold the same class folders (ImageFolder numbers them in order); val/ "
+            f"lacks {missing or 'none'}, has {extra or 'none'} besides"
+        )
     if len(train_set.classes) != model.num_classes:
         raise ValueError(
             f"{args.data}/train holds {len(train_set.classes)} classes but the model has {model.num_classes} outputs: the teacher "

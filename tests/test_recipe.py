@@ -201,6 +201,19 @@ def test_ema_is_the_moving_average_of_the_updated_weights():
     assert not torch.equal(averaged["model.vit.head.weight"], after[1]["model.vit.head.weight"])
 
 
+def test_the_log_holds_the_weights_base_rate_not_a_layer_decayed_one(tmp_path):
+    import json
+
+    student = tiny_student(tiny_vit())
+    recipe = Recipe(lr=1e-3, score_lr=1e-2, layer_decay=0.5)
+    optimizer = components.optimizer(student, recipe)
+    loop = Loop(scheduler=components.scheduler(optimizer, recipe, updates_per_epoch=2))
+    assert optimizer.param_groups[0]["lr"] < 1e-3  # the stem's group, scaled by 0.5 ** 3
+    fit(student, None, DataLoader(data(8), batch_size=4), DataLoader(data(4), batch_size=4), epochs=1, optimizer=optimizer,
+        distill=Distillation(0.0), out_dir=str(tmp_path), loop=loop)  # fmt: skip
+    assert json.loads((tmp_path / "log.json").read_text())[0]["lr"] == 1e-3
+
+
 def resumable_run(out_dir, *, interrupt_at=None, resume=False, epochs=2):
     """A fine-tune with every stateful part on (cosine warm-up, Mixup/CutMix, EMA, accumulation,
     clipping, gate annealing, a shuffling loader). ``interrupt_at``: (epoch, batch) where the loader

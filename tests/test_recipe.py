@@ -311,6 +311,13 @@ def test_deit_recipe_from_the_command_line_prints_stores_and_refuses_another_on_
     assert [row["epoch"] for row in log] == [1, 2] and all("val_ema_top1" in row and row["train_img_per_s"] > 0 for row in log)
     for name in ("model.safetensors", "model_ema.safetensors"):
         assert cait.load(tmp_path / "run" / name).blocks[0].mlp.fc1.out_features == 384
-    for extra, words in ((["--mixup", "0.5"], "--mixup 0.8 -> 0.5"), (["--epochs", "3"], "--epochs 2 -> 3")):
+    assert stored["arguments"]["keep_mlp"] == 0.5 and stored["arguments"]["img_size"] == [64] and stored["arguments"]["block"] == 2
+    for extra, words in ((["--mixup", "0.5"], "--mixup 0.8 -> 0.5"), (["--epochs", "3"], "--epochs 2 -> 3"),
+                         (["--keep-mlp", "0.25", "--block", "4"], "arguments than the run's (--block 2 -> 4, --keep-mlp 0.5 -> 0.25)"),
+                         (["--img-size", "64", "48"], "--img-size 64 -> 64 48"), (["--keep-v", "0.5"], "--keep-v 1.0 -> 0.5")):  # fmt: skip
         assert run(argv + extra + ["--resume"]) == 2
         assert words in capsys.readouterr().err
+    del stored["arguments"]  # a run started before the arguments were recorded
+    (tmp_path / "run" / "recipe.json").write_text(json.dumps(stored))
+    assert run(argv + ["--resume"]) == 2
+    assert "does not record the model and compression arguments" in capsys.readouterr().err

@@ -82,18 +82,25 @@ def add_parser(commands) -> None:
     f.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.pt exactly where the last finished epoch left it (same arguments); without it, "
-        "an --out that holds a checkpoint.pt is refused",
+        help="continue from OUT/checkpoint.pt exactly where the last finished epoch left it (same arguments: the model, "
+        "compression and recipe arguments and --seed are checked against OUT/recipe.json); without it, an --out that holds "
+        "a checkpoint.pt is refused",
     )
     f.add_argument(
         "--out",
         required=True,
         metavar="DIR",
-        help="a folder: writes recipe.json at the start, checkpoint.pt, log.json and log.csv every epoch, the final model.safetensors "
+        help="a folder: writes recipe.json at the start (the recipe, its resolved values, the seed and the arguments that "
+        "shape the student), checkpoint.pt, log.json and log.csv every epoch, the final model.safetensors "
         "(and model_ema.safetensors with an EMA)",
     )
     f.set_defaults(run=run)
 
+
+STUDENT_ARGUMENTS = ("task", "model", "img_size", "num_classes", "head", "merge_flops", "merge_r", "block", "keep_qk", "keep_v",
+                     "keep_mlp", "align", "plan", "plan_point")  # fmt: skip
+"""The arguments that shape the student, recorded in OUT/recipe.json and checked on ``--resume`` (not the
+files of the teacher's weights and the data, which may move; the student's weights come from the checkpoint)."""
 
 RECIPE_FLAGS = {  # recipe field: (type, help); every flag overrides the --recipe preset's value
     "epochs": (int, "training epochs"),
@@ -216,8 +223,9 @@ def run(args) -> None:
     if args.fsdp:
         _check_fsdp(world, recipe, precision)
     record_path = os.path.join(args.out, "recipe.json")
+    student_arguments = {name: getattr(args, name) for name in STUDENT_ARGUMENTS}
     if args.resume:
-        _check_resumable(record_path, recipe, args.seed)
+        _check_resumable(record_path, recipe, args.seed, student_arguments)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -269,7 +277,7 @@ def run(args) -> None:
         print(f"recipe {recipe.name}: " + ", ".join(f"{k} {v}" for k, v in recipe.as_dict().items() if k != "name"))
         print("resolved: " + ", ".join(f"{k} {v}" for k, v in resolved.items()))
         with open(record_path, "w") as f:
-            json.dump({"recipe": recipe.as_dict(), "resolved": resolved, "seed": args.seed}, f, indent=2)
+            json.dump({"recipe": recipe.as_dict(), "resolved": resolved, "seed": args.seed, "arguments": student_arguments}, f, indent=2)
     fit(student, teacher, train_loader, val_loader, epochs=recipe.epochs, optimizer=optimizer, distill=distill, out_dir=args.out,
         loop=loop, resume=args.resume, seed=args.seed, ddp=world > 1 and not args.fsdp, fsdp=args.fsdp, compile=recipe.compile,
         main_process=main_process, metrics=metrics)  # fmt: skip
@@ -345,9 +353,9 @@ def _check_out(out: str, resume: bool) -> None:
         raise ValueError(f"--out {out} holds a run: give --resume to continue it, or another --out")
 
 
-def _check_resumable(record_path: str, recipe, seed: int) -> None:
-    """Refuse ``--resume`` with another recipe or seed than the run's (``epochs`` may grow under a constant
-    schedule with ``--anneal-epochs`` given)."""
+def _check_resumable(record_path: str, recipe, seed: int, arguments: dict) -> None:
+    """Refuse ``--resume`` with another recipe, seed or :data:`STUDENT_ARGUMENTS` than the run's (``epochs``
+    may grow under a constant schedule with ``--anneal-epochs`` given)."""
     import json
 
     if not os.path.exists(record_path):
@@ -356,6 +364,13 @@ def _check_resumable(record_path: str, recipe, seed: int) -> None:
         record = json.load(f)
     if record["seed"] != seed:
         raise ValueError(f"--resume with --seed {seed}: the run was started with --seed {record['seed']}")
+    if "arguments" not in record:
+        raise ValueError(f"--resume: {record_path} does not record the model and compression arguments (an older cait finetune "
+                         "started the run): start it again in another --out")  # fmt: skip
+    changed = [k for k, v in arguments.items() if record["arguments"].get(k) != v]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {_shown(record['arguments'].get(k))} -> {_shown(arguments[k])}" for k in changed)
+        raise ValueError(f"--resume with other model or compression arguments than the run's ({flags}): give the run's values")
     saved = record["recipe"]
     # more epochs keep a constant schedule, but move a cosine one and an annealing given as a third of the epochs
     allowed = {"name", "epochs"} if recipe.sched == "constant" and recipe.anneal_epochs is not None else {"name"}
@@ -363,6 +378,13 @@ def _check_resumable(record_path: str, recipe, seed: int) -> None:
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(recipe, k)}" for k in changed)
         raise ValueError(f"--resume with another recipe than the run's ({flags}): give the run's values")
+
+
+def _shown(value) -> str:
+    """An argument's value as it is typed (``64 48``), or ``(not given)``."""
+    if value is None:
+        return "(not given)"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _classification_setup(args, augment: dict):

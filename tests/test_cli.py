@@ -236,3 +236,49 @@ def test_an_unreadable_calibration_image_is_named(tmp_path, capsys):
             str(tmp_path / "images"), "--out", str(tmp_path / "m.safetensors")]  # fmt: skip
     assert run(argv) == 2
     assert f"cannot read {tmp_path / 'images' / 'broken.jpg'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-5"], "--seed must be >= 0, got -5"),
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--out", "{dir}/file"], "--out {dir}/file: {dir}/file is a file, not a folder"),
+        (["--out", "{dir}/file/run"], "--out {dir}/file/run: {dir}/file is a file, not a folder"),
+        (["--out", "{dir}/started", "--resume"], "--resume: no {dir}/started/checkpoint.pt"),
+        (["--resume"], "--resume: no {dir}/run/checkpoint.pt"),
+        (["--out", "{dir}/done"], "--out {dir}/done holds a run: give --resume to continue it, or another --out"),
+        (["--recipe", "deit", "--batch-size", "4"],
+         "--min-lr 1e-05 is above the learning rate 3.91e-06 (--lr-base 0.0005 x global batch 4 / 512): give a larger --lr or"),
+        (["--warmup-epochs", "1", "--warmup-lr", "1e-3"],
+         "--warmup-lr 0.001 is above the learning rate 0.0001 (--lr): give a larger --lr or a smaller --warmup-lr"),
+    ],
+)
+def test_finetune_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, extra, message, capsys):
+    """Before the model is built (no random-weights warning) and before anything is written."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "checkpoint.pt").write_text("")
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "recipe.json").write_text("{}")
+    argv = ["finetune", "--model", "deit_tiny_patch16_224", "--data", str(tmp_path / "data"), "--keep-v", "0.5",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert run(argv + [a.format(dir=tmp_path) for a in extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(dir=tmp_path) in err[0], err
+    assert not (tmp_path / "run").exists() and (tmp_path / "started" / "recipe.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("val, message", [(("cat",), "lacks ['dog'], has none besides"), (("cat", "cow", "dog"), "has ['cow'] besides")])
+def test_finetune_refuses_val_classes_other_than_train_ones(tmp_path, val, message, capsys):
+    """torchvision's ImageFolder numbers the classes of each folder on its own: other classes in val/ mislabel it."""
+    for split, labels in (("train", ("cat", "dog")), ("val", val)):
+        for label in labels:
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            Image.fromarray((np.random.rand(64, 64, 3) * 255).astype("uint8")).save(tmp_path / "data" / split / label / "0.png")
+    argv = ["finetune", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2", "--data", str(tmp_path / "data"),
+            "--keep-v", "0.5", "--workers", "0", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "val/ and train/ must hold the same class folders" in err.strip().splitlines()[-1] and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -201,6 +201,19 @@ def test_ema_is_the_moving_average_of_the_updated_weights():
     assert not torch.equal(averaged["model.vit.head.weight"], after[1]["model.vit.head.weight"])
 
 
+def test_the_log_holds_the_weights_base_rate_not_a_layer_decayed_one(tmp_path):
+    import json
+
+    student = tiny_student(tiny_vit())
+    recipe = Recipe(lr=1e-3, score_lr=1e-2, layer_decay=0.5)
+    optimizer = components.optimizer(student, recipe)
+    loop = Loop(scheduler=components.scheduler(optimizer, recipe, updates_per_epoch=2))
+    assert optimizer.param_groups[0]["lr"] < 1e-3  # the stem's group, scaled by 0.5 ** 3
+    fit(student, None, DataLoader(data(8), batch_size=4), DataLoader(data(4), batch_size=4), epochs=1, optimizer=optimizer,
+        distill=Distillation(0.0), out_dir=str(tmp_path), loop=loop)  # fmt: skip
+    assert json.loads((tmp_path / "log.json").read_text())[0]["lr"] == 1e-3
+
+
 def resumable_run(out_dir, *, interrupt_at=None, resume=False, epochs=2):
     """A fine-tune with every stateful part on (cosine warm-up, Mixup/CutMix, EMA, accumulation,
     clipping, gate annealing, a shuffling loader). ``interrupt_at``: (epoch, batch) where the loader
@@ -286,7 +299,7 @@ def test_deit_recipe_from_the_command_line_prints_stores_and_refuses_another_on_
     torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=2).state_dict(), tmp_path / "teacher.pth")
     argv = ["finetune", "--recipe", "deit", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2",
             "--checkpoint", str(tmp_path / "teacher.pth"), "--data", str(tmp_path / "data"), "--merge-flops", "0.8", "--keep-mlp",
-            "0.5", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--workers", "0",
+            "0.5", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--min-lr", "1e-6", "--workers", "0",
             "--out", str(tmp_path / "run")]  # fmt: skip
     assert run(argv) == 0
     printed = capsys.readouterr().out
@@ -298,6 +311,13 @@ def test_deit_recipe_from_the_command_line_prints_stores_and_refuses_another_on_
     assert [row["epoch"] for row in log] == [1, 2] and all("val_ema_top1" in row and row["train_img_per_s"] > 0 for row in log)
     for name in ("model.safetensors", "model_ema.safetensors"):
         assert cait.load(tmp_path / "run" / name).blocks[0].mlp.fc1.out_features == 384
-    for extra, words in ((["--mixup", "0.5"], "--mixup 0.8 -> 0.5"), (["--epochs", "3"], "--epochs 2 -> 3")):
+    assert stored["arguments"]["keep_mlp"] == 0.5 and stored["arguments"]["img_size"] == [64] and stored["arguments"]["block"] == 2
+    for extra, words in ((["--mixup", "0.5"], "--mixup 0.8 -> 0.5"), (["--epochs", "3"], "--epochs 2 -> 3"),
+                         (["--keep-mlp", "0.25", "--block", "4"], "arguments than the run's (--block 2 -> 4, --keep-mlp 0.5 -> 0.25)"),
+                         (["--img-size", "64", "48"], "--img-size 64 -> 64 48"), (["--keep-v", "0.5"], "--keep-v 1.0 -> 0.5")):  # fmt: skip
         assert run(argv + extra + ["--resume"]) == 2
         assert words in capsys.readouterr().err
+    del stored["arguments"]  # a run started before the arguments were recorded
+    (tmp_path / "run" / "recipe.json").write_text(json.dumps(stored))
+    assert run(argv + ["--resume"]) == 2
+    assert "does not record the model and compression arguments" in capsys.readouterr().err

@@ -69,9 +69,9 @@ def add_parser(commands) -> None:
         help="classification: ImageFolder root with train/ and val/ (one folder per class in each); segmentation: see --task",
     )
     add_recipe_arguments(f)
-    f.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
+    f.add_argument("--workers", type=int, default=2, help="data loading processes, 0: in the main process (default: 2)")
     f.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: cuda when visible, else cpu)")
-    f.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    f.add_argument("--seed", type=int, default=0, help="random seed, 0 or more (default: 0)")
     f.add_argument(
         "--fsdp",
         action="store_true",
@@ -82,17 +82,25 @@ def add_parser(commands) -> None:
     f.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.pt exactly where the last finished epoch left it (same arguments)",
+        help="continue from OUT/checkpoint.pt exactly where the last finished epoch left it (same arguments: the model, "
+        "compression and recipe arguments and --seed are checked against OUT/recipe.json); without it, an --out that holds "
+        "a checkpoint.pt is refused",
     )
     f.add_argument(
         "--out",
         required=True,
         metavar="DIR",
-        help="writes recipe.json at the start, checkpoint.pt, log.json and log.csv every epoch, the final model.safetensors "
+        help="a folder: writes recipe.json at the start (the recipe, its resolved values, the seed and the arguments that "
+        "shape the student), checkpoint.pt, log.json and log.csv every epoch, the final model.safetensors "
         "(and model_ema.safetensors with an EMA)",
     )
     f.set_defaults(run=run)
 
+
+STUDENT_ARGUMENTS = ("task", "model", "img_size", "num_classes", "head", "merge_flops", "merge_r", "block", "keep_qk", "keep_v",
+                     "keep_mlp", "align", "plan", "plan_point")  # fmt: skip
+"""The arguments that shape the student, recorded in OUT/recipe.json and checked on ``--resume`` (not the
+files of the teacher's weights and the data, which may move; the student's weights come from the checkpoint)."""
 
 RECIPE_FLAGS = {  # recipe field: (type, help); every flag overrides the --recipe preset's value
     "epochs": (int, "training epochs"),
@@ -105,8 +113,8 @@ RECIPE_FLAGS = {  # recipe field: (type, help); every flag overrides the --recip
     "layer_decay": ("optional float", "layer-wise learning-rate decay in (0, 1] (timm/BEiT), none: off"),
     "sched": (("constant", "cosine"), "learning-rate schedule, stepped every optimizer update"),
     "warmup_epochs": (float, "linear warm-up from --warmup-lr, in epochs (counted in updates; fractions allowed)"),
-    "warmup_lr": (float, "learning rate at the start of the warm-up"),
-    "min_lr": (float, "cosine: the final learning rate"),
+    "warmup_lr": (float, "learning rate at the start of the warm-up, at most the weights' (--lr, or as --lr-base resolves it)"),
+    "min_lr": (float, "cosine: the final learning rate, at most the weights' (--lr, or as --lr-base resolves it)"),
     "clip_grad": ("optional float", "largest total gradient norm, none: no clipping"),
     "accumulate": (int, "batches per optimizer update (gradient accumulation)"),
     "auto_augment": ("optional str", "timm augmentation policy for image folders, e.g. rand-m9-mstd0.5-inc1 (RandAugment); none: off"),
@@ -198,6 +206,10 @@ def run(args) -> None:
     from cait.train.finetune import Distillation, Loop, ema_student, fit
 
     recipe = recipe_of(args)
+    for flag, value in (("--seed", args.seed), ("--workers", args.workers)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    _check_out(args.out, args.resume)
     if args.task == "classification" and (args.teacher or args.head):
         raise ValueError("--teacher and --head are for --task segmentation")
     check_compression(args)  # a --plan also names the model
@@ -205,13 +217,15 @@ def run(args) -> None:
         raise ValueError("--model is required (for --task segmentation it may come from --teacher instead; with --plan, from the plan)")
     distill = Distillation(recipe.alpha, recipe.temperature, recipe.distillation)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_rates(recipe, world)
     device = device_of(args.device)
     precision = components.precision(recipe, device)
     if args.fsdp:
         _check_fsdp(world, recipe, precision)
     record_path = os.path.join(args.out, "recipe.json")
+    student_arguments = {name: getattr(args, name) for name in STUDENT_ARGUMENTS}
     if args.resume:
-        _check_resumable(record_path, recipe, args.seed)
+        _check_resumable(record_path, recipe, args.seed, student_arguments)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -263,7 +277,7 @@ def run(args) -> None:
         print(f"recipe {recipe.name}: " + ", ".join(f"{k} {v}" for k, v in recipe.as_dict().items() if k != "name"))
         print("resolved: " + ", ".join(f"{k} {v}" for k, v in resolved.items()))
         with open(record_path, "w") as f:
-            json.dump({"recipe": recipe.as_dict(), "resolved": resolved, "seed": args.seed}, f, indent=2)
+            json.dump({"recipe": recipe.as_dict(), "resolved": resolved, "seed": args.seed, "arguments": student_arguments}, f, indent=2)
     fit(student, teacher, train_loader, val_loader, epochs=recipe.epochs, optimizer=optimizer, distill=distill, out_dir=args.out,
         loop=loop, resume=args.resume, seed=args.seed, ddp=world > 1 and not args.fsdp, fsdp=args.fsdp, compile=recipe.compile,
         main_process=main_process, metrics=metrics)  # fmt: skip
@@ -285,6 +299,18 @@ def run(args) -> None:
         describe(getattr(student.model, "backbone", student.model), dense=getattr(model, "backbone", model))
     if world > 1:
         dist.destroy_process_group()
+
+
+def _check_rates(recipe, world: int) -> None:
+    """Refuse a schedule that would rise: a cosine ``--min-lr`` or a warm-up's ``--warmup-lr`` above the
+    weights' learning rate as resolved for ``world`` processes."""
+    lr = recipe.learning_rate(world)
+    ends = (("--min-lr", recipe.min_lr, recipe.sched == "cosine"), ("--warmup-lr", recipe.warmup_lr, recipe.warmup_epochs > 0))
+    for flag, rate, used in ends:
+        if used and rate > lr:
+            global_batch = recipe.batch_size * recipe.accumulate * world
+            how = "--lr" if recipe.lr is not None else f"--lr-base {recipe.lr_base:g} x global batch {global_batch} / {recipe.lr_base_size}"
+            raise ValueError(f"{flag} {rate:g} is above the learning rate {lr:.3g} ({how}): give a larger --lr or a smaller {flag}")
 
 
 def _check_fsdp(world: int, recipe, precision: str) -> None:
@@ -312,9 +338,24 @@ def _gathered(student, blank, main_process: bool):
     return full
 
 
-def _check_resumable(record_path: str, recipe, seed: int) -> None:
-    """Refuse ``--resume`` with another recipe or seed than the run's (``epochs`` may grow under a constant
-    schedule with ``--anneal-epochs`` given)."""
+def _check_out(out: str, resume: bool) -> None:
+    """Refuse, before any work, an ``--out`` that cannot be a folder, ``--resume`` where no epoch was saved,
+    and a new run over a saved one."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    if resume and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--resume: no {checkpoint} (no epoch of a run in --out {out} was saved)")
+    if not resume and os.path.exists(checkpoint):
+        raise ValueError(f"--out {out} holds a run: give --resume to continue it, or another --out")
+
+
+def _check_resumable(record_path: str, recipe, seed: int, arguments: dict) -> None:
+    """Refuse ``--resume`` with another recipe, seed or :data:`STUDENT_ARGUMENTS` than the run's (``epochs``
+    may grow under a constant schedule with ``--anneal-epochs`` given)."""
     import json
 
     if not os.path.exists(record_path):
@@ -323,6 +364,13 @@ def _check_resumable(record_path: str, recipe, seed: int) -> None:
         record = json.load(f)
     if record["seed"] != seed:
         raise ValueError(f"--resume with --seed {seed}: the run was started with --seed {record['seed']}")
+    if "arguments" not in record:
+        raise ValueError(f"--resume: {record_path} does not record the model and compression arguments (an older cait finetune "
+                         "started the run): start it again in another --out")  # fmt: skip
+    changed = [k for k, v in arguments.items() if record["arguments"].get(k) != v]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {_shown(record['arguments'].get(k))} -> {_shown(arguments[k])}" for k in changed)
+        raise ValueError(f"--resume with other model or compression arguments than the run's ({flags}): give the run's values")
     saved = record["recipe"]
     # more epochs keep a constant schedule, but move a cosine one and an annealing given as a third of the epochs
     allowed = {"name", "epochs"} if recipe.sched == "constant" and recipe.anneal_epochs is not None else {"name"}
@@ -330,6 +378,13 @@ def _check_resumable(record_path: str, recipe, seed: int) -> None:
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(recipe, k)}" for k in changed)
         raise ValueError(f"--resume with another recipe than the run's ({flags}): give the run's values")
+
+
+def _shown(value) -> str:
+    """An argument's value as it is typed (``64 48``), or ``(not given)``."""
+    if value is None:
+        return "(not given)"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _classification_setup(args, augment: dict):
@@ -340,6 +395,12 @@ def _classification_setup(args, augment: dict):
     model = build_model(args)
     train_set = image_folder(args.data, "train", model, training=True, augment=augment)
     val_set = image_folder(args.data, "val", model, training=False)
+    if val_set.classes != train_set.classes:
+        missing, extra = sorted(set(train_set.classes) - set(val_set.classes)), sorted(set(val_set.classes) - set(train_set.classes))
+        raise ValueError(
+            f"--data {args.data}: val/ and train/ must hold the same class folders (ImageFolder numbers them in order); val/ "
+            f"lacks {missing or 'none'}, has {extra or 'none'} besides"
+        )
     if len(train_set.classes) != model.num_classes:
         raise ValueError(
             f"{args.data}/train holds {len(train_set.classes)} classes but the model has {model.num_classes} outputs: the teacher "

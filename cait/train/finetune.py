@@ -362,7 +362,8 @@ def fit(
     ``metrics(model, loader) -> dict``: the validation (:func:`evaluate`, or segmentation's);
     ``stop_after``: return after that many epochs of this call (a deliberate interruption, for tests
     and time-limited jobs). The log rows: epoch, updates, ``train_*`` of :func:`train_epoch`,
-    ``val_*``, ``lr`` (the weights' rate at the end of the epoch), ``seconds``.
+    ``val_*``, ``lr`` (the weights' base rate at the end of the epoch: the largest of the groups other than
+    the gate scores', unscaled by layer decay), ``seconds``.
 
     Raises:
         ValueError: ``ddp`` and ``fsdp`` together, or ``fsdp`` with an EMA or fp16 (not supported with
@@ -415,7 +416,7 @@ def fit(
         if loop.ema is not None:
             ema = ema_student(loop.ema, student)
             row.update({f"val_ema_{k}": v for k, v in metrics(ema.model, val_loader).items()})
-        row.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+        row.update(lr=max(g["lr"] for g in optimizer.param_groups if not g.get("gates")), seconds=time.perf_counter() - started)
         log.append(row)
         if main_process:
             kept = student.gates.kept_summary() if student.gates is not None else "all channels"

@@ -373,7 +373,11 @@ def test_the_plan_benchmark_plans_a_setting_and_writes_its_plan(tmp_path):
     assert torch.get_num_threads() == threads  # restored
     assert Plan.load(tmp_path / f"{setting.name}.json").batch == 1 and (tmp_path / f"{setting.name}.png").stat().st_size > 0
     assert row["model"] == setting.model and row["target"] == 1.5 and row["dense_ms"] > 0
-    assert (row["chosen"] if row["reachable"] else row["fastest"])["speedup"] > 0
+    point = row["chosen"] if row["reachable"] else row["fastest"]
+    if point is None:  # a loaded machine spent the 4 s on the references: the row says so instead of a point
+        assert "nothing timed: raise --budget" in benchmark.table([row])
+    else:
+        assert point["speedup"] > 0
     assert setting.model in benchmark.table([row])
 
 

@@ -132,27 +132,57 @@ def planned(ratios=RATIOS) -> list[str]:
     return names + ([curve.name_of(OLD_LOOP, OLD_LOOP_RATIO)] if OLD_LOOP_RATIO in ratios else [])
 
 
+class Canvases:
+    """A seed's canvases: ``fresh`` (training epochs), ``test`` and ``val`` (lists of batches of 100;
+    validation: 1,000 canvases of the training glyphs), ``updates_per_epoch`` at batch :data:`BATCH`."""
+
+    def __init__(self, seed: int):
+        _, train_y, test_x, test_y, self.fresh = cluttered_digits(seed, TRAIN)
+        self.test, self.updates_per_epoch = list(zip(test_x.split(100), test_y.split(100))), len(train_y) // BATCH
+        val_x, val_y = self.fresh(VALIDATION_EPOCH)
+        self.val = list(zip(val_x[:1000].split(100), val_y[:1000].split(100)))
+
+
+def dense_from(weights: str, seed: int):
+    """The proxy ViT of ``seed`` with the state dict in the file ``weights``, in eval mode; ValueError
+    for a file that is not one (:func:`check_weights`)."""
+    dense = deit_tiny_patch8(seed, depth=DEPTH)
+    dense.load_state_dict(_state_dict(weights))
+    return dense.eval()
+
+
+class Unreachable(ValueError):
+    """A method cannot reach a FLOPs ratio (a point of the curve that does not exist)."""
+
+
+def train_point(method: str, dense, ratio: float, seed: int, epochs: int, data: Canvases, progress=None):
+    """``method`` at ``ratio`` built from ``dense`` and, unless one-shot, fine-tuned for ``epochs``
+    (:func:`proxy_recipe`: ``default`` for :data:`OLD_LOOP`, else ``deit``; CDCP annealing over the
+    first third). Returns ``(model, scores)``: test ``top1``, ``flops_ratio`` and for fine-tuned
+    methods the validation scores and the recipe. :class:`Unreachable` where ``method`` cannot reach ``ratio``."""
+    try:
+        built = construct(method, dense, ratio, data.val, max(1, round(epochs / 3 * data.updates_per_epoch)))
+    except ValueError as error:
+        raise Unreachable(str(error)) from error
+    info = {}
+    if isinstance(built, Student):
+        recipe = proxy_recipe("default" if method == OLD_LOOP else "deit", epochs, data.updates_per_epoch)
+        built, info = fine_tune(built, teacher_of(dense), data.fresh, recipe, seed, data.val, progress)
+        info["recipe"] = recipe.name
+    return built, {**curve.score(built, dense, data.test, method, ratio), **info}
+
+
 def train_seed(seed: int, store: RunFolder, ratios=RATIOS, finetune_epochs: int = FINETUNE_EPOCHS, weights: str | None = None,
                progress=None) -> None:  # fmt: skip
     """Train (or find in ``store``) every model of :func:`planned` for ``seed``. ``weights``: the dense
     model's state dict (``bench/clutter_dense.py --weights``) instead of training it (about 10 minutes
     on 2 cores); ``progress``: a tqdm-like bar advanced once per fine-tuning epoch."""
-    import torch
-
-    _, train_y, test_x, test_y, fresh = cluttered_digits(seed, TRAIN)
-    test, updates_per_epoch = list(zip(test_x.split(100), test_y.split(100))), len(train_y) // BATCH
-    val_x, val_y = fresh(VALIDATION_EPOCH)
-    val = list(zip(val_x[:1000].split(100), val_y[:1000].split(100)))
+    data = Canvases(seed)
     if store.has(seed, curve.DENSE):
         dense = store.load(seed, curve.DENSE)
     else:
-        if weights:
-            dense = deit_tiny_patch8(seed, depth=DEPTH)
-            dense.load_state_dict(torch.load(weights))
-        else:
-            dense = dense_run(seed)[1]
-        store.save(seed, curve.DENSE, dense.eval(), curve.score(dense, dense, test, curve.DENSE, 1.0))
-    teacher = teacher_of(dense)
+        dense = dense_from(weights, seed) if weights else dense_run(seed)[1]
+        store.save(seed, curve.DENSE, dense, curve.score(dense, dense, data.test, curve.DENSE, 1.0))
     for name in planned(ratios)[1:]:
         method, ratio = name.rsplit(" @", 1)
         ratio, tuned = float(ratio), not method.endswith("one-shot")
@@ -160,17 +190,12 @@ def train_seed(seed: int, store: RunFolder, ratios=RATIOS, finetune_epochs: int 
             curve._advance(progress, finetune_epochs if tuned else 0)
             continue
         try:
-            built = construct(method, dense, ratio, val, max(1, round(finetune_epochs / 3 * updates_per_epoch)))
-        except ValueError as error:
+            model, scores = train_point(method, dense, ratio, seed, finetune_epochs, data, progress)
+        except Unreachable as error:
             store.save(seed, name, None, {"method": method, "target": ratio, "unreachable": str(error)})
             curve._advance(progress, finetune_epochs if tuned else 0)
             continue
-        info = {}
-        if isinstance(built, Student):
-            recipe = proxy_recipe("default" if method == OLD_LOOP else "deit", finetune_epochs, updates_per_epoch)
-            built, info = fine_tune(built, teacher, fresh, recipe, seed, val, progress)
-            info["recipe"] = recipe.name
-        store.save(seed, name, built, {**curve.score(built, dense, test, method, ratio), **info})
+        store.save(seed, name, model, scores)
 
 
 def time_seed(seed: int, store: RunFolder, names: list[str], repeats: int) -> None:
@@ -220,24 +245,28 @@ def check_weights(folder: str, seeds) -> None:
     is no error: that seed's dense model is trained."""
     import os
 
-    import torch
-
     if not os.path.isdir(folder):
         raise ValueError(f"--weights {folder}: no such folder (it holds seed<k>.pt from bench/clutter_dense.py --weights)")
-    expected = {k: v.shape for k, v in deit_tiny_patch8(0, depth=DEPTH).state_dict().items()}
     for seed in seeds:
         path = os.path.join(folder, f"seed{seed}.pt")
-        if not os.path.isfile(path):
-            continue
-        try:
-            state = torch.load(path, map_location="cpu")
-            shapes = {k: v.shape for k, v in state.items()}
-        except Exception as error:  # any unreadable file: torch raises several kinds
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-            raise ValueError(f"--weights: {path} is not a state dict saved by torch ({reason})") from None
-        if shapes != expected:
-            raise ValueError(f"--weights: {path} is not the proxy ViT's state dict ({DEPTH} blocks, width 192, patch 8, 64 px, "
-                             "10 classes: bench/clutter_dense.py with its default --depth)")  # fmt: skip
+        if os.path.isfile(path):
+            _state_dict(path)
+
+
+def _state_dict(path: str) -> dict:
+    """The proxy ViT's state dict in ``path``; ValueError naming ``--weights`` for anything else."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu")
+        shapes = {k: v.shape for k, v in state.items()}
+    except Exception as error:  # any unreadable file: torch raises several kinds
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        raise ValueError(f"--weights: {path} is not a state dict saved by torch ({reason})") from None
+    if shapes != {k: v.shape for k, v in deit_tiny_patch8(0, depth=DEPTH).state_dict().items()}:
+        raise ValueError(f"--weights: {path} is not the proxy ViT's state dict ({DEPTH} blocks, width 192, patch 8, 64 px, "
+                         "10 classes: bench/clutter_dense.py with its default --depth)")  # fmt: skip
+    return state
 
 
 def check_trained(folder: str, seeds, ratios=RATIOS) -> None:

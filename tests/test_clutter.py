@@ -137,3 +137,14 @@ def test_clutter_curve_refuses_dense_weights_of_another_model(tmp_path, capsys):
     for folder, message in (("text", "is not a state dict saved by torch"), ("shallow", "is not the proxy ViT's state dict")):
         assert run(["bench", "--accuracy", "--curve", "--clutter", "--seeds", "2", "--weights", str(tmp_path / folder)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_longer_fine_tunes_refuse_a_missing_weights_file(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "clutter_longer.py"
+    done = subprocess.run([sys.executable, str(script), "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "none.pt: no such file" in done.stderr and "Traceback" not in done.stderr
